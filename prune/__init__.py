@@ -1,0 +1,17 @@
+"""prune: structured pruning of self-supervised speech encoders (HuBERT, wav2vec 2.0, WavLM).
+
+The library needs torch (and safetensors for exports) only.
+"""
+
+from .checkpoints import ExportError, export_pruned, load_pruned
+from .compile import compile_encoder
+from .gates import HardConcrete
+from .measure import measured_macs, num_params
+from .models import EncoderConfig, Wav2Vec2Model, build_encoder, build_preset, preset_config, wav2vec2_model
+from .structures import GateConfig, GatedEncoder, count_macs, count_params
+
+__version__ = "0.1.0"
+
+__all__ = ["EncoderConfig", "ExportError", "GateConfig", "GatedEncoder", "HardConcrete", "Wav2Vec2Model",
+           "build_encoder", "build_preset", "compile_encoder", "count_macs", "count_params", "export_pruned",
+           "load_pruned", "measured_macs", "num_params", "preset_config", "wav2vec2_model"]

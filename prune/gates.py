@@ -1,0 +1,94 @@
+"""HardConcrete gates for L0 regularisation (Louizos et al., 2018), as used by CoFi and DPHuBERT."""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor, nn
+
+TEMPERATURE = 2.0 / 3.0
+STRETCH = 0.1
+EPS = 1e-6
+# The deterministic eval mask approximates each gate's expected value with this
+# empirically chosen factor on the logits (CoFi / DPHuBERT).
+EVAL_LOGIT_SCALE = 0.8
+
+
+class HardConcrete(nn.Module):
+    """``n`` stochastic gates in [0, 1], exactly 0 or 1 with nonzero probability.
+
+    ``forward()`` takes no input and returns the mask, (n,): a fresh reparameterised sample
+    in training mode; in eval mode a deterministic mask with exactly ``round(n - L0)`` zeros,
+    whose survivors keep their soft value. The eval mask is cached until ``log_alpha``
+    changes (an optimizer step or a ``load_state_dict`` bumps its version).
+
+    >>> gate = HardConcrete(12, init_mean=0.01)
+    >>> gate().shape, gate.l0_norm()
+    """
+
+    def __init__(self, n: int, init_mean: float = 0.01, init_std: float = 0.01, temperature: float = TEMPERATURE,
+                 stretch: float = STRETCH, eps: float = EPS):
+        super().__init__()
+        if n < 1:
+            raise ValueError(f"a gate group needs at least one gate, got n={n}")
+        if not 0.0 < init_mean < 1.0:
+            raise ValueError(f"init_mean must be in (0, 1), got {init_mean}")
+        self.n = n
+        self.init_mean = init_mean
+        self.init_std = init_std
+        self.temperature = temperature
+        self.limit_l = -stretch
+        self.limit_r = 1.0 + stretch
+        self.eps = eps
+        # log P(gate != 0) = log sigmoid(log_alpha - bias)
+        self.bias = temperature * math.log(-self.limit_l / self.limit_r)
+        self.log_alpha = nn.Parameter(torch.empty(n))
+        self._cache: Optional[Tuple[Tuple[int, int], Tensor]] = None
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        mean = math.log(1.0 - self.init_mean) - math.log(self.init_mean)
+        with torch.no_grad():
+            self.log_alpha.normal_(mean, self.init_std)
+
+    def keep_prob(self) -> Tensor:
+        """(n,) probability that each gate is nonzero; differentiable in ``log_alpha``."""
+        return torch.sigmoid(self.log_alpha - self.bias)
+
+    def l0_norm(self) -> Tensor:
+        """Expected number of nonzero gates, a differentiable scalar."""
+        return self.keep_prob().sum()
+
+    def sample(self) -> Tensor:
+        """(n,) a reparameterised training sample."""
+        u = torch.empty_like(self.log_alpha).uniform_(self.eps, 1.0 - self.eps)
+        s = torch.sigmoid((torch.log(u) - torch.log1p(-u) + self.log_alpha) / self.temperature)
+        return torch.clamp(s * (self.limit_r - self.limit_l) + self.limit_l, 0.0, 1.0)
+
+    def eval_mask(self) -> Tensor:
+        """(n,) the deterministic mask: ``round(n - L0)`` zeros, survivors at their soft value."""
+        key = (self.log_alpha._version, self.log_alpha.data_ptr())
+        if self._cache is not None and self._cache[0] == key:
+            return self._cache[1]
+        with torch.no_grad():
+            num_zeros = round(self.n - self.l0_norm().item())
+            soft = torch.sigmoid(self.log_alpha / self.temperature * EVAL_LOGIT_SCALE)
+            if num_zeros > 0:
+                soft[torch.topk(soft, k=num_zeros, largest=False).indices] = 0.0
+        self._cache = (key, soft)
+        return soft
+
+    def expected_keep(self) -> Tensor:
+        """(n,) what the cost functions count: P(gate != 0) in training, and in eval mode
+        the eval mask's 0/1 pattern (so the expected cost is the compiled model's cost)."""
+        if self.training:
+            return self.keep_prob()
+        return (self.eval_mask() > 0).to(self.log_alpha.dtype)
+
+    def forward(self) -> Tensor:
+        return self.sample() if self.training else self.eval_mask()
+
+    def extra_repr(self) -> str:
+        return f"{self.n}, temperature={self.temperature:.4g}, stretch={self.limit_r - 1:.3g}"

@@ -1,0 +1,462 @@
+"""Building blocks of a HuBERT / wav2vec 2.0 / WavLM encoder.
+
+Parameter names follow torchaudio's ``wav2vec2`` components, so its state dicts map
+one to one. Every block takes optional gate values (HardConcrete masks) in ``forward``;
+given none it is the plain model. The gates multiply at places where a compiled model
+can fold them into the weights exactly:
+
+* conv channels: after the normalisation, before GELU (GELU(0) == 0, so a closed
+  channel is an exact zero); in ``layer_norm`` mode also before the LayerNorm so a closed
+  channel is an exact zero inside the LayerNorm's statistics.
+* heads: on each head's output, before ``out_proj``.
+* FFN units: on the intermediate activation, before ``output_dense``.
+* whole attention / FFN blocks: on the block's output.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import List, NamedTuple, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+class Gates(NamedTuple):
+    """Gate values for one forward pass; ``None`` entries mean "not gated".
+
+    conv[i]: (out_channels,) of conv layer i. heads[l]: (num_heads,), attention[l]: (),
+    units[l]: (ff_interm_features,), ffn[l]: () for transformer layer l.
+    """
+
+    conv: List[Optional[Tensor]]
+    heads: List[Optional[Tensor]]
+    attention: List[Optional[Tensor]]
+    units: List[Optional[Tensor]]
+    ffn: List[Optional[Tensor]]
+
+
+class PhantomLayerNorm(nn.Module):
+    """LayerNorm over ``num_features`` values plus ``total - num_features`` implicit zeros.
+
+    A pruned model uses it where the unpruned LayerNorm saw channels that the gates had
+    set to exactly zero: the zeros still count in the mean and variance. With
+    ``total == num_features`` it is ``nn.LayerNorm``.
+    """
+
+    def __init__(self, num_features: int, total_features: Optional[int] = None, eps: float = 1e-5):
+        super().__init__()
+        self.num_features = num_features
+        self.total_features = total_features or num_features
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(num_features))
+        self.bias = nn.Parameter(torch.zeros(num_features))
+
+    @property
+    def num_phantoms(self) -> int:
+        return self.total_features - self.num_features
+
+    def normalize(self, x: Tensor) -> Tuple[Tensor, Tensor]:
+        """x: (..., num_features) -> (x_hat, shift): the normalised x before the affine map,
+        and shift = -mean / std, (..., 1), which is the normalised value of each phantom zero."""
+        mean = x.sum(-1, keepdim=True) / self.total_features
+        centered = x - mean
+        var = (centered.square().sum(-1, keepdim=True) + self.num_phantoms * mean.square()) / self.total_features
+        rstd = torch.rsqrt(var + self.eps)
+        return centered * rstd, -mean * rstd
+
+    def forward(self, x: Tensor) -> Tensor:
+        """x: (..., num_features) -> same shape."""
+        if self.num_phantoms == 0:
+            return F.layer_norm(x, (self.num_features,), self.weight, self.bias, self.eps)
+        x_hat, _ = self.normalize(x)
+        return x_hat * self.weight + self.bias
+
+    def extra_repr(self) -> str:
+        return f"{self.num_features}, total_features={self.total_features}, eps={self.eps}"
+
+
+class ConvLayerBlock(nn.Module):
+    """Conv1d -> [GroupNorm | LayerNorm over channels] -> GELU."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int, bias: bool,
+                 norm: Optional[nn.Module]):
+        super().__init__()
+        self.kernel_size = kernel_size
+        self.stride = stride
+        self.conv = nn.Conv1d(in_channels, out_channels, kernel_size, stride=stride, bias=bias)
+        self.layer_norm = norm
+
+    def forward(self, x: Tensor, length: Optional[Tensor], gate: Optional[Tensor] = None
+                ) -> Tuple[Tensor, Optional[Tensor]]:
+        """x: (batch, in_channels, time), length: (batch,), gate: (out_channels,)
+        -> (batch, out_channels, time'), (batch,)"""
+        if self.conv.weight.numel() > 0:
+            x = self.conv(x)
+        else:  # every input or output channel pruned: what is left is the bias (conv1d rejects empty weights)
+            frames = (x.shape[-1] - self.kernel_size) // self.stride + 1
+            x = x.new_zeros(x.shape[0], self.conv.out_channels, frames)
+            if self.conv.bias is not None:
+                x = x + self.conv.bias[:, None]
+        if isinstance(self.layer_norm, PhantomLayerNorm):
+            if gate is not None:
+                x = x * gate[:, None]  # closed channels are exact zeros in the statistics
+            x = self.layer_norm(x.transpose(-2, -1)).transpose(-2, -1)
+        elif self.layer_norm is not None:
+            x = self.layer_norm(x)
+        if gate is not None:
+            x = x * gate[:, None]
+        x = F.gelu(x)
+        if length is not None:
+            length = torch.div(length - self.kernel_size, self.stride, rounding_mode="floor") + 1
+            length = torch.clamp(length, min=0)
+        return x, length
+
+
+class FeatureExtractor(nn.Module):
+    """Waveform -> frame features through a stack of ``ConvLayerBlock``."""
+
+    def __init__(self, conv_layers: nn.ModuleList):
+        super().__init__()
+        self.conv_layers = conv_layers
+
+    def forward(self, x: Tensor, length: Optional[Tensor], gates: Optional[List[Optional[Tensor]]] = None
+                ) -> Tuple[Tensor, Optional[Tensor]]:
+        """x: (batch, samples), length: (batch,) -> (batch, frames, channels), (batch,)"""
+        if x.ndim != 2:
+            raise ValueError(f"expected waveforms of shape (batch, samples), got {tuple(x.shape)}")
+        x = x.unsqueeze(1)
+        for i, layer in enumerate(self.conv_layers):
+            x, length = layer(x, length, None if gates is None else gates[i])
+        return x.transpose(1, 2), length
+
+
+class FeatureProjection(nn.Module):
+    """LayerNorm over the conv channels -> Linear to the embedding -> Dropout.
+
+    In a pruned model the LayerNorm keeps counting the removed (zero) channels, and their
+    normalised value, ``shift = -mean / std`` per frame, still reached the projection
+    through its removed columns: ``phantom`` (out_features,) carries that sum.
+    """
+
+    def __init__(self, in_features: int, out_features: int, dropout: float,
+                 norm_features: Optional[int] = None, eps: float = 1e-5):
+        super().__init__()
+        self.layer_norm = PhantomLayerNorm(in_features, norm_features, eps)
+        self.projection = nn.Linear(in_features, out_features)
+        self.phantom = nn.Parameter(torch.zeros(out_features)) if self.layer_norm.num_phantoms else None
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """x: (batch, frames, in_features) -> (batch, frames, out_features)"""
+        if self.phantom is None:
+            return self.dropout(self.projection(self.layer_norm(x)))
+        x_hat, shift = self.layer_norm.normalize(x)
+        x = self.projection(x_hat * self.layer_norm.weight + self.layer_norm.bias) + shift * self.phantom
+        return self.dropout(x)
+
+
+class WeightNormConv1d(nn.Module):
+    """Conv1d whose weight is ``weight_g * weight_v / ||weight_v||`` (norm over all dims but 2),
+    stored as torchaudio / fairseq store it (``weight_g``, ``weight_v``)."""
+
+    def __init__(self, channels: int, kernel_size: int, groups: int):
+        super().__init__()
+        self.groups = groups
+        self.padding = kernel_size // 2
+        self.weight_g = nn.Parameter(torch.ones(1, 1, kernel_size))
+        self.weight_v = nn.Parameter(torch.empty(channels, channels // groups, kernel_size))
+        self.bias = nn.Parameter(torch.zeros(channels))
+        nn.init.normal_(self.weight_v, mean=0.0, std=math.sqrt(4.0 / (kernel_size * channels)))
+        with torch.no_grad():
+            self.weight_g.copy_(torch.linalg.vector_norm(self.weight_v, dim=(0, 1), keepdim=True))
+
+    def forward(self, x: Tensor) -> Tensor:
+        """x: (batch, channels, frames) -> (batch, channels, frames + 1 - kernel_size % 2)"""
+        weight = torch._weight_norm(self.weight_v, self.weight_g, 2)
+        return F.conv1d(x, weight, self.bias, padding=self.padding, groups=self.groups)
+
+
+class ConvolutionalPositionalEmbedding(nn.Module):
+    """Grouped conv over time with weight normalisation, "same" padding, GELU."""
+
+    def __init__(self, embed_dim: int, kernel_size: int, groups: int):
+        super().__init__()
+        self.kernel_size = kernel_size
+        self.conv = WeightNormConv1d(embed_dim, kernel_size, groups)
+        self.num_remove = 1 if kernel_size % 2 == 0 else 0
+
+    def forward(self, x: Tensor) -> Tensor:
+        """x: (batch, frames, embed_dim) -> same shape."""
+        x = self.conv(x.transpose(-2, -1))
+        if self.num_remove > 0:
+            x = x[..., : -self.num_remove]
+        return F.gelu(x).transpose(-2, -1)
+
+
+class SelfAttention(nn.Module):
+    """Multi-head self-attention through ``F.scaled_dot_product_attention``.
+
+    ``num_heads`` may be 0 (all heads pruned): only ``out_proj``'s bias is left and the
+    output is that constant.
+    """
+
+    def __init__(self, embed_dim: int, num_heads: int, head_dim: int, dropout: float = 0.0):
+        super().__init__()
+        self.embed_dim = embed_dim
+        self.num_heads = num_heads
+        self.head_dim = head_dim
+        self.dropout = dropout
+        inner = num_heads * head_dim
+        if num_heads > 0:
+            self.k_proj = nn.Linear(embed_dim, inner)
+            self.v_proj = nn.Linear(embed_dim, inner)
+            self.q_proj = nn.Linear(embed_dim, inner)
+            self.out_proj = nn.Linear(inner, embed_dim)
+        else:
+            self.out_proj = _BiasOnly(embed_dim)
+
+    def _scores_bias(self, x: Tensor, position_bias: Optional[Tensor]) -> Optional[Tensor]:
+        return None
+
+    def forward(self, x: Tensor, key_padding_mask: Optional[Tensor] = None,
+                position_bias: Optional[Tensor] = None, head_gate: Optional[Tensor] = None) -> Tensor:
+        """x: (batch, frames, embed_dim); key_padding_mask: (batch, frames), True = padding;
+        position_bias: (heads_orig, frames, frames) (WavLM); head_gate: (num_heads,)
+        -> (batch, frames, embed_dim)"""
+        if self.num_heads == 0:
+            return self.out_proj(x)
+        batch, frames, _ = x.shape
+        shape = (batch, frames, self.num_heads, self.head_dim)
+        q = self.q_proj(x).view(shape).transpose(1, 2)
+        k = self.k_proj(x).view(shape).transpose(1, 2)
+        v = self.v_proj(x).view(shape).transpose(1, 2)
+        mask = self._scores_bias(x, position_bias)  # (batch, heads, frames, frames) or None
+        if key_padding_mask is not None:
+            pad = key_padding_mask[:, None, None, :]
+            if mask is None:
+                mask = ~pad
+            else:
+                mask = mask.masked_fill(pad, float("-inf"))
+        dropout = self.dropout if self.training else 0.0
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
+        if head_gate is not None:
+            out = out * head_gate[:, None, None]
+        out = out.transpose(1, 2).reshape(batch, frames, self.num_heads * self.head_dim)
+        return self.out_proj(out)
+
+
+class WavLMSelfAttention(SelfAttention):
+    """Self-attention with WavLM's gated relative position bias.
+
+    The bias table lives in the ``Transformer`` (shared by all layers, indexed by the
+    original head); each layer gates it per head from its input, split in chunks of
+    ``head_dim``: head ``h`` reads chunk ``head_index[h]``.
+    """
+
+    def __init__(self, embed_dim: int, num_heads: int, head_dim: int, dropout: float = 0.0,
+                 head_index: Optional[List[int]] = None):
+        super().__init__(embed_dim, num_heads, head_dim, dropout)
+        head_index = list(range(num_heads)) if head_index is None else list(head_index)
+        self.register_buffer("head_index", torch.tensor(head_index, dtype=torch.long), persistent=False)
+        if num_heads > 0:
+            self.gru_rel_pos_const = nn.Parameter(torch.ones(1, num_heads, 1, 1))
+            self.gru_rel_pos_linear = nn.Linear(head_dim, 8)
+
+    def _scores_bias(self, x: Tensor, position_bias: Optional[Tensor]) -> Optional[Tensor]:
+        assert position_bias is not None, "WavLM attention needs the transformer's position bias"
+        batch, frames, _ = x.shape
+        chunks = x.view(batch, frames, -1, self.head_dim).transpose(1, 2)[:, self.head_index]
+        proj = self.gru_rel_pos_linear(chunks).view(batch, self.num_heads, frames, 2, 4).sum(-1)
+        gate_a, gate_b = torch.sigmoid(proj).chunk(2, dim=-1)
+        gate = gate_a * (gate_b * self.gru_rel_pos_const - 1.0) + 2.0  # (batch, heads, frames, 1)
+        return gate * position_bias[self.head_index]
+
+
+class RelativePositionBias(nn.Module):
+    """WavLM's bucketed relative position bias, one value per (original) head."""
+
+    def __init__(self, num_buckets: int, max_distance: int, num_heads: int):
+        super().__init__()
+        self.num_buckets = num_buckets
+        self.max_distance = max_distance
+        self.rel_attn_embed = nn.Embedding(num_buckets, num_heads)
+
+    def _bucket(self, relative: Tensor) -> Tensor:
+        half = self.num_buckets // 2
+        buckets = (relative > 0).long() * half
+        relative = relative.abs()
+        max_exact = half // 2
+        large = max_exact + (torch.log(relative.float() / max_exact) / math.log(self.max_distance / max_exact)
+                             * (half - max_exact)).long()
+        large = torch.clamp(large, max=half - 1)
+        return buckets + torch.where(relative < max_exact, relative, large)
+
+    def forward(self, frames: int) -> Tensor:
+        """-> (num_heads, frames, frames)"""
+        pos = torch.arange(frames, device=self.rel_attn_embed.weight.device)
+        relative = pos[None, :] - pos[:, None]
+        return self.rel_attn_embed(self._bucket(relative)).permute(2, 0, 1)
+
+
+class FeedForward(nn.Module):
+    """Linear -> GELU -> Dropout -> Linear -> Dropout. ``interm_features`` may be 0
+    (all units pruned): only ``output_dense``'s bias is left."""
+
+    def __init__(self, io_features: int, interm_features: int, interm_dropout: float, output_dropout: float):
+        super().__init__()
+        self.interm_features = interm_features
+        if interm_features > 0:
+            self.intermediate_dense = nn.Linear(io_features, interm_features)
+            self.output_dense = nn.Linear(interm_features, io_features)
+        else:
+            self.output_dense = _BiasOnly(io_features)
+        self.intermediate_dropout = nn.Dropout(interm_dropout)
+        self.output_dropout = nn.Dropout(output_dropout)
+
+    def forward(self, x: Tensor, unit_gate: Optional[Tensor] = None) -> Tensor:
+        """x: (batch, frames, io_features), unit_gate: (interm_features,) -> same shape as x"""
+        if self.interm_features == 0:
+            return self.output_dropout(self.output_dense(x))
+        h = self.intermediate_dropout(F.gelu(self.intermediate_dense(x)))
+        if unit_gate is not None:
+            h = h * unit_gate
+        return self.output_dropout(self.output_dense(h))
+
+
+class _BiasOnly(nn.Module):
+    """What is left of a Linear whose every input was pruned: its bias."""
+
+    def __init__(self, out_features: int):
+        super().__init__()
+        self.bias = nn.Parameter(torch.zeros(out_features))
+
+    def forward(self, x: Tensor) -> Tensor:
+        """x: (..., in_features) -> (..., out_features), the bias at every position"""
+        return self.bias + x.new_zeros(x.shape[:-1] + self.bias.shape)  # a fresh tensor, not a view of the parameter
+
+
+class EncoderLayer(nn.Module):
+    """One transformer layer, post-norm (base) or pre-norm (``layer_norm_first``).
+
+    ``attention`` / ``feed_forward`` may be ``None``: the block was pruned away and the
+    layer is a residual path there. A pre-norm LayerNorm whose block is gone, or whose
+    block has no heads/units left (its output is a constant), is ``None`` as well.
+    """
+
+    def __init__(self, attention: Optional[SelfAttention], feed_forward: Optional[FeedForward], embed_dim: int,
+                 dropout: float, layer_norm_first: bool, eps: float = 1e-5):
+        super().__init__()
+        self.attention = attention
+        self.feed_forward = feed_forward
+        self.dropout = nn.Dropout(dropout)
+        self.layer_norm_first = layer_norm_first
+        needs_attn_norm = not layer_norm_first or (attention is not None and attention.num_heads > 0)
+        needs_ff_norm = not layer_norm_first or (feed_forward is not None and feed_forward.interm_features > 0)
+        self.layer_norm = nn.LayerNorm(embed_dim, eps=eps) if needs_attn_norm else None
+        self.final_layer_norm = nn.LayerNorm(embed_dim, eps=eps) if needs_ff_norm else None
+
+    def forward(self, x: Tensor, key_padding_mask: Optional[Tensor] = None, position_bias: Optional[Tensor] = None,
+                head_gate: Optional[Tensor] = None, attention_gate: Optional[Tensor] = None,
+                unit_gate: Optional[Tensor] = None, ffn_gate: Optional[Tensor] = None) -> Tensor:
+        """x: (batch, frames, embed_dim) -> same shape."""
+        if self.attention is not None:
+            h = x
+            if self.layer_norm_first and self.layer_norm is not None:
+                h = self.layer_norm(h)
+            h = self.dropout(self.attention(h, key_padding_mask, position_bias, head_gate))
+            if attention_gate is not None:
+                h = h * attention_gate
+            x = x + h
+        if not self.layer_norm_first:
+            x = self.layer_norm(x)
+        if self.feed_forward is not None:
+            h = x
+            if self.layer_norm_first and self.final_layer_norm is not None:
+                h = self.final_layer_norm(h)
+            h = self.feed_forward(h, unit_gate)
+            if ffn_gate is not None:
+                h = h * ffn_gate
+            x = x + h
+        if not self.layer_norm_first:
+            x = self.final_layer_norm(x)
+        return x
+
+
+class Transformer(nn.Module):
+    """Positional conv -> [LayerNorm] -> layers -> [LayerNorm] (post- / pre-norm)."""
+
+    def __init__(self, pos_conv_embed: ConvolutionalPositionalEmbedding, embed_dim: int, dropout: float,
+                 layers: nn.ModuleList, layer_norm_first: bool, layer_drop: float,
+                 rel_pos_bias: Optional[RelativePositionBias] = None, eps: float = 1e-5):
+        super().__init__()
+        self.pos_conv_embed = pos_conv_embed
+        self.layer_norm = nn.LayerNorm(embed_dim, eps=eps)
+        self.layer_norm_first = layer_norm_first
+        self.layer_drop = layer_drop
+        self.dropout = nn.Dropout(dropout)
+        self.layers = layers
+        self.rel_pos_bias = rel_pos_bias
+
+    def forward(self, x: Tensor, key_padding_mask: Optional[Tensor] = None, gates: Optional[Gates] = None
+                ) -> List[Tensor]:
+        """x: (batch, frames, embed_dim) -> hidden states: the input to layer 0, then each
+        layer's output; for pre-norm the last one after the final LayerNorm (as HF does)."""
+        x = x + self.pos_conv_embed(x)
+        if not self.layer_norm_first:
+            x = self.layer_norm(x)
+        x = self.dropout(x)
+        position_bias = self.rel_pos_bias(x.shape[1]) if self.rel_pos_bias is not None else None
+        hiddens = [x]
+        for i, layer in enumerate(self.layers):
+            if not (self.training and self.layer_drop > 0 and torch.rand(1).item() < self.layer_drop):
+                if gates is None:
+                    x = layer(x, key_padding_mask, position_bias)
+                else:
+                    x = layer(x, key_padding_mask, position_bias, gates.heads[i], gates.attention[i],
+                              gates.units[i], gates.ffn[i])
+            hiddens.append(x)
+        if self.layer_norm_first:
+            hiddens[-1] = self.layer_norm(hiddens[-1])
+        return hiddens
+
+
+class Encoder(nn.Module):
+    """Feature projection + transformer, with padding handled through ``lengths``."""
+
+    def __init__(self, feature_projection: FeatureProjection, transformer: Transformer):
+        super().__init__()
+        self.feature_projection = feature_projection
+        self.transformer = transformer
+
+    def forward(self, features: Tensor, lengths: Optional[Tensor] = None, gates: Optional[Gates] = None
+                ) -> List[Tensor]:
+        """features: (batch, frames, channels), lengths: (batch,) valid frames -> hidden states"""
+        x = self.feature_projection(features)
+        key_padding_mask = None
+        if lengths is not None:
+            frames = torch.arange(x.shape[1], device=x.device)
+            key_padding_mask = frames[None, :] >= lengths[:, None]  # (batch, frames), True = padding
+            x = x.masked_fill(key_padding_mask[..., None], 0.0)
+        return self.transformer(x, key_padding_mask, gates)
+
+
+class Wav2Vec2Model(nn.Module):
+    """Feature extractor + encoder. The same module serves HuBERT, wav2vec 2.0 and WavLM."""
+
+    def __init__(self, config, feature_extractor: FeatureExtractor, encoder: Encoder):
+        super().__init__()
+        self.config = config
+        self.feature_extractor = feature_extractor
+        self.encoder = encoder
+
+    def forward(self, waveforms: Tensor, lengths: Optional[Tensor] = None, gates: Optional[Gates] = None
+                ) -> Tuple[List[Tensor], Optional[Tensor]]:
+        """waveforms: (batch, samples) at 16 kHz; lengths: (batch,) valid samples per row.
+
+        Returns (hiddens, lengths): ``num_layers + 1`` tensors of shape
+        (batch, frames, embed_dim) and the valid frames per row (None if lengths is None).
+        """
+        x, lengths = self.feature_extractor(waveforms, lengths, None if gates is None else gates.conv)
+        return self.encoder(x, lengths, gates), lengths

@@ -1,0 +1,137 @@
+"""The encoder's configuration, in torchaudio's ``wav2vec2_model`` vocabulary.
+
+Pruning makes layers differ, so every per-layer quantity is stored as a list
+(an int given for it is expanded). The few keys torchaudio lacks describe what a
+compiled (pruned) model needs to stay exact:
+
+* ``extractor_norm_channels``: per conv layer, how many channels a LayerNorm over
+  that layer's output normalises over. A pruned layer keeps the original count: the
+  removed channels were exact zeros and still count in the mean and variance.
+* ``encoder_attention_kept`` / ``encoder_ff_kept``: whether layer ``i`` still has an
+  attention / feed-forward block at all (a removed block is a plain residual path).
+* ``encoder_head_index``: WavLM only. The original index of each kept head; the
+  relative-position bias and its gate are indexed by it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+
+ARCHITECTURES = ("hubert", "wav2vec2", "wavlm")
+EXTRACTOR_MODES = ("group_norm", "layer_norm")
+SAMPLE_RATE = 16000
+
+ConvSpec = Tuple[int, int, int]  # (out_channels, kernel_size, stride)
+
+BASE_CONV: List[ConvSpec] = [(512, 10, 5)] + [(512, 3, 2)] * 4 + [(512, 2, 2)] * 2
+
+
+@dataclass
+class EncoderConfig:
+    architecture: str = "hubert"
+    extractor_mode: str = "group_norm"
+    extractor_conv_layer_config: List[ConvSpec] = field(default_factory=lambda: list(BASE_CONV))
+    extractor_conv_bias: bool = False
+    encoder_embed_dim: int = 768
+    encoder_projection_dropout: float = 0.1
+    encoder_pos_conv_kernel: int = 128
+    encoder_pos_conv_groups: int = 16
+    encoder_num_layers: int = 12
+    encoder_num_heads: Union[int, List[int]] = 12
+    encoder_attention_dropout: float = 0.1
+    encoder_ff_interm_features: Union[int, List[int]] = 3072
+    encoder_ff_interm_dropout: float = 0.0
+    encoder_dropout: float = 0.1
+    encoder_layer_norm_first: bool = False
+    encoder_layer_drop: float = 0.05
+    # WavLM's gated relative position bias
+    encoder_num_buckets: int = 320
+    encoder_max_distance: int = 800
+    # pruning-specific (see module docstring); None means "as in the unpruned model"
+    encoder_head_dim: Optional[int] = None
+    extractor_norm_channels: Optional[List[int]] = None
+    encoder_attention_kept: Optional[List[bool]] = None
+    encoder_ff_kept: Optional[List[bool]] = None
+    encoder_head_index: Optional[List[List[int]]] = None
+    layer_norm_eps: float = 1e-5
+
+    def __post_init__(self) -> None:
+        n = self.encoder_num_layers
+        if self.architecture not in ARCHITECTURES:
+            raise ValueError(f"architecture must be one of {ARCHITECTURES}, got {self.architecture!r}")
+        if self.extractor_mode not in EXTRACTOR_MODES:
+            raise ValueError(f"extractor_mode must be one of {EXTRACTOR_MODES}, got {self.extractor_mode!r}")
+        self.extractor_conv_layer_config = [tuple(int(v) for v in c) for c in self.extractor_conv_layer_config]
+        heads = _per_layer(self.encoder_num_heads, n, "encoder_num_heads")
+        if self.encoder_head_dim is None:
+            if not isinstance(self.encoder_num_heads, int) or self.encoder_embed_dim % self.encoder_num_heads:
+                raise ValueError("encoder_head_dim is required when heads differ per layer "
+                                 "or do not divide encoder_embed_dim")
+            self.encoder_head_dim = self.encoder_embed_dim // self.encoder_num_heads
+        self.encoder_num_heads = heads
+        self.encoder_ff_interm_features = _per_layer(self.encoder_ff_interm_features, n, "encoder_ff_interm_features")
+        convs = self.extractor_conv_layer_config
+        if self.extractor_norm_channels is None:
+            self.extractor_norm_channels = [c[0] for c in convs]
+        if len(self.extractor_norm_channels) != len(convs):
+            raise ValueError("extractor_norm_channels needs one entry per conv layer")
+        for (out, _, _), total in zip(convs, self.extractor_norm_channels):
+            if total < out:
+                raise ValueError(f"extractor_norm_channels ({total}) is smaller than the layer's channels ({out})")
+        self.encoder_attention_kept = [bool(v) for v in (self.encoder_attention_kept or [True] * n)]
+        self.encoder_ff_kept = [bool(v) for v in (self.encoder_ff_kept or [True] * n)]
+        for name in ("encoder_attention_kept", "encoder_ff_kept"):
+            if len(getattr(self, name)) != n:
+                raise ValueError(f"{name} needs {n} entries (encoder_num_layers)")
+        if self.architecture == "wavlm":
+            if self.encoder_head_index is None:
+                self.encoder_head_index = [list(range(h)) for h in heads]
+            self.encoder_head_index = [[int(i) for i in idx] for idx in self.encoder_head_index]
+            if [len(i) for i in self.encoder_head_index] != heads:
+                raise ValueError("encoder_head_index must list one original index per kept head")
+            if self.encoder_embed_dim % self.encoder_head_dim:
+                raise ValueError("WavLM needs encoder_head_dim to divide encoder_embed_dim")
+        elif self.encoder_head_index is not None:
+            raise ValueError("encoder_head_index is only used by WavLM")
+
+    @property
+    def is_wavlm(self) -> bool:
+        return self.architecture == "wavlm"
+
+    @property
+    def original_num_heads(self) -> int:
+        """Heads of the unpruned model: WavLM's bias table and gate chunks use this count."""
+        return self.encoder_embed_dim // self.encoder_head_dim
+
+    def to_dict(self) -> Dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["extractor_conv_layer_config"] = [list(c) for c in self.extractor_conv_layer_config]
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Dict[str, Any]) -> "EncoderConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown encoder config keys: {unknown}")
+        return cls(**d)
+
+    def replace(self, **changes: Any) -> "EncoderConfig":
+        d = self.to_dict()
+        d.update(changes)
+        return EncoderConfig.from_dict(d)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+
+def _per_layer(value: Union[int, Sequence[int]], n: int, name: str) -> List[int]:
+    if isinstance(value, int):
+        return [value] * n
+    value = [int(v) for v in value]
+    if len(value) != n:
+        raise ValueError(f"{name} has {len(value)} entries, expected {n} (encoder_num_layers)")
+    return value

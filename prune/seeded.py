@@ -1,0 +1,44 @@
+"""Seeded, non-uniform gate states at a chosen sparsity: for demos, benchmarks and tests,
+where no trained gates exist yet."""
+
+from __future__ import annotations
+
+import torch
+
+from .models import build_encoder
+from .measure import num_params
+from .structures import GatedEncoder
+
+
+@torch.no_grad()
+def set_random_gates(gated: GatedEncoder, sparsity: float, seed: int = 0, spread: float = 2.0) -> float:
+    """Draw every gate's ``log_alpha`` around a per-group random level, then shift them all
+    together until the eval-mode parameter count is ``(1 - sparsity)`` of the unpruned model.
+    Returns the sparsity reached (exact up to one unit of the coarsest structure)."""
+    if not 0.0 <= sparsity < 1.0:
+        raise ValueError(f"sparsity must be in [0, 1), got {sparsity}")
+    g = torch.Generator().manual_seed(seed)
+    groups = [p for n, p in gated.named_parameters() if n.endswith("log_alpha")]
+    # whole-layer gates (one gate each) start well open: trained runs close few whole layers,
+    # and a single flip would move the size in one big step
+    base = [torch.randn(1, generator=g) * spread + torch.randn(p.shape, generator=g) * spread
+            + (3 * spread if p.numel() == 1 else 0.0) for p in groups]
+    full = num_params(build_encoder(gated.config))  # reference: the ungated model's size
+    was_training = gated.training
+    gated.eval()
+
+    def reached(shift: float) -> float:
+        for p, b in zip(groups, base):
+            p.copy_(b + shift)
+        return 1.0 - gated.expected_params().item() / full
+
+    lo, hi = -50.0, 50.0  # sparsity falls as the shift rises
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        if reached(mid) > sparsity:
+            lo = mid
+        else:
+            hi = mid
+    result = reached(hi)
+    gated.train(was_training)
+    return result

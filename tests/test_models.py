@@ -1,0 +1,93 @@
+import pytest
+import torch
+from conftest import TINY
+
+from prune.measure import num_params
+from prune.models import PRESETS, EncoderConfig, build_encoder, build_preset, preset_config, wav2vec2_model
+from prune.structures import count_params
+
+
+@pytest.mark.parametrize("name,params", [("hubert_base", 94_370_944), ("wav2vec2_base", 94_370_944),
+                                         ("wavlm_base", 94_381_168), ("hubert_large", 315_434_112)])
+def test_real_shapes_param_counts(name, params):
+    # HF's HubertModel reports 94,371,712 for Base: ours minus its 768-wide masked_spec_embed
+    with torch.device("meta"):
+        model = build_preset(name)
+    assert num_params(model) == params == count_params(model.config)
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_count_params_formula_matches_numel(name):
+    with torch.device("meta"):
+        model = build_preset(name)
+    assert count_params(model.config) == num_params(model)
+
+
+@pytest.mark.parametrize("name", TINY)
+def test_forward_shapes_and_lengths(name):
+    model = build_preset(name).eval()
+    lengths = torch.tensor([16000, 8000])
+    hiddens, out_lengths = model(torch.randn(2, 16000), lengths)
+    cfg = model.config
+    assert len(hiddens) == cfg.encoder_num_layers + 1
+    assert all(h.shape == (2, 49, cfg.encoder_embed_dim) for h in hiddens)
+    assert out_lengths.tolist() == [49, 24]  # 16000 and 8000 samples through the 320x conv stack
+    _, none = model(torch.randn(1, 16000))
+    assert none is None
+
+
+@pytest.mark.parametrize("name", ["wav2vec2_large_lv60k_tiny", "wavlm_large_tiny"])
+def test_padding_does_not_change_valid_frames(name):
+    """layer_norm-mode extractors have no statistics over time: a padded row must equal the same
+    utterance run alone, on its valid frames (this checks the attention padding mask)."""
+    model = build_preset(name).eval()
+    short = torch.randn(1, 9000)
+    batch = torch.cat([short, torch.zeros(1, 7000)], dim=1)
+    batch = torch.cat([batch, torch.randn(1, 16000)])
+    with torch.no_grad():
+        alone, (n,) = model(short, torch.tensor([9000]))
+        padded, lengths = model(batch, torch.tensor([9000, 16000]))
+    assert lengths[0] == n
+    for a, p in zip(alone, padded):
+        torch.testing.assert_close(p[0, :n], a[0, :n], rtol=1e-5, atol=1e-5)
+
+
+def test_dropout_in_train_only():
+    model = build_preset("hubert_base_tiny")
+    x = torch.randn(1, 16000)
+    model.train()
+    a, _ = model(x)
+    b, _ = model(x)
+    assert not torch.allclose(a[-1], b[-1])
+    model.eval()
+    with torch.no_grad():
+        a, _ = model(x)
+        b, _ = model(x)
+    assert torch.equal(a[-1], b[-1])
+
+
+def test_layer_drop_skips_layers_in_training():
+    model = build_preset("hubert_base_tiny", encoder_layer_drop=1.0, encoder_dropout=0.0,
+                         encoder_attention_dropout=0.0, encoder_projection_dropout=0.0).train()
+    hiddens, _ = model(torch.randn(1, 16000))
+    assert all(torch.equal(h, hiddens[0]) for h in hiddens)  # every layer dropped
+
+
+def test_torchaudio_style_builder_and_config_round_trip():
+    cfg = preset_config("wavlm_base_tiny")
+    model = wav2vec2_model(**{k: v for k, v in cfg.to_dict().items()})
+    assert num_params(model) == num_params(build_encoder(EncoderConfig.from_dict(cfg.to_dict())))
+    assert EncoderConfig.from_dict(cfg.to_dict()) == cfg
+
+
+def test_config_errors_name_the_key():
+    with pytest.raises(ValueError, match="encoder_num_heads"):
+        EncoderConfig(encoder_num_layers=2, encoder_num_heads=[4, 4, 4], encoder_head_dim=8)
+    with pytest.raises(ValueError, match="unknown encoder config keys: \\['encoder_nmu_heads'\\]"):
+        EncoderConfig.from_dict({"encoder_nmu_heads": 3})
+    with pytest.raises(ValueError, match="extractor_mode"):
+        EncoderConfig(extractor_mode="batch_norm")
+    with pytest.raises(KeyError, match="unknown preset"):
+        preset_config("hubert_small")
+    with pytest.raises(ValueError, match="batch, samples"):
+        build_preset("hubert_base_tiny")(torch.randn(16000))
