@@ -1,29 +1,165 @@
 """The ``prune`` command line.
 
-    prune demo [--preset hubert_base] [--sparsity 0.75]   gate, cut and export a preset
-    prune inspect PATH                                     size and structure of a checkpoint
+    prune train [RECIPE] [key=value ...] [--multirun]   prune -> final distillation -> export
+    prune resume RUN_DIR                                continue a stopped run where it stopped
+    prune export CHECKPOINT OUT                         export the student of a training checkpoint
+    prune evaluate MODEL [--teacher T] --manifest M     compare a model's hidden states to its teacher's
+    prune inspect PATH                                  size and structure of any supported checkpoint
+    prune preview [--preset P] [--sparsity S]           gate a preset with seeded random gates, cut, export
+
+RECIPE is a file name from recipes/ (tiny_demo, dphubert_hubert_base, wavlm_base_plus, default);
+without one, `default` (configs/train.yaml as it is) is used. Every config key can be overridden: trainer.prune_steps=1000.
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
+import sys
 import time
 from pathlib import Path
 from typing import List, Optional
 
 import torch
 
-
-def _table(rows: List[List[str]]) -> str:
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
-             for r in rows]
-    lines.insert(1, "-" * len(lines[0]))
-    return "\n".join(lines)
+log = logging.getLogger("prune")
 
 
-def _layers(values: List[Optional[int]]) -> str:
-    return " ".join("-" if v is None else str(v) for v in values)
+def _fail(command: str, error: BaseException) -> "SystemExit":
+    return SystemExit(f"prune {command}: {error}")
+
+
+# ------------------------------------------------------------------------------------ train
+def run_training(cfg, run_dir: Path) -> Path:
+    """Validate, then run the recipe in ``run_dir`` (resuming if it holds checkpoints)."""
+    from omegaconf import OmegaConf
+
+    from .train.config import validate
+    from .train.recipe import PruneRecipe
+
+    validate(cfg, run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    config_file = run_dir / "config.yaml"
+    if not config_file.exists():
+        config_file.write_text(OmegaConf.to_yaml(cfg))
+    recipe = PruneRecipe(cfg, run_dir)
+    try:
+        recipe.setup()
+        export = recipe.train()
+    finally:
+        recipe.cleanup()
+    if recipe.env.is_main:
+        report = (run_dir / "report.txt").read_text() if (run_dir / "report.txt").exists() else ""
+        print(report)
+        print(f"export      : {export}   (prune.load_pruned({str(export)!r}))")
+        print(f"report      : {run_dir / 'report.txt'}, {run_dir / 'report.json'}, {run_dir / 'layers.png'}")
+        print(f"tensorboard : tensorboard --logdir {run_dir / 'tensorboard'}")
+        print(f"checkpoints : {run_dir / 'checkpoints'}   (prune resume {run_dir})")
+    return export
+
+
+def train(argv: List[str]) -> None:
+    """Hand the command line to Hydra, with recipes/ as the primary config path."""
+    import hydra
+    from hydra.core.hydra_config import HydraConfig
+
+    from .train.config import ConfigError, typed
+
+    recipe = "default"
+    if argv and not argv[0].startswith("-") and "=" not in argv[0]:
+        recipe, argv = argv[0], argv[1:]
+    from importlib.resources import files
+
+    available = sorted(p.name[:-5] for p in files("prune.recipes").iterdir() if p.name.endswith(".yaml"))
+    if recipe not in available:
+        raise SystemExit(f"prune train: unknown recipe {recipe!r}; choose from {', '.join(available)}")
+
+    @hydra.main(version_base="1.3", config_path="pkg://prune.recipes", config_name=recipe)
+    def entry(cfg) -> None:
+        run_dir = Path(HydraConfig.get().runtime.output_dir)
+        try:
+            run_training(typed(cfg), run_dir)
+        except (ConfigError, ValueError, OSError, FloatingPointError) as e:
+            raise _fail("train", e)
+
+    import os
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not any(a.startswith("hydra.run.dir=") for a in argv):
+        raise SystemExit("prune train: under torchrun, give hydra.run.dir=PATH so that every process "
+                         "works in the same run directory")
+    # Hydra's parser wants flags before overrides; let --multirun stand anywhere
+    flags = [a for a in argv if a in ("--multirun", "-m")]
+    argv = flags + [a for a in argv if a not in flags]
+    sys.argv = ["prune train", *argv, "hydra.searchpath=[pkg://prune.configs]"]
+    entry()
+
+
+def resume(args: argparse.Namespace) -> int:
+    from omegaconf import OmegaConf
+
+    from .train.config import typed
+
+    run_dir = Path(args.run_dir)
+    config_file = run_dir / "config.yaml"
+    if not config_file.is_file():
+        raise ValueError(f"{run_dir} is not a run directory (no config.yaml)")
+    _console_logging(run_dir)
+    run_training(typed(OmegaConf.load(config_file)), run_dir)
+    return 0
+
+
+def _console_logging(run_dir: Path) -> None:
+    logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s",
+                        handlers=[logging.StreamHandler(), logging.FileHandler(run_dir / "resume.log")])
+
+
+# ------------------------------------------------------------------------------- utilities
+def export(args: argparse.Namespace) -> int:
+    """Export the student held by a training checkpoint (cut first if it is still gated)."""
+    from .checkpoints import export_pruned
+    from .compile import compile_encoder
+    from .models import EncoderConfig, build_encoder
+    from .structures import GateConfig, GatedEncoder
+    from .train.checkpoint import load_checkpoint
+    from .train.recipe import PRUNE, load_teacher
+    from .train.config import typed
+
+    state = load_checkpoint(Path(args.checkpoint))
+    cfg = typed(state["config"])
+    if state["stage"] == PRUNE:
+        teacher = load_teacher(cfg.teacher)
+        source = teacher.config
+        gated = GatedEncoder(build_encoder(source.replace(encoder_layer_drop=cfg.distill.student_layer_drop)),
+                             GateConfig(**cfg.pruning.gates))
+        gated.load_state_dict(_submodule(state["student"], "encoder."))
+        model = compile_encoder(gated)
+    else:
+        model = build_encoder(EncoderConfig.from_dict(state["student_config"]))
+        model.load_state_dict(_submodule(state["student"], "encoder."))
+        source = load_teacher(cfg.teacher).config
+    path = export_pruned(model.eval(), args.out, source=source, overwrite=args.overwrite,
+                         metadata={"from_checkpoint": str(args.checkpoint), "step": state["step"],
+                                   "stage": state["stage"]})
+    print(f"exported step {state['step']} ({state['stage']} stage) to {path}")
+    return 0
+
+
+def _submodule(state: dict, prefix: str) -> dict:
+    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+
+
+def evaluate(args: argparse.Namespace) -> int:
+    from .train.evaluate import evaluate_against_teacher
+
+    print(evaluate_against_teacher(args.model, args.teacher, args.manifest, args.batch_size, args.max_samples))
+    return 0
+
+
+def inspect(args: argparse.Namespace) -> int:
+    from .checkpoints.inspect import inspect_checkpoint
+
+    print(inspect_checkpoint(args.path))
+    return 0
 
 
 @torch.no_grad()
@@ -37,7 +173,7 @@ def _latency(model: torch.nn.Module, *inputs: torch.Tensor, repeats: int = 3) ->
     return sorted(times)[len(times) // 2]
 
 
-def demo(args: argparse.Namespace) -> int:
+def preview(args: argparse.Namespace) -> int:
     """Gate a preset, set its gates to a seeded non-uniform state at the chosen sparsity, cut it
     to a plain model, check it against the gated model, export it and print before/after."""
     from .checkpoints import check_export_path, describe, export_pruned
@@ -45,6 +181,7 @@ def demo(args: argparse.Namespace) -> int:
     from .models import SAMPLE_RATE, build_preset
     from .seeded import set_random_gates
     from .structures import GatedEncoder
+    from .train.report import format_table
 
     torch.manual_seed(args.seed)
     torch.set_num_threads(args.threads)
@@ -63,7 +200,7 @@ def demo(args: argparse.Namespace) -> int:
     t_full, t_pruned = _latency(gated.model, x, lengths), _latency(compiled, x, lengths)
     error = max(((a - e).abs().max() / e.abs().max()).item() for a, e in zip(actual, expected))
     path = export_pruned(compiled, out, source=gated.config, overwrite=args.overwrite,
-                         metadata={"demo": {"preset": args.preset, "sparsity": args.sparsity, "seed": args.seed}})
+                         metadata={"preview": {"preset": args.preset, "sparsity": args.sparsity, "seed": args.seed}})
 
     before, after = describe(gated.config), describe(compiled.config)
     rows = [["", "unpruned", "pruned", "ratio"],
@@ -72,7 +209,7 @@ def demo(args: argparse.Namespace) -> int:
              f"{after['macs_per_second'] / before['macs_per_second']:.3f}"],
             [f"CPU forward, 2 x {args.seconds:g} s (median of 3)", f"{t_full:.3f} s", f"{t_pruned:.3f} s",
              f"{t_pruned / t_full:.3f}"]]
-    print(_table(rows))
+    print(format_table(rows))
     print(f"param sparsity reached: {reached:.4f} (asked {args.sparsity})")
     print(f"conv channels : {_layers(after['conv_channels'])}")
     print(f"heads         : {_layers(after['heads'])}   ('-' = attention block removed)")
@@ -82,45 +219,63 @@ def demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def inspect(args: argparse.Namespace) -> int:
-    from .checkpoints.inspect import inspect_checkpoint
-
-    print(inspect_checkpoint(args.path))
-    return 0
+def _layers(values: List[Optional[int]]) -> str:
+    return " ".join("-" if v is None else str(v) for v in values)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="prune", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("demo", help="gate, cut and export a preset at a chosen sparsity")
+    sub.add_parser("train", help="run a recipe (Hydra: prune train RECIPE key=value ...)", add_help=False)
+    p = sub.add_parser("resume", help="continue a stopped run where it stopped")
+    p.add_argument("run_dir")
+    p.set_defaults(func=resume)
+    p = sub.add_parser("export", help="export the student of a training checkpoint")
+    p.add_argument("checkpoint")
+    p.add_argument("out")
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=export)
+    p = sub.add_parser("evaluate", help="compare a model's hidden states with its teacher's on a manifest")
+    p.add_argument("model", help="an export folder or any checkpoint prune inspect reads")
+    p.add_argument("--teacher", default=None, help="teacher checkpoint (default: the export's recorded teacher)")
+    p.add_argument("--manifest", required=True)
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--max-samples", type=int, default=160000)
+    p.set_defaults(func=evaluate)
+    p = sub.add_parser("inspect", help="architecture, size and per-layer structure of a checkpoint")
+    p.add_argument("path")
+    p.set_defaults(func=inspect)
+    p = sub.add_parser("preview", help="gate a preset with seeded random gates, cut and export it")
     p.add_argument("--preset", default="hubert_base", help="a name from prune.models.PRESETS")
     p.add_argument("--sparsity", type=float, default=0.75, help="fraction of parameters to remove, in [0, 1)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--seconds", type=float, default=2.0, help="length of the check utterances")
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--out", default="outputs/demo", help="export folder")
+    p.add_argument("--out", default="outputs/preview", help="export folder")
     p.add_argument("--overwrite", action="store_true", help="replace an existing export folder")
-    p.set_defaults(func=demo)
-    p = sub.add_parser("inspect", help="architecture, size and per-layer structure of a checkpoint")
-    p.add_argument("path")
-    p.set_defaults(func=inspect)
+    p.set_defaults(func=preview)
     return parser
 
 
 def main(argv: Optional[List[str]] = None) -> None:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] == "train":
+        return train(argv[1:])
     args = build_parser().parse_args(argv)
     from .checkpoints import ExportError
     from .models import PRESETS
 
-    if getattr(args, "preset", None) is not None and args.preset not in PRESETS:
-        raise SystemExit(f"prune demo: unknown --preset {args.preset!r}; choose from {', '.join(sorted(PRESETS))}")
-    if getattr(args, "sparsity", None) is not None and not 0.0 <= args.sparsity < 1.0:
-        raise SystemExit(f"prune demo: --sparsity must be in [0, 1), got {args.sparsity}")
+    if args.command == "preview":
+        if args.preset not in PRESETS:
+            raise SystemExit(f"prune preview: unknown --preset {args.preset!r}; "
+                             f"choose from {', '.join(sorted(PRESETS))}")
+        if not 0.0 <= args.sparsity < 1.0:
+            raise SystemExit(f"prune preview: --sparsity must be in [0, 1), got {args.sparsity}")
     try:
         raise SystemExit(args.func(args))
-    except (ValueError, OSError, ExportError) as e:  # bad input: one line, no traceback
-        raise SystemExit(f"prune {args.command}: {e}")
+    except (ValueError, OSError, ExportError, RuntimeError) as e:  # bad input: one line, no traceback
+        raise _fail(args.command, e)
 
 
 if __name__ == "__main__":

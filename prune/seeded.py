@@ -5,9 +5,8 @@ from __future__ import annotations
 
 import torch
 
-from .models import build_encoder
-from .measure import num_params
-from .structures import GatedEncoder
+from .calibrate import shift_to_size
+from .structures import GatedEncoder, count_params
 
 
 @torch.no_grad()
@@ -23,22 +22,8 @@ def set_random_gates(gated: GatedEncoder, sparsity: float, seed: int = 0, spread
     # and a single flip would move the size in one big step
     base = [torch.randn(1, generator=g) * spread + torch.randn(p.shape, generator=g) * spread
             + (3 * spread if p.numel() == 1 else 0.0) for p in groups]
-    full = num_params(build_encoder(gated.config))  # reference: the ungated model's size
+    full = count_params(gated.config)
     was_training = gated.training
-    gated.eval()
-
-    def reached(shift: float) -> float:
-        for p, b in zip(groups, base):
-            p.copy_(b + shift)
-        return 1.0 - gated.expected_params().item() / full
-
-    lo, hi = -50.0, 50.0  # sparsity falls as the shift rises
-    for _ in range(60):
-        mid = (lo + hi) / 2
-        if reached(mid) > sparsity:
-            lo = mid
-        else:
-            hi = mid
-    result = reached(hi)
+    reached = shift_to_size(gated, GatedEncoder.expected_params, (1.0 - sparsity) * full, base)
     gated.train(was_training)
-    return result
+    return 1.0 - reached / full

@@ -33,3 +33,23 @@ def randomize_gates(gated: GatedEncoder, seed: int = 0, hard_cases: bool = True)
 def max_rel_error(a, b) -> float:
     """max |a - b| / max |b| over a list of tensors."""
     return max(((x - y).abs().max() / y.abs().max()).item() for x, y in zip(a, b))
+
+
+def load_with_torch_only(export_dir) -> str:
+    """Load an export in a fresh interpreter where every optional package fails to import;
+    returns what it printed: the number of hidden states, then the parameter count."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "for m in ['transformers', 'hydra', 'omegaconf', 'soundfile', 'numpy', 'torchaudio', 'matplotlib']:\n"
+        "    sys.modules[m] = None  # any import of these now fails\n"
+        "import torch, prune\n"
+        f"m = prune.load_pruned({str(export_dir)!r})\n"
+        "h, _ = m(torch.randn(1, 16000))\n"
+        "print(len(h), sum(p.numel() for p in m.parameters()))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    return result.stdout.strip()

@@ -20,7 +20,7 @@ def test_readme_python_example_runs(tmp_path):
 
 def test_demo_command_runs_on_a_tiny_preset(tmp_path):
     out = tmp_path / "demo"
-    result = subprocess.run([sys.executable, "-m", "prune.cli", "demo", "--preset", "wavlm_base_tiny",
+    result = subprocess.run([sys.executable, "-m", "prune.cli", "preview", "--preset", "wavlm_base_tiny",
                              "--sparsity", "0.5", "--out", str(out)], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     reached = float(re.search(r"param sparsity reached: (\S+)", result.stdout).group(1))
@@ -29,7 +29,7 @@ def test_demo_command_runs_on_a_tiny_preset(tmp_path):
     assert error < 1e-5
     assert (out / "config.json").is_file()
     # a typo'd flag value fails fast, in one line, naming the problem
-    bad = subprocess.run([sys.executable, "-m", "prune.cli", "demo", "--preset", "hubert_bsae"],
+    bad = subprocess.run([sys.executable, "-m", "prune.cli", "preview", "--preset", "hubert_bsae"],
                          capture_output=True, text=True, timeout=60)
     assert bad.returncode != 0 and "unknown --preset 'hubert_bsae'" in bad.stderr
     assert "Traceback" not in bad.stderr

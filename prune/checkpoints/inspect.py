@@ -1,0 +1,86 @@
+"""``inspect_checkpoint``: a readable summary of any checkpoint ``load_pretrained`` reads (what
+``prune inspect PATH`` prints)."""
+
+from __future__ import annotations
+
+import os
+from itertools import groupby
+from typing import List, Optional, Sequence, Union
+
+from .export import describe, read_export_info
+from .pretrained import load_pretrained
+
+FORMAT_NAMES = {"huggingface": "Hugging Face", "fairseq": "fairseq", "torchaudio": "torchaudio",
+                "pruned": "prune export"}
+
+
+def inspect_checkpoint(path: Union[str, os.PathLike], trust_pickle: bool = False) -> str:
+    """Architecture, parameters, MACs per second of audio and per-layer structure of a checkpoint
+    (original or pruned), as multi-line text. Loads the checkpoint, so every check of
+    ``load_pretrained`` applies."""
+    model, report = load_pretrained(path, trust_pickle=trust_pickle, return_report=True)
+    config = report.config
+    info = describe(config)
+    norm = "pre-norm" if config.encoder_layer_norm_first else "post-norm"
+    lines = [
+        f"checkpoint:     {path}",
+        f"format:         {FORMAT_NAMES[report.format]} ({report.detail})",
+        f"architecture:   {config.architecture} ({norm} transformer, {config.extractor_mode} conv extractor)",
+        f"parameters:     {info['params']:,} ({_si(info['params'])})",
+        f"MACs:           {_si(info['macs_per_second'])} per second of 16 kHz audio",
+    ]
+    if report.format == "pruned":
+        source = read_export_info(report.path).get("source")
+        if source:
+            lines.append(f"pruned from:    {source['architecture']}, {_si(source['params'])} parameters, "
+                         f"{_si(source['macs_per_second'])} MACs/s: {_share(info['params'], source['params'])} of "
+                         f"the parameters and {_share(info['macs_per_second'], source['macs_per_second'])} of the "
+                         f"MACs kept")
+    convs = config.extractor_conv_layer_config
+    lines.append(f"conv extractor: {len(convs)} layers; channels {_runs([c for c, _, _ in convs])}; kernels "
+                 f"{_runs([k for _, k, _ in convs])}; strides {_runs([s for _, _, s in convs])}; "
+                 f"bias {'yes' if config.extractor_conv_bias else 'no'}")
+    lines.append(f"transformer:    {config.encoder_num_layers} layers; embedding {config.encoder_embed_dim}; head dim "
+                 f"{config.encoder_head_dim}; positional conv kernel {config.encoder_pos_conv_kernel}, groups "
+                 f"{config.encoder_pos_conv_groups}")
+    if config.is_wavlm:
+        lines.append(f"position bias:  {config.encoder_num_buckets} buckets, max distance "
+                     f"{config.encoder_max_distance}")
+    lines.append("")
+    lines.append(f"{'layer':>5}  {'heads':>5}  {'ffn units':>9}  {'parameters':>12}")
+    for i, (heads, units) in enumerate(zip(info["heads"], info["ffn_units"])):
+        params = sum(p.numel() for p in model.encoder.transformer.layers[i].parameters())
+        lines.append(f"{i:>5}  {_cell(heads):>5}  {_cell(units):>9}  {params:>12,}")
+    if report.ignored:
+        lines.append("")
+        lines.append(f"ignored (not part of the encoder): {len(report.ignored)} key(s)")
+        for reason, keys in groupby(sorted(report.ignored, key=lambda k: (report.ignored[k], k)),
+                                    key=lambda k: report.ignored[k]):
+            lines.append(f"  {reason}: {', '.join(keys)}")
+    for note in report.notes:
+        lines.append(f"note: {note}")
+    return "\n".join(lines)
+
+
+def _si(n: float) -> str:
+    for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(n) >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return f"{n:g}"
+
+
+def _share(part: float, whole: float) -> str:
+    return f"{100.0 * part / whole:.1f}%" if whole else "n/a"
+
+
+def _cell(value: Optional[int]) -> str:
+    return "-" if value is None else str(value)  # "-": the whole block was pruned away
+
+
+def _runs(values: Sequence[int]) -> str:
+    """[512, 512, 256] -> "512 x2, 256"."""
+    parts: List[str] = []
+    for value, group in groupby(values):
+        n = len(list(group))
+        parts.append(f"{value} x{n}" if n > 1 else str(value))
+    return ", ".join(parts)

@@ -1,0 +1,1 @@
+"""Training: data pipeline, distillation losses, Lagrangian sparsity control, checkpoints."""

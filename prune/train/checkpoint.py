@@ -1,0 +1,83 @@
+"""Training checkpoints: written atomically and fsynced, the last few kept, a damaged latest one
+skipped in favour of the one before."""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Tuple
+
+import torch
+
+log = logging.getLogger(__name__)
+
+_NAME = re.compile(r"^step_(\d{8})\.pt$")
+
+
+class CheckpointError(RuntimeError):
+    """No usable training checkpoint."""
+
+
+def checkpoint_files(folder: Path) -> List[Tuple[int, Path]]:
+    """(step, path) of the checkpoints in ``folder``, newest first."""
+    if not folder.is_dir():
+        return []
+    found = [(int(m.group(1)), folder / name) for name in os.listdir(folder) if (m := _NAME.match(name))]
+    return sorted(found, reverse=True)
+
+
+def save_checkpoint(folder: Path, step: int, state: Dict[str, Any], keep_last: int = 3) -> Path:
+    """Write ``state`` as ``folder/step_XXXXXXXX.pt``: to a temporary name, fsynced, then renamed,
+    so a crash at any point leaves the previous checkpoints intact. Older ones beyond
+    ``keep_last`` are removed afterwards."""
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"step_{step:08d}.pt"
+    tmp = folder / f".{path.name}.tmp"
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    _fsync_dir(folder)
+    for _, old in checkpoint_files(folder)[keep_last:]:
+        old.unlink(missing_ok=True)
+    return path
+
+
+def load_checkpoint(path: Path) -> Dict[str, Any]:
+    """Load one checkpoint safely (no code runs on unpickling)."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated zip, bad pickle, disallowed global: all mean "not usable"
+        raise CheckpointError(f"{path} cannot be loaded safely: {e}") from e
+    if not isinstance(state, dict) or "step" not in state:
+        raise CheckpointError(f"{path} is not a prune training checkpoint")
+    return state
+
+
+def load_latest(folder: Path) -> Optional[Dict[str, Any]]:
+    """The newest loadable checkpoint in ``folder`` (None if there is none at all); damaged
+    ones are skipped with a warning."""
+    files = checkpoint_files(folder)
+    for step, path in files:
+        try:
+            return load_checkpoint(path)
+        except CheckpointError as e:
+            log.warning("skipping damaged checkpoint: %s", e)
+    if files:
+        raise CheckpointError(f"every checkpoint in {folder} is damaged: {[str(p) for _, p in files]}")
+    return None
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,0 +1,202 @@
+"""The training config: a typed schema (Hydra structured config) and the checks that run before
+any compute. Every error names the key at fault."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from ..models import PRESETS, preset_config
+from .distill import COS_TYPES, MODES
+from .lagrangian import TARGET_KINDS
+
+PRECISIONS = ("fp32", "bf16", "fp16")
+
+
+class ConfigError(ValueError):
+    """A config value that cannot work; the message starts with the key."""
+
+
+@dataclass
+class TeacherConfig:
+    preset: Optional[str] = "hubert_base"  # used when checkpoint is null: random weights (tests, benchmarks)
+    checkpoint: Optional[str] = None  # HF folder, fairseq .pt, torchaudio state dict or a prune export
+    overrides: Dict[str, Any] = field(default_factory=dict)  # EncoderConfig overrides for a preset
+    seed: int = 0
+
+
+@dataclass
+class DataConfig:
+    train_manifest: str = MISSING
+    valid_manifest: Optional[str] = None
+    max_samples: int = 64000  # random crop, 4 s
+    min_samples: int = 400  # the conv stack's receptive field
+    batch_size: int = 8
+    max_batch_samples: Optional[int] = None  # if set, batches are filled up to this many padded samples instead
+    num_workers: int = 0
+
+
+@dataclass
+class GatesConfig:
+    conv_channels: bool = True
+    attention_heads: bool = True
+    attention_layers: bool = True
+    ffn_units: bool = True
+    ffn_layers: bool = True
+    init_mean: float = 0.01
+    ffn_units_init_mean: float = 0.5
+    init_std: float = 0.01
+
+
+@dataclass
+class PruningConfig:
+    target_kind: str = "params"  # params | param_count | macs
+    target: float = 0.75  # sparsity for params/macs; params to keep for param_count
+    warmup_steps: int = 5000  # the target rises linearly from 0
+    macs_seconds: float = 1.0  # utterance length the MACs target is measured on
+    tolerance: float = 0.005  # the exported size must land within this fraction of the target size
+    gates: GatesConfig = field(default_factory=GatesConfig)
+
+
+@dataclass
+class DistillConfig:
+    layers: List[List[int]] = field(default_factory=lambda: [[0], [4, 8, 12]])  # groups sharing a head
+    mode: str = "layer2layer"  # layer2layer | prediction
+    cos_weight: float = 1.0
+    cos_type: str = "raw"  # raw | log_sig
+    student_layer_drop: float = 0.0
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 2e-4  # model and distillation heads
+    gate_lr: float = 0.02  # log_alpha
+    lambda_lr: float = 0.02  # Lagrange multipliers (ascent)
+    betas: List[float] = field(default_factory=lambda: [0.9, 0.98])
+    weight_decay: float = 0.0
+    warmup_steps: int = 1000  # linear lr warm-up, then linear decay to 0 at the end of each stage
+    clip_grad_norm: Optional[float] = 10.0
+
+
+@dataclass
+class TrainerConfig:
+    prune_steps: int = 50000
+    final_steps: int = 25000
+    grad_accum: int = 1
+    precision: str = "fp32"  # fp32 | bf16 | fp16 (mixed precision autocast; fp16 on CUDA only)
+    device: str = "auto"  # auto | cpu | cuda
+    seed: int = 0
+    threads: Optional[int] = None  # torch CPU threads
+    log_every: int = 50
+    valid_every: int = 0  # 0: only at the end of each stage
+    ckpt_every: int = 1000
+    keep_last: int = 3
+    max_nonfinite: int = 10  # stop after this many non-finite steps in a row
+    latency_seconds: float = 4.0  # utterance length for the report's CPU latency
+
+
+@dataclass
+class LoggingConfig:
+    tensorboard: bool = True
+    progress: bool = True
+
+
+@dataclass
+class TrainConfig:
+    name: str = "run"
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    pruning: PruningConfig = field(default_factory=PruningConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+
+def typed(cfg: Any) -> DictConfig:
+    """Merge a composed config onto the schema: unknown keys and wrong types raise ConfigError."""
+    plain = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg
+    plain = {k: v for k, v in plain.items() if k != "hydra"}
+    plain.pop("recipe", None)
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(TrainConfig), plain)
+    except OmegaConfBaseException as e:
+        key = getattr(e, "full_key", None) or ""
+        msg = str(e).splitlines()[0]
+        raise ConfigError(f"{key}: {msg}" if key else msg) from None
+    OmegaConf.set_readonly(merged, True)
+    return merged
+
+
+def validate(cfg: DictConfig, run_dir: Optional[Path] = None) -> None:
+    """Checks that need no compute: ranges, names, paths."""
+    t, p, d, o, tr = cfg.teacher, cfg.pruning, cfg.data, cfg.optim, cfg.trainer
+    if t.checkpoint is None:
+        if t.preset not in PRESETS:
+            raise ConfigError(f"teacher.preset: unknown preset {t.preset!r}; choose from {sorted(PRESETS)}")
+        num_layers = preset_config(t.preset, **t.overrides).encoder_num_layers
+    else:
+        if not Path(t.checkpoint).exists():
+            raise ConfigError(f"teacher.checkpoint: {t.checkpoint} does not exist")
+        num_layers = None  # known once loaded
+    if p.target_kind not in TARGET_KINDS:
+        raise ConfigError(f"pruning.target_kind: must be one of {TARGET_KINDS}, got {p.target_kind!r}")
+    if p.target_kind in ("params", "macs") and not 0.0 < p.target < 1.0:
+        raise ConfigError(f"pruning.target: a sparsity must be in (0, 1), got {p.target}")
+    if p.target_kind == "param_count" and p.target < 1:
+        raise ConfigError(f"pruning.target: a parameter count must be positive, got {p.target}")
+    if not 0.0 < p.tolerance < 0.5:
+        raise ConfigError(f"pruning.tolerance: must be in (0, 0.5), got {p.tolerance}")
+    for key in ("train_manifest", "valid_manifest"):
+        value = d[key]
+        if value is not None and not Path(value).is_file():
+            raise ConfigError(f"data.{key}: {value} does not exist")
+    if d.max_samples < d.min_samples:
+        raise ConfigError(f"data.max_samples: {d.max_samples} is below data.min_samples ({d.min_samples})")
+    if d.batch_size < 1:
+        raise ConfigError(f"data.batch_size: must be at least 1, got {d.batch_size}")
+    layers = [layer for group in cfg.distill.layers for layer in group]
+    if not layers:
+        raise ConfigError("distill.layers: no layer to distill")
+    if num_layers is not None and not all(0 <= layer <= num_layers for layer in layers):
+        raise ConfigError(f"distill.layers: {list(map(list, cfg.distill.layers))} must lie in [0, {num_layers}] "
+                          f"for a {num_layers}-layer teacher")
+    if cfg.distill.mode not in MODES:
+        raise ConfigError(f"distill.mode: must be one of {MODES}, got {cfg.distill.mode!r}")
+    if cfg.distill.cos_type not in COS_TYPES:
+        raise ConfigError(f"distill.cos_type: must be one of {COS_TYPES}, got {cfg.distill.cos_type!r}")
+    for key in ("lr", "gate_lr", "lambda_lr"):
+        if o[key] < 0:
+            raise ConfigError(f"optim.{key}: must be >= 0, got {o[key]}")
+    if tr.precision not in PRECISIONS:
+        raise ConfigError(f"trainer.precision: must be one of {PRECISIONS}, got {tr.precision!r}")
+    if tr.device not in ("auto", "cpu", "cuda"):
+        raise ConfigError(f"trainer.device: must be auto, cpu or cuda, got {tr.device!r}")
+    for key in ("prune_steps", "final_steps"):
+        if tr[key] < 0:
+            raise ConfigError(f"trainer.{key}: must be >= 0, got {tr[key]}")
+    for key in ("grad_accum", "ckpt_every", "keep_last", "log_every", "max_nonfinite"):
+        if tr[key] < 1:
+            raise ConfigError(f"trainer.{key}: must be >= 1, got {tr[key]}")
+    if run_dir is not None:
+        ancestor = Path(run_dir)
+        while not ancestor.exists():
+            ancestor = ancestor.parent
+        if not ancestor.is_dir() or not os.access(ancestor, os.W_OK):
+            raise ConfigError(f"run directory: {run_dir} is not writable ({ancestor})")
+
+
+def compose(recipe: str = "default", overrides: Optional[List[str]] = None) -> DictConfig:
+    """The typed config ``prune train RECIPE OVERRIDES...`` would run (Hydra's compose API)."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_module
+
+    with initialize_config_module(config_module="prune.recipes", version_base="1.3"):
+        cfg = hydra_compose(config_name=recipe,
+                            overrides=["hydra.searchpath=[pkg://prune.configs]", *(overrides or [])])
+    return typed(cfg)

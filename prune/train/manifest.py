@@ -1,0 +1,179 @@
+"""Manifests: the list of training files and their lengths, as a TSV.
+
+Format (the fairseq/wav2vec 2.0 layout)::
+
+    /root/folder              <- line 1: the folder the paths are relative to
+    speaker1/utt1.flac<TAB>51200    <- then one file per line: relative path, samples at 16 kHz
+    speaker1/utt2.flac<TAB>73600
+
+A relative root is resolved against the manifest's own folder, so a corpus and its
+manifests can move together. Blank lines are ignored. Lengths count samples after
+resampling to 16 kHz.
+"""
+
+from __future__ import annotations
+
+import numbers
+import os
+import re
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, List, Optional, Sequence, Tuple, Union
+
+import soundfile as sf
+
+from .audio import SAMPLE_RATE, resampled_length
+
+PathLike = Union[str, Path]
+AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg")
+_COUNT = re.compile(r"[0-9]+")  # int() would also take "1_000", " 12" and non-ASCII digits
+
+
+class ManifestError(ValueError):
+    """A manifest that cannot be used; the message names the file (and line, when one is at fault)."""
+
+
+@dataclass
+class Manifest:
+    """``root``: folder the entry paths are relative to; ``entries``: (relative path, samples at 16 kHz);
+    ``source``: the manifest file it was read from, if any (for error messages)."""
+
+    root: Path
+    entries: List[Tuple[str, int]] = field(default_factory=list)
+    source: Optional[Path] = field(default=None, compare=False)
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def __str__(self) -> str:
+        return str(self.source) if self.source is not None else f"manifest rooted at {self.root}"
+
+    def path(self, index: int) -> Path:
+        """The file of entry ``index``."""
+        return self.root / self.entries[index][0]
+
+    @property
+    def lengths(self) -> List[int]:
+        return [n for _, n in self.entries]
+
+    def subset(self, indices: Iterable[int]) -> "Manifest":
+        """The entries at ``indices``, in that order (e.g. those ``validate_manifest`` kept)."""
+        return Manifest(self.root, [self.entries[i] for i in indices], self.source)
+
+
+def _parse_entry(line: str, where: str) -> Tuple[str, int]:
+    fields = line.split("\t")
+    if len(fields) != 2:
+        plural = "" if len(fields) == 1 else "s"
+        raise ManifestError(f"{where}: expected 'relative_path<TAB>num_samples', got {len(fields)} "
+                            f"tab-separated field{plural}: {line[:80]!r}")
+    rel, count = fields
+    if not rel.strip():
+        raise ManifestError(f"{where}: empty path")
+    count = count.strip()
+    if count.startswith("-") and _COUNT.fullmatch(count[1:]):
+        raise ManifestError(f"{where}: negative sample count {count}")
+    if not _COUNT.fullmatch(count):
+        raise ManifestError(f"{where}: sample count {count!r} is not a non-negative integer")
+    return rel, int(count)
+
+
+def read_manifest(path: PathLike) -> Manifest:
+    """Parse a manifest; every problem is a ``ManifestError`` naming the file and 1-based line."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ManifestError(f"{path}: manifest not found") from None
+    except UnicodeDecodeError as e:
+        raise ManifestError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    except OSError as e:
+        raise ManifestError(f"{path}: cannot read manifest: {e}") from None
+    # split on "\n" only: str.splitlines() would also split on \x1c, \u2028 ... inside paths
+    lines = [line[:-1] if line.endswith("\r") else line for line in text.split("\n")]
+    root_line = lines[0] if lines else ""
+    if not root_line.strip():
+        raise ManifestError(f"{path}:1: the first line must be the root folder, got an empty line")
+    if "\t" in root_line:
+        raise ManifestError(f"{path}:1: the first line must be the root folder, got a tab-separated "
+                            f"entry {root_line[:80]!r} (is the root line missing?)")
+    root = Path(root_line)
+    if not root.is_absolute():
+        root = path.parent / root
+    entries = [_parse_entry(line, f"{path}:{i}") for i, line in enumerate(lines[1:], start=2)
+               if line.strip() or "\t" in line]  # blank lines are skipped; a lone tab is a malformed entry
+    if not entries:
+        raise ManifestError(f"{path}: no entries after the root line")
+    return Manifest(root, entries, path)
+
+
+def write_manifest(path: PathLike, root: PathLike, entries: Sequence[Tuple[str, int]]) -> None:
+    """Write a manifest atomically (temp file in the same folder, then ``os.replace``), so a
+    reader never sees half a file. ``root`` is written as given: pass a path relative to the
+    manifest's folder to keep the corpus relocatable."""
+    path = Path(path)
+    root_text = str(root)
+    if not root_text.strip() or "\t" in root_text or "\n" in root_text or "\r" in root_text:
+        raise ManifestError(f"{path}: root {root_text!r} must be non-empty, without tabs or newlines")
+    if root_text != root_text.strip():
+        raise ManifestError(f"{path}: root {root_text!r} has leading/trailing whitespace")
+    if not entries:
+        raise ManifestError(f"{path}: refusing to write a manifest with no entries")
+    lines = [root_text]
+    for i, (rel, count) in enumerate(entries):
+        rel = str(rel)
+        if not rel.strip() or any(c in rel for c in "\t\n\r"):
+            raise ManifestError(f"{path}: entry {i}: path {rel!r} must be non-empty, without tabs or newlines")
+        if isinstance(count, bool) or not isinstance(count, numbers.Integral) or count < 0:
+            raise ManifestError(f"{path}: entry {i} ({rel}): sample count {count!r} is not a non-negative integer")
+        lines.append(f"{rel}\t{int(count)}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
+            f.write("\n".join(lines) + "\n")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def audio_length(path: PathLike, sample_rate: int = SAMPLE_RATE) -> int:
+    """Samples in ``path`` once resampled to ``sample_rate``, from the header alone (``soundfile.info``).
+    Raises whatever soundfile raises for an unreadable file."""
+    info = sf.info(str(path))
+    return resampled_length(info.frames, info.samplerate, sample_rate)
+
+
+def build_manifest(folder: PathLike, extensions: Sequence[str] = AUDIO_EXTENSIONS,
+                   ) -> Tuple[List[Tuple[str, int]], List[Tuple[str, str]]]:
+    """Walk ``folder`` (sorted, so the result is deterministic) for files with ``extensions``
+    (case-insensitive) and read each one's length at 16 kHz from its header.
+
+    Returns ``(entries, skipped)``: entries are (path relative to ``folder`` with '/' separators,
+    samples at 16 kHz); skipped are (relative path, reason) for files soundfile cannot open or
+    that hold no samples.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ManifestError(f"{folder}: not a folder")
+    exts = tuple(e.lower() for e in extensions)
+    entries: List[Tuple[str, int]] = []
+    skipped: List[Tuple[str, str]] = []
+    files = sorted((Path(dirpath) / name).relative_to(folder).as_posix()
+                   for dirpath, _, names in os.walk(folder) for name in names if name.lower().endswith(exts))
+    for rel in files:  # sorted by relative path: the same manifest on every filesystem
+        if any(c in rel for c in "\t\n\r"):
+            skipped.append((rel, "path contains a tab or newline, which the manifest format cannot hold"))
+            continue
+        try:
+            n = audio_length(folder / rel)
+        except (sf.SoundFileError, RuntimeError, ValueError, OSError) as e:
+            skipped.append((rel, f"unreadable: {e}"))
+            continue
+        if n == 0:
+            skipped.append((rel, "contains no samples"))
+            continue
+        entries.append((rel, n))
+    return entries, skipped

@@ -1,0 +1,478 @@
+"""The pruning recipe: distil a gated student from a frozen teacher under a Lagrangian size
+target, cut it, keep distilling the smaller model, export.
+
+    recipe = PruneRecipe(cfg, run_dir)
+    recipe.setup()           # resumes from run_dir/checkpoints if there is one
+    export = recipe.train()
+    recipe.cleanup()
+
+The loop in ``train`` reads top to bottom: batch -> teacher (no grad) -> student -> loss
+(+ Lagrangian while pruning) -> skip non-finite -> step -> log -> checkpoint.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import random
+import time
+from pathlib import Path
+from typing import Any, Dict, Iterator, List, Optional, Tuple
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
+
+from ..calibrate import calibrate
+from ..checkpoints import export_pruned
+from ..compile import compile_encoder
+from ..gates import HardConcrete
+from ..models import Wav2Vec2Model, build_encoder, build_preset
+from ..models.config import EncoderConfig
+from ..structures import GateConfig, GatedEncoder, count_macs, count_params
+from .checkpoint import load_latest, save_checkpoint
+from .data import AudioDataset, LengthBucketSampler, collate, format_skipped, validate_manifest
+from .distill import DistillHeads, distill_loss, frame_mask
+from .distributed import DistEnv, barrier, init_distributed
+from .lagrangian import Lagrangian
+from .manifest import read_manifest
+
+log = logging.getLogger(__name__)
+
+PRUNE, FINAL, DONE = "prune", "final", "done"
+
+
+class Student(nn.Module):
+    """What is trained: the encoder (gated while pruning, plain afterwards) and the distillation
+    heads. One module, so DDP sees every trained parameter."""
+
+    def __init__(self, encoder: nn.Module, heads: DistillHeads):
+        super().__init__()
+        self.encoder = encoder
+        self.heads = heads
+
+    def forward(self, waveforms: Tensor, lengths: Tensor) -> Tuple[List[Tensor], Tensor]:
+        hiddens, frames = self.encoder(waveforms, lengths)
+        return self.heads(hiddens), frames
+
+
+def load_teacher(cfg: DictConfig) -> Wav2Vec2Model:
+    """The frozen teacher: from a checkpoint, or a preset with seeded random weights."""
+    if cfg.checkpoint is not None:
+        from ..checkpoints.pretrained import load_pretrained
+
+        teacher = load_pretrained(cfg.checkpoint)
+    else:
+        with torch.random.fork_rng():
+            torch.manual_seed(cfg.seed)
+            teacher = build_preset(cfg.preset, **cfg.overrides)
+    teacher.eval()
+    teacher.requires_grad_(False)
+    return teacher
+
+
+class PruneRecipe:
+    def __init__(self, cfg: DictConfig, run_dir: Path):
+        self.cfg = cfg
+        self.run_dir = Path(run_dir)
+        self.ckpt_dir = self.run_dir / "checkpoints"
+        self.export_dir = self.run_dir / "export"
+        self.step = 0
+        self.stage = PRUNE
+        self.epoch = 0
+        self.batch_in_epoch = 0
+        self.nonfinite_in_row = 0
+        self.nonfinite_total = 0
+        self.writer = None
+        self.history: List[Dict[str, float]] = []
+
+    # ------------------------------------------------------------------------------- setup
+    def setup(self) -> None:
+        cfg = self.cfg
+        self.env: DistEnv = init_distributed(cfg.trainer.device)
+        if cfg.trainer.threads:
+            torch.set_num_threads(cfg.trainer.threads)
+        torch.manual_seed(cfg.trainer.seed)  # same initial gates and heads on every rank
+        random.seed(cfg.trainer.seed)
+
+        self._setup_data()
+        self.teacher = load_teacher(cfg.teacher).to(self.env.device)
+        self.source_config: EncoderConfig = self.teacher.config
+        if cfg.teacher.checkpoint is not None:
+            n = self.source_config.encoder_num_layers
+            layers = [layer for g in cfg.distill.layers for layer in g]
+            if max(layers) > n:
+                raise ValueError(f"distill.layers: {layers} must lie in [0, {n}] for this {n}-layer teacher")
+        student = build_encoder(self.source_config.replace(encoder_layer_drop=cfg.distill.student_layer_drop))
+        student.load_state_dict(self.teacher.state_dict())
+        gated = GatedEncoder(student, GateConfig(**cfg.pruning.gates))
+        heads = DistillHeads(self.source_config.encoder_embed_dim, cfg.distill.layers, cfg.distill.mode)
+        self.lagrangian = Lagrangian(gated, cfg.pruning.target_kind, cfg.pruning.target,
+                                     cfg.pruning.warmup_steps, cfg.pruning.macs_seconds).to(self.env.device)
+        self._set_student(Student(gated, heads))
+
+        state = load_latest(self.ckpt_dir)
+        if state is not None:
+            self._restore(state)  # RNG included: the run goes on as if never stopped
+            if self.env.is_main:
+                log.info("resumed from step %d (stage %s)", self.step, self.stage)
+        else:
+            torch.manual_seed(cfg.trainer.seed + 1000 * self.env.rank)  # per-rank gate noise and dropout
+        if self.env.is_main and cfg.logging.tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(str(self.run_dir / "tensorboard"))
+
+    def _setup_data(self) -> None:
+        """Check every file up front (a manifest with nothing usable stops here, before any
+        compute); files that fail later, at read time, are skipped and counted by the dataset."""
+        d = self.cfg.data
+        manifest = read_manifest(d.train_manifest)
+        good, self.skipped_upfront = validate_manifest(manifest, d.min_samples)
+        if self.skipped_upfront and self.env.is_main:
+            log.warning("%s", format_skipped(self.skipped_upfront, len(manifest)))
+        self.dataset = AudioDataset(manifest.subset(good), max_samples=d.max_samples, min_samples=d.min_samples,
+                                    seed=self.cfg.trainer.seed)
+        self.sampler = LengthBucketSampler(self.dataset.lengths,
+                                           batch_size=d.batch_size if d.max_batch_samples is None else None,
+                                           max_batch_samples=d.max_batch_samples, shuffle=True,
+                                           seed=self.cfg.trainer.seed, num_replicas=self.env.world_size,
+                                           rank=self.env.rank)
+        self.valid = None
+        if d.valid_manifest is not None:
+            valid = read_manifest(d.valid_manifest)
+            valid_good, _ = validate_manifest(valid, d.min_samples)
+            self.valid = AudioDataset(valid.subset(valid_good), max_samples=d.max_samples,
+                                      min_samples=d.min_samples, seed=self.cfg.trainer.seed)
+
+    def skipped_files(self) -> Dict[str, str]:
+        """Every file left out of training so far (path -> reason)."""
+        return {**self.skipped_upfront, **self.dataset.skipped}
+
+    def _set_student(self, student: Student) -> None:
+        """Install a student (gated, or cut after pruning) with a fresh optimizer and schedule."""
+        cfg, env = self.cfg, self.env
+        self.student = student.to(env.device)
+        self.student.train()
+        self.model = self.student
+        if env.enabled:
+            self.model = DistributedDataParallel(self.student, device_ids=[env.local_rank]
+                                                 if env.device.type == "cuda" else None)
+        o = cfg.optim
+        gates = [p for n, p in self.student.named_parameters() if n.endswith("log_alpha")]
+        gate_ids = {id(p) for p in gates}
+        weights = [p for p in self.student.parameters() if id(p) not in gate_ids]
+        groups = [{"params": weights, "lr": o.lr, "weight_decay": o.weight_decay, "name": "model"}]
+        if self.stage == PRUNE:
+            groups += [{"params": gates, "lr": o.gate_lr, "weight_decay": 0.0, "name": "gates"},
+                       {"params": list(self.lagrangian.parameters()), "lr": o.lambda_lr, "weight_decay": 0.0,
+                        "name": "lambdas"}]
+        self.optimizer = torch.optim.AdamW(groups, betas=tuple(o.betas))
+        stage_steps = cfg.trainer.prune_steps if self.stage == PRUNE else cfg.trainer.final_steps
+        stage_start = 0 if self.stage == PRUNE else cfg.trainer.prune_steps
+
+        def model_lr(step: int) -> float:  # linear warm-up, then linear decay to 0 at the stage's end
+            s = step - stage_start + 1
+            if s <= o.warmup_steps:
+                return s / max(1, o.warmup_steps)
+            return max(0.0, (stage_steps - s) / max(1, stage_steps - o.warmup_steps))
+
+        constant = [lambda step: 1.0] * (len(groups) - 1)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, [model_lr] + constant,
+                                                           last_epoch=-1)
+        self._set_lr_for_step()
+        use_cuda = env.device.type == "cuda"
+        self.scaler = torch.amp.GradScaler("cuda", enabled=use_cuda and cfg.trainer.precision == "fp16")
+
+    def _set_lr_for_step(self) -> None:
+        for group, fn, base in zip(self.optimizer.param_groups, self.scheduler.lr_lambdas, self.scheduler.base_lrs):
+            group["lr"] = base * fn(self.step)
+
+    # ---------------------------------------------------------------------------- the loop
+    def _batches(self) -> Iterator[Tuple[Tensor, Tensor]]:
+        """Endless batches; (epoch, batch_in_epoch) is the data position a checkpoint records."""
+        while True:
+            self.sampler.set_epoch(self.epoch)
+            self.dataset.set_epoch(self.epoch)
+            for i, indices in enumerate(self.sampler):
+                if i < self.batch_in_epoch:
+                    continue  # resumed mid-epoch: skip what was consumed
+                self.batch_in_epoch = i + 1
+                batch = collate([self.dataset[j] for j in indices])
+                if batch is not None:
+                    yield batch
+            self.epoch += 1
+            self.batch_in_epoch = 0
+
+    def _autocast(self):
+        p = self.cfg.trainer.precision
+        if p == "fp32":
+            return contextlib.nullcontext()
+        dtype = torch.bfloat16 if p == "bf16" else torch.float16
+        return torch.autocast(self.env.device.type, dtype=dtype)
+
+    def _loss(self, waveforms: Tensor, lengths: Tensor) -> Tuple[Tensor, Dict[str, Tensor]]:
+        waveforms, lengths = waveforms.to(self.env.device), lengths.to(self.env.device)
+        layers = self.student.heads.layers
+        with self._autocast():
+            with torch.no_grad():
+                teacher_hiddens, _ = self.teacher(waveforms, lengths)
+            predictions, frames = self.model(waveforms, lengths)
+            mask = frame_mask(frames, predictions[0].shape[1])
+            loss, parts = distill_loss([p.float() for p in predictions],
+                                       [teacher_hiddens[i].float() for i in layers], mask,
+                                       self.cfg.distill.cos_weight, self.cfg.distill.cos_type)
+        parts["distill"] = loss.detach()
+        if self.stage == PRUNE:
+            reg = self.lagrangian(self.student.encoder, self.step)
+            loss = loss + reg["penalty"]
+            parts.update({k: v.detach() for k, v in reg.items()})
+        return loss, parts
+
+    def train(self) -> Path:
+        cfg, tr = self.cfg, self.cfg.trainer
+        total = tr.prune_steps + tr.final_steps
+        batches = self._batches()
+        progress = self._progress(total)
+        t_last = time.perf_counter()
+        while self.stage != DONE:
+            if self.stage == PRUNE and self.step >= tr.prune_steps:
+                self._finish_pruning()
+                continue
+            if self.stage == FINAL and self.step >= total:
+                self.stage = DONE
+                break
+            self.optimizer.zero_grad(set_to_none=True)
+            parts: Dict[str, Tensor] = {}
+            for micro in range(tr.grad_accum):
+                waveforms, lengths = next(batches)
+                sync = micro == tr.grad_accum - 1 or not self.env.enabled
+                with contextlib.nullcontext() if sync else self.model.no_sync():
+                    loss, parts = self._loss(waveforms, lengths)
+                    self.scaler.scale(loss / tr.grad_accum).backward()
+            if self.stage == PRUNE:
+                self.lagrangian.flip_grads()  # ascent in the multipliers
+            self.scaler.unscale_(self.optimizer)
+            grads = [p for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
+            grad_norm = torch.nn.utils.clip_grad_norm_(grads, cfg.optim.clip_grad_norm or float("inf"))
+            finite = bool(torch.isfinite(loss.detach()) & torch.isfinite(grad_norm))  # one host sync a step
+            if finite:
+                self.scaler.step(self.optimizer)
+                self.nonfinite_in_row = 0
+            else:  # a non-finite loss or gradient never reaches the weights
+                self.nonfinite_in_row += 1
+                self.nonfinite_total += 1
+                log.warning("step %d: non-finite loss or gradient, step skipped (%d in a row)",
+                            self.step, self.nonfinite_in_row)
+                if self.nonfinite_in_row >= tr.max_nonfinite:
+                    raise FloatingPointError(f"{self.nonfinite_in_row} non-finite steps in a row at step "
+                                             f"{self.step}; stopping (trainer.max_nonfinite). The last "
+                                             f"checkpoint is intact.")
+            self.scaler.update()
+            self.scheduler.step()
+            self.step += 1
+            self._set_lr_for_step()
+            parts["grad_norm"] = grad_norm.detach()
+            if self.step % tr.log_every == 0 or self.step == total:
+                now = time.perf_counter()
+                self._log(parts, (now - t_last) / tr.log_every)
+                t_last = now
+            if progress is not None:
+                progress.update(1)
+                if self.step % tr.log_every == 0:
+                    progress.set_postfix(stage=self.stage, loss=f"{parts['distill'].item():.3f}",
+                                         **({"sparsity": f"{parts['expected_sparsity'].item():.3f}"}
+                                            if "expected_sparsity" in parts else {}))
+            if tr.valid_every and self.step % tr.valid_every == 0:
+                self._validate()
+            if self.step % tr.ckpt_every == 0:
+                self.save_checkpoint()
+        if progress is not None:
+            progress.close()
+        if self.step % tr.ckpt_every != 0:
+            self.save_checkpoint()  # the finished state: a crash during export resumes straight into it
+        self._validate()
+        if self.env.is_main and self.skipped_files():
+            log.warning("%s", format_skipped(self.skipped_files()))
+        return self._export()
+
+    # ------------------------------------------------------------------------ stage change
+    def _finish_pruning(self) -> None:
+        """Calibrate the gates onto the target if needed, cut the student, and go on distilling it."""
+        gated: GatedEncoder = self.student.encoder
+        self._check_ranks_agree(gated)
+        self._validate()
+        lag = self.lagrangian
+        target_size = (1.0 - lag.target_sparsity) * lag.full
+        size = lambda g: lag.expected_size(g)  # noqa: E731
+        gated.eval()
+        reached = size(gated).item()
+        if abs(reached - target_size) > self.cfg.pruning.tolerance * target_size:
+            calibrated = calibrate(gated, size, target_size, self.cfg.pruning.tolerance)
+            if self.env.is_main:
+                log.warning("the gates ended at %.0f (%s) for a target of %.0f: thresholds shifted together "
+                            "to %.0f", reached, lag.kind, target_size, calibrated)
+        compiled = compile_encoder(gated)
+        self.stage = FINAL
+        self._set_student(Student(compiled, self.student.heads))
+        self.save_checkpoint()  # between stages: a crash now resumes into stage 2
+
+    def _check_ranks_agree(self, gated: GatedEncoder) -> None:
+        """DDP must have kept every rank's gates identical: the cut is made from them."""
+        if not self.env.enabled:
+            return
+        import torch.distributed as dist
+
+        flat = torch.cat([p.detach().flatten() for p in gated.gate_parameters()])
+        gathered = [torch.empty_like(flat) for _ in range(self.env.world_size)]
+        dist.all_gather(gathered, flat)
+        if not all(torch.equal(g, flat) for g in gathered):
+            raise RuntimeError("the ranks' gates differ after pruning: DDP did not synchronise them")
+        log.info("rank %d: gates agree across %d ranks (checksum %.8f)", self.env.rank, self.env.world_size,
+                 flat.double().sum().item())
+
+    # -------------------------------------------------------------------------- checkpoints
+    def _state(self) -> Dict[str, Any]:
+        return {
+            "step": self.step, "stage": self.stage, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
+            "config": OmegaConf.to_container(self.cfg, resolve=True),
+            "student_config": self.student.encoder.config.to_dict() if self.stage != PRUNE else None,
+            "student": self.student.state_dict(),
+            "lagrangian": self.lagrangian.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "rng": {"torch": torch.get_rng_state(), "python": random.getstate(),
+                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
+            "nonfinite_total": self.nonfinite_total,
+            "history": self.history,
+        }
+
+    def save_checkpoint(self) -> Optional[Path]:
+        path = None
+        if self.env.is_main:  # only rank 0 writes
+            path = save_checkpoint(self.ckpt_dir, self.step, self._state(), self.cfg.trainer.keep_last)
+        barrier(self.env)
+        return path
+
+    def _restore(self, state: Dict[str, Any]) -> None:
+        saved = state["config"]
+        now = OmegaConf.to_container(self.cfg, resolve=True)
+        changed = _diff(saved, now, ignore=("logging", "trainer.log_every", "trainer.threads"))
+        if changed:
+            raise ValueError(f"{self.run_dir} was started with a different config ({', '.join(changed)}); "
+                             f"resume with the same config or use a new run directory")
+        self.stage = state["stage"]
+        if self.stage != PRUNE:
+            compiled = build_encoder(EncoderConfig.from_dict(state["student_config"]))
+            self._set_student(Student(compiled, self.student.heads))
+        self.student.load_state_dict(state["student"])
+        self.lagrangian.load_state_dict(state["lagrangian"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.step, self.epoch, self.batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
+        self.nonfinite_total = state["nonfinite_total"]
+        self.history = state["history"]
+        self._set_lr_for_step()
+        rng = state["rng"]
+        torch.set_rng_state(rng["torch"])
+        random.setstate(rng["python"])
+        if rng["cuda"]:
+            torch.cuda.set_rng_state_all(rng["cuda"])
+
+    # ------------------------------------------------------------------------------ output
+    def _export(self) -> Path:
+        path = self.export_dir
+        if self.env.is_main:
+            model = self.student.encoder
+            lag = self.lagrangian
+            size = count_macs(model.config, lag.seconds) if lag.kind == "macs" else count_params(model.config)
+            meta = {"target_kind": lag.kind, "target_sparsity": lag.target_sparsity,
+                    "reached_sparsity": 1.0 - size / lag.full, "steps": self.step,
+                    "nonfinite_steps_skipped": self.nonfinite_total,
+                    "skipped_files": self.skipped_files(), "history": self.history[-1:] if self.history else [],
+                    "config": OmegaConf.to_container(self.cfg, resolve=True)}
+            export_pruned(model, path, source=self.source_config, metadata=meta, overwrite=True)
+            from .report import write_report
+
+            write_report(self.run_dir, self.teacher, model, self.cfg, meta)
+        barrier(self.env)
+        return path
+
+    @torch.no_grad()
+    def _validate(self) -> Optional[float]:
+        if self.valid is None or not self.env.is_main:
+            return None
+        self.student.eval()
+        total, count, size = 0.0, 0, self.cfg.data.batch_size
+        for start in range(0, len(self.valid), size):
+            batch = collate([self.valid[i] for i in range(start, min(start + size, len(self.valid)))])
+            if batch is None:
+                continue
+            loss, _ = self._loss(*batch) if self.stage != PRUNE else self._valid_loss(*batch)
+            total += loss.item()
+            count += 1
+        self.student.train()
+        value = total / max(count, 1)
+        self.history.append({"step": self.step, "stage": self.stage, "valid_distill_loss": value})
+        if self.writer is not None:
+            self.writer.add_scalar("valid/distill_loss", value, self.step)
+        log.info("step %d (%s): valid distillation loss %.4f", self.step, self.stage, value)
+        return value
+
+    def _valid_loss(self, waveforms: Tensor, lengths: Tensor) -> Tuple[Tensor, Dict[str, Tensor]]:
+        stage, self.stage = self.stage, FINAL  # the distillation term alone
+        try:
+            return self._loss(waveforms, lengths)
+        finally:
+            self.stage = stage
+
+    def _log(self, parts: Dict[str, Tensor], seconds_per_step: float) -> None:
+        if self.writer is None:
+            return
+        w = self.writer
+        for k, v in parts.items():
+            w.add_scalar(f"train/{k}", float(v), self.step)
+        w.add_scalar("train/seconds_per_step", seconds_per_step, self.step)
+        for g in self.optimizer.param_groups:
+            w.add_scalar(f"lr/{g['name']}", g["lr"], self.step)
+        if self.stage == PRUNE:
+            lag = self.lagrangian
+            w.add_scalar("pruning/target_sparsity", lag.target_at(self.step), self.step)
+            w.add_scalar("pruning/lambda1", lag.lambda1.item(), self.step)
+            w.add_scalar("pruning/lambda2", lag.lambda2.item(), self.step)
+            gated: GatedEncoder = self.student.encoder
+            with torch.no_grad():
+                w.add_scalar("pruning/expected_params", gated.expected_params().item(), self.step)
+                w.add_scalar("pruning/expected_macs", gated.expected_macs(lag.seconds).item(), self.step)
+                for name, gate in gated.named_modules():
+                    if isinstance(gate, HardConcrete) and gate.n > 1:  # per-layer heads / units / channels
+                        w.add_histogram(f"keep_prob/{name}", gate.keep_prob(), self.step)
+
+    def _progress(self, total: int):
+        if not (self.env.is_main and self.cfg.logging.progress):
+            return None
+        from tqdm import tqdm
+
+        return tqdm(total=total, initial=self.step, desc="prune", unit="step", dynamic_ncols=True)
+
+    def cleanup(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+        from .distributed import shutdown_distributed
+
+        shutdown_distributed()
+
+
+def _diff(a: Any, b: Any, ignore: Tuple[str, ...], prefix: str = "") -> List[str]:
+    """Dotted keys whose values differ between two plain configs."""
+    if prefix.rstrip(".") in ignore:
+        return []
+    if isinstance(a, dict) and isinstance(b, dict):
+        out: List[str] = []
+        for k in sorted(set(a) | set(b)):
+            out += _diff(a.get(k), b.get(k), ignore, f"{prefix}{k}.")
+        return out
+    return [] if a == b else [prefix.rstrip(".")]

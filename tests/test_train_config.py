@@ -1,0 +1,60 @@
+"""Config composition and the checks that run before any compute."""
+
+import pytest
+from helpers_train import noise_corpus
+
+from prune.train.config import ConfigError, compose, validate
+
+
+@pytest.mark.parametrize("recipe", ["default", "tiny_demo", "dphubert_hubert_base", "wavlm_base_plus"])
+def test_every_recipe_composes(recipe):
+    cfg = compose(recipe)
+    assert cfg.name == ("run" if recipe == "default" else recipe)
+    assert 0 < cfg.pruning.target < 1
+
+
+def test_recipe_values_and_overrides():
+    cfg = compose("tiny_demo", ["trainer.prune_steps=7", "pruning.target_kind=macs", "distill.cos_type=log_sig"])
+    assert cfg.teacher.preset == "hubert_base_tiny"
+    assert (cfg.trainer.prune_steps, cfg.pruning.target_kind, cfg.distill.cos_type) == (7, "macs", "log_sig")
+    base = compose("dphubert_hubert_base")
+    assert base.distill.layers == [[0], [4, 8, 12]] and base.optim.lr == 2e-4 and base.optim.gate_lr == 0.02
+    assert base.trainer.prune_steps == 50000 and base.trainer.final_steps == 25000
+    assert base.pruning.warmup_steps == 5000
+
+
+@pytest.mark.parametrize("override,message", [
+    ("+trainer.setps=3", "trainer.setps"),
+    ("trainer.prune_steps=abc", "trainer.prune_steps"),
+    ("+teacher.chekpoint=x", "teacher.chekpoint"),
+])
+def test_typos_and_wrong_types_name_the_key(override, message):
+    with pytest.raises(Exception, match=message):
+        compose("tiny_demo", [override])
+
+
+@pytest.mark.parametrize("override,message", [
+    ("pruning.target=1.5", "pruning.target: a sparsity must be in \\(0, 1\\)"),
+    ("pruning.target=0", "pruning.target"),
+    ("pruning.target_kind=flops", "pruning.target_kind"),
+    ("data.train_manifest=/nowhere/train.tsv", "data.train_manifest: /nowhere/train.tsv does not exist"),
+    ("teacher.checkpoint=/nowhere/hubert", "teacher.checkpoint: /nowhere/hubert does not exist"),
+    ("teacher.preset=hubert_tiny", "teacher.preset: unknown preset"),
+    ("distill.layers=[[0],[9]]", "distill.layers"),
+    ("trainer.precision=fp8", "trainer.precision"),
+    ("trainer.grad_accum=0", "trainer.grad_accum"),
+])
+def test_bad_values_fail_before_compute(tmp_path, override, message):
+    train, valid = noise_corpus(tmp_path)
+    cfg = compose("tiny_demo", [f"data.train_manifest={train}", f"data.valid_manifest={valid}", override])
+    with pytest.raises(ConfigError, match=message):
+        validate(cfg, tmp_path / "run")
+
+
+def test_unwritable_run_dir(tmp_path):
+    train, valid = noise_corpus(tmp_path)
+    cfg = compose("tiny_demo", [f"data.train_manifest={train}", f"data.valid_manifest={valid}"])
+    validate(cfg, tmp_path / "run")
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ConfigError, match="not writable"):
+        validate(cfg, tmp_path / "file" / "run")

@@ -1,0 +1,121 @@
+"""The trainer end to end through the CLI: the demo recipe shortened, resume, install, DDP, sweeps."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from helpers import load_with_torch_only
+from helpers_train import DEMO_CORPUS, REPO, noise_corpus, prune_cli, short_run_args
+
+from prune.checkpoints import read_export_info
+from prune.models import preset_config
+from prune.structures import count_params
+
+
+def _target_params(sparsity=0.5):
+    return (1 - sparsity) * count_params(preset_config("hubert_base_tiny"))
+
+
+@pytest.mark.skipif(not (DEMO_CORPUS / "train.tsv").exists(), reason="the demo corpus is not committed yet")
+def test_demo_recipe_shortened_end_to_end(tmp_path):
+    run = tmp_path / "run"
+    result = prune_cli(["train", "tiny_demo", "trainer.prune_steps=40", "trainer.final_steps=10",
+                        "pruning.warmup_steps=20", "logging.progress=false", f"hydra.run.dir={run}"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"export      : {run / 'export'}" in result.stdout
+    layers, params = load_with_torch_only(run / "export").split()
+    assert abs(int(params) - _target_params()) <= 0.005 * _target_params()  # within ±0.5% of the target
+    info = read_export_info(run / "export")
+    assert info["pruned"]["params"] == int(params) and info["source"]["params"] == count_params(
+        preset_config("hubert_base_tiny"))
+    report = json.loads((run / "report.json").read_text())
+    assert report["after"]["params"] == int(params) and report["cpu_latency_seconds"]["pruned"] > 0
+    assert (run / "layers.png").stat().st_size > 1000
+    assert list((run / "tensorboard").glob("events.out.tfevents.*"))
+
+
+def test_resume_after_sigkill_gives_the_same_export(tmp_path):
+    train, valid = noise_corpus(tmp_path / "corpus")
+    full, killed = tmp_path / "full", tmp_path / "killed"
+    args = lambda run: short_run_args(train, valid, run, prune_steps=60, final_steps=20)  # noqa: E731
+    assert prune_cli(args(full)).returncode == 0
+
+    proc = subprocess.Popen([sys.executable, "-m", "prune.cli", *args(killed)], cwd=REPO,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not (killed / "checkpoints" / "step_00000020.pt").exists() and time.time() < deadline:
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (killed / "export").exists(), "the run finished before it could be killed"
+    resumed = prune_cli(["resume", str(killed)])
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed from step" in resumed.stderr
+    a, b = full / "export", killed / "export"
+    assert (a / "model.safetensors").read_bytes() == (b / "model.safetensors").read_bytes()
+    info_a, info_b = read_export_info(a), read_export_info(b)
+    assert info_a["metadata"]["history"] == info_b["metadata"]["history"]
+
+
+def test_resume_refuses_a_different_config(tmp_path):
+    train, valid = noise_corpus(tmp_path / "corpus")
+    run = tmp_path / "run"
+    assert prune_cli(short_run_args(train, valid, run, prune_steps=10, final_steps=0)).returncode == 0
+    changed = prune_cli(short_run_args(train, valid, run, prune_steps=10, final_steps=0,
+                                       extra=["pruning.target=0.3"]))
+    assert changed.returncode != 0
+    assert "different config (pruning.target)" in changed.stderr
+
+
+def test_console_script_works_from_anywhere_after_a_plain_install(tmp_path):
+    target = tmp_path / "site"
+    install = subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
+                              "--target", str(target), str(REPO)], capture_output=True, text=True, timeout=600)
+    assert install.returncode == 0, install.stderr[-2000:]
+    assert (target / "prune" / "configs" / "train.yaml").is_file()
+    assert (target / "prune" / "recipes" / "tiny_demo.yaml").is_file()
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    code = ("import prune, sys; assert prune.__file__.startswith(sys.argv[1]), prune.__file__; "
+            "from prune.cli import main; main(['train', 'tiny_demo', '--cfg', 'job'])")
+    result = subprocess.run([sys.executable, "-c", code, str(target)], cwd=elsewhere, capture_output=True, text=True,
+                            timeout=120, env={**os.environ, "PYTHONPATH": str(target)})
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "name: tiny_demo" in result.stdout and "preset: hubert_base_tiny" in result.stdout
+
+
+def test_multirun_sweeps_the_target(tmp_path):
+    train, valid = noise_corpus(tmp_path / "corpus")
+    sweep = tmp_path / "sweep"
+    args = short_run_args(train, valid, tmp_path / "unused", prune_steps=10, final_steps=0)
+    args = [a for a in args if not a.startswith("hydra.run.dir")]
+    result = prune_cli([*args, "--multirun", "pruning.target=0.3,0.6", f"hydra.sweep.dir={sweep}"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    sizes = [read_export_info(sweep / str(i) / "export")["pruned"]["params"] for i in (0, 1)]
+    for size, target in zip(sizes, (0.3, 0.6)):
+        assert abs(size - _target_params(target)) <= 0.005 * _target_params(target)
+
+
+def test_torchrun_two_cpu_processes(tmp_path):
+    train, valid = noise_corpus(tmp_path / "corpus")
+    run = tmp_path / "run"
+    torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable)) or "torchrun"
+    result = subprocess.run([torchrun, "--nproc_per_node", "2", "--master_port", "29517", "-m", "prune.cli",
+                             *short_run_args(train, valid, run, prune_steps=10, final_steps=4)],
+                            cwd=REPO, capture_output=True, text=True, timeout=600)
+    out = result.stdout + result.stderr
+    assert result.returncode == 0, out[-3000:]
+    agree = [line for line in out.splitlines() if "gates agree across 2 ranks" in line]
+    assert {line.split("rank ")[1][0] for line in agree} == {"0", "1"}
+    assert len({line.split("checksum ")[1] for line in agree}) == 1  # the same gates on both ranks
+    assert len(list((run / "tensorboard").glob("events.out.tfevents.*"))) == 1  # only rank 0 writes
+    assert [p.name for p in sorted((run / "checkpoints").iterdir())] == ["step_00000010.pt", "step_00000014.pt"]
+    assert (run / "export" / "model.safetensors").is_file()
+    no_dir = subprocess.run([torchrun, "--nproc_per_node", "2", "--master_port", "29518", "-m", "prune.cli",
+                             "train", "tiny_demo"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert "under torchrun, give hydra.run.dir" in no_dir.stderr
