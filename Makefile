@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml
 setup: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/prune demo --preset hubert_base --sparsity 0.75 --out outputs/demo --overwrite
+	$(BIN)/prune train tiny_demo hydra.run.dir=outputs/demo
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

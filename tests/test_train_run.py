@@ -119,3 +119,28 @@ def test_torchrun_two_cpu_processes(tmp_path):
     no_dir = subprocess.run([torchrun, "--nproc_per_node", "2", "--master_port", "29518", "-m", "prune.cli",
                              "train", "tiny_demo"], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert "under torchrun, give hydra.run.dir" in no_dir.stderr
+
+
+def test_export_evaluate_and_inspect_commands(tmp_path):
+    train, valid = noise_corpus(tmp_path / "corpus")
+    run = tmp_path / "run"
+    assert prune_cli(short_run_args(train, valid, run, prune_steps=15, final_steps=10,
+                                    extra=["trainer.keep_last=5"])).returncode == 0
+    # a checkpoint of each stage: still gated (cut on export) and already cut
+    for step, stage in ((10, "prune"), (25, "done")):
+        out = tmp_path / f"export{step}"
+        result = prune_cli(["export", str(run / "checkpoints" / f"step_{step:08d}.pt"), str(out)])
+        assert result.returncode == 0, result.stderr[-2000:]
+        assert f"exported step {step} ({stage} stage)" in result.stdout
+        assert read_export_info(out)["pruned"]["params"] < count_params(preset_config("hubert_base_tiny"))
+    final = read_export_info(tmp_path / "export25")
+    assert final["pruned"] == read_export_info(run / "export")["pruned"]
+    evaluated = prune_cli(["evaluate", str(run / "export"), "--manifest", str(valid)])
+    assert evaluated.returncode == 0, evaluated.stderr[-2000:]
+    rows = [line.split() for line in evaluated.stdout.splitlines() if line[:1].isdigit() or line.startswith(" ")]
+    cosines = [float(r[1]) for r in rows if len(r) == 3]
+    assert len(cosines) == 3 and all(-1 <= c <= 1 for c in cosines)
+    inspected = prune_cli(["inspect", str(run / "export")])
+    assert inspected.returncode == 0 and "parameters" in inspected.stdout
+    missing = prune_cli(["export", str(run / "checkpoints" / "step_00000099.pt"), str(tmp_path / "x")])
+    assert missing.returncode != 0 and "step_00000099.pt" in missing.stderr and "Traceback" not in missing.stderr

@@ -21,7 +21,7 @@ from .export import CONFIG as EXPORT_CONFIG
 from .export import FORMAT as EXPORT_FORMAT
 from .export import ExportError, load_pruned
 from .fairseq import is_fairseq_checkpoint, load_fairseq
-from .hf import WEIGHT_FILES, load_hf, read_hf_config
+from .hf import WEIGHT_FILES, WRAPPER_PREFIX, load_hf, read_hf_config
 from .keymap import CheckpointError, LoadReport, format_keys
 from .safe_load import read_safetensors, torch_load
 from .torchaudio import ConfigLike, is_torchaudio_state, load_torchaudio
@@ -116,8 +116,9 @@ def _load_state(state: Dict[str, Any], where: str, config: ConfigLike) -> Tuple[
     keys = [str(k) for k in state]
     if is_torchaudio_state(keys):
         return load_torchaudio(state, where, config)
-    if any(k.startswith(("feature_projection.", "encoder.pos_conv_embed.")) or ".feature_projection." in k
-           for k in keys):
+    hf_starts = tuple(f"{prefix}{part}" for prefix in ("", *WRAPPER_PREFIX.values())
+                      for part in ("feature_projection.", "encoder.pos_conv_embed."))
+    if any(k.startswith(hf_starts) for k in keys):
         raise CheckpointError(f"{where} looks like a Hugging Face state dict without its config.json: load the "
                               f"save_pretrained folder instead")
     if any(k.startswith(("post_extract_proj.", "encoder.pos_conv.", "w2v_encoder.")) for k in keys):
