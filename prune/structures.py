@@ -21,7 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from .gates import HardConcrete
-from .models.components import Gates, Wav2Vec2Model
+from .models.components import ActiveSets, Gates, Wav2Vec2Model
 from .models.config import SAMPLE_RATE, EncoderConfig
 
 Count = Union[int, float, Tensor]
@@ -399,9 +399,10 @@ class GatedEncoder(nn.Module):
     in the gates' ``log_alpha``; ``prune.compile.compile_encoder`` cuts it to a plain model.
     """
 
-    def __init__(self, model: Wav2Vec2Model, gates: Optional[GateConfig] = None):
+    def __init__(self, model: Wav2Vec2Model, gates: Optional[GateConfig] = None, skip_closed: bool = True):
         super().__init__()
         self.model = model
+        self.skip_closed = skip_closed  # compute only the open units of each pass (same numbers, less work)
         self.gate_config = gates = gates or GateConfig()
         config = model.config
         self.conv = nn.ModuleList(ConvChannels(config, i, gates)
@@ -423,9 +424,10 @@ class GatedEncoder(nn.Module):
     def sample_gates(self) -> Gates:
         attention = [block.masks() for block in self.attention]
         feed_forward = [block.masks() for block in self.feed_forward]
-        return Gates(conv=[c.mask() for c in self.conv],
-                     heads=[h for h, _ in attention], attention=[_squeeze(a) for _, a in attention],
-                     units=[u for u, _ in feed_forward], ffn=[_squeeze(f) for _, f in feed_forward])
+        gates = Gates(conv=[c.mask() for c in self.conv],
+                      heads=[h for h, _ in attention], attention=[_squeeze(a) for _, a in attention],
+                      units=[u for u, _ in feed_forward], ffn=[_squeeze(f) for _, f in feed_forward])
+        return gates._replace(active=open_units(gates)) if self.skip_closed else gates
 
     def forward(self, waveforms: Tensor, lengths: Optional[Tensor] = None):
         """Same signature and outputs as ``Wav2Vec2Model.forward``."""
@@ -467,3 +469,28 @@ class GatedEncoder(nn.Module):
 
 def _squeeze(mask: Optional[Tensor]) -> Optional[Tensor]:
     return None if mask is None else mask[0]
+
+
+def open_units(gates: Gates) -> ActiveSets:
+    """Which units the drawn gates leave open. A gate is either exactly 0 (the clamp, which
+    also passes no gradient to its log_alpha) or not, so skipping the zeros changes no number.
+    One device-to-host copy for all gates together."""
+    groups = gates.conv + gates.heads + gates.units
+    blocks = gates.attention + gates.ffn
+    present = [g.detach().reshape(-1) for g in groups + blocks if g is not None]
+    flags = iter(torch.cat(present).ne(0).cpu().split([g.numel() for g in present]) if present else [])
+    opened = [None if g is None else next(flags) for g in groups]
+    block_open = [True if g is None else bool(next(flags)) for g in blocks]
+
+    def index(flag: Optional[Tensor], like: Optional[Tensor]) -> Optional[Tensor]:
+        if flag is None or bool(flag.all()):
+            return None  # all open: the plain path
+        return torch.nonzero(flag).flatten().to(like.device)
+
+    indices = [index(f, g) for f, g in zip(opened, groups)]
+    n_conv, n_layers = len(gates.conv), len(gates.heads)
+    last = opened[n_conv - 1]
+    closed = None if last is None or bool(last.all()) else torch.nonzero(~last).flatten().to(gates.conv[-1].device)
+    return ActiveSets(conv=indices[:n_conv], conv_closed=closed, heads=indices[n_conv:n_conv + n_layers],
+                      units=indices[n_conv + n_layers:], attention_on=block_open[:n_layers],
+                      ffn_on=block_open[n_layers:])

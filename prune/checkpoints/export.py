@@ -17,6 +17,7 @@ from safetensors.torch import load_file, save_file
 from ..measure import num_params
 from ..models import EncoderConfig, Wav2Vec2Model, build_encoder
 from ..structures import count_macs, count_params
+from ..train.faults import maybe_fail
 
 FORMAT = "prune.pruned_encoder"
 FORMAT_VERSION = 1
@@ -86,6 +87,7 @@ def export_pruned(model: Wav2Vec2Model, path: PathLike, source: Optional[Encoder
             f.flush()
             os.fsync(f.fileno())
         _fsync(tmp / WEIGHTS)
+        maybe_fail("during_export")  # PRUNE_FAULT=during_export (tests): dies before the rename
         if path.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=parent))
             os.replace(path, old / path.name)

@@ -23,11 +23,29 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 
+class ActiveSets(NamedTuple):
+    """Which units of each gated structure are open (gate != 0) this pass, so that closed ones
+    are not computed at all (sparsity-aware training). ``None``: every unit is open.
+
+    conv[i], heads[l], units[l]: indices (long); conv_closed: the closed channels of the last conv
+    layer (the feature projection still sees them, as zeros); attention_on[l], ffn_on[l]: whether
+    the block's own gate is open.
+    """
+
+    conv: List[Optional[Tensor]]
+    conv_closed: Optional[Tensor]
+    heads: List[Optional[Tensor]]
+    units: List[Optional[Tensor]]
+    attention_on: List[bool]
+    ffn_on: List[bool]
+
+
 class Gates(NamedTuple):
     """Gate values for one forward pass; ``None`` entries mean "not gated".
 
     conv[i]: (out_channels,) of conv layer i. heads[l]: (num_heads,), attention[l]: (),
-    units[l]: (ff_interm_features,), ffn[l]: () for transformer layer l.
+    units[l]: (ff_interm_features,), ffn[l]: () for transformer layer l. ``active``: if given,
+    closed units are skipped; the result is the same, up to float rounding.
     """
 
     conv: List[Optional[Tensor]]
@@ -35,6 +53,32 @@ class Gates(NamedTuple):
     attention: List[Optional[Tensor]]
     units: List[Optional[Tensor]]
     ffn: List[Optional[Tensor]]
+    active: Optional[ActiveSets] = None
+
+
+def _rows(weight: Tensor, index: Optional[Tensor], dim: int = 0) -> Tensor:
+    """``weight`` restricted to ``index`` along ``dim`` (all of it for None). ``index_select``
+    keeps autograd's gradient full-size, with zeros for the rows left out."""
+    return weight if index is None else weight.index_select(dim, index)
+
+
+def phantom_normalize(x: Tensor, total: int, eps: float) -> Tuple[Tensor, Tensor]:
+    """LayerNorm statistics over x's last dim plus ``total - x.shape[-1]`` implicit zeros.
+    x: (..., n) -> (x_hat (..., n), shift (..., 1)); shift = -mean / std is each zero's
+    normalised value."""
+    mean = x.sum(-1, keepdim=True) / total
+    centered = x - mean
+    var = (centered.square().sum(-1, keepdim=True) + (total - x.shape[-1]) * mean.square()) / total
+    rstd = torch.rsqrt(var + eps)
+    return centered * rstd, -mean * rstd
+
+
+def phantom_layer_norm(x: Tensor, weight: Tensor, bias: Tensor, total: int, eps: float) -> Tensor:
+    """x: (..., n) -> LayerNorm as if ``total - n`` zeros were present, affine on the n values."""
+    if x.shape[-1] == total:
+        return F.layer_norm(x, (total,), weight, bias, eps)
+    x_hat, _ = phantom_normalize(x, total, eps)
+    return x_hat * weight + bias
 
 
 class PhantomLayerNorm(nn.Module):
@@ -60,18 +104,11 @@ class PhantomLayerNorm(nn.Module):
     def normalize(self, x: Tensor) -> Tuple[Tensor, Tensor]:
         """x: (..., num_features) -> (x_hat, shift): the normalised x before the affine map,
         and shift = -mean / std, (..., 1), which is the normalised value of each phantom zero."""
-        mean = x.sum(-1, keepdim=True) / self.total_features
-        centered = x - mean
-        var = (centered.square().sum(-1, keepdim=True) + self.num_phantoms * mean.square()) / self.total_features
-        rstd = torch.rsqrt(var + self.eps)
-        return centered * rstd, -mean * rstd
+        return phantom_normalize(x, self.total_features, self.eps)
 
     def forward(self, x: Tensor) -> Tensor:
         """x: (..., num_features) -> same shape."""
-        if self.num_phantoms == 0:
-            return F.layer_norm(x, (self.num_features,), self.weight, self.bias, self.eps)
-        x_hat, _ = self.normalize(x)
-        return x_hat * self.weight + self.bias
+        return phantom_layer_norm(x, self.weight, self.bias, self.total_features, self.eps)
 
     def extra_repr(self) -> str:
         return f"{self.num_features}, total_features={self.total_features}, eps={self.eps}"
@@ -88,23 +125,32 @@ class ConvLayerBlock(nn.Module):
         self.conv = nn.Conv1d(in_channels, out_channels, kernel_size, stride=stride, bias=bias)
         self.layer_norm = norm
 
-    def forward(self, x: Tensor, length: Optional[Tensor], gate: Optional[Tensor] = None
+    def forward(self, x: Tensor, length: Optional[Tensor], gate: Optional[Tensor] = None,
+                active_in: Optional[Tensor] = None, active: Optional[Tensor] = None
                 ) -> Tuple[Tensor, Optional[Tensor]]:
         """x: (batch, in_channels, time), length: (batch,), gate: (out_channels,)
-        -> (batch, out_channels, time'), (batch,)"""
-        if self.conv.weight.numel() > 0:
-            x = self.conv(x)
+        -> (batch, out_channels, time'), (batch,).
+
+        active_in: the input channels x holds (None: all); active: the output channels to
+        compute (None: all), the only ones returned."""
+        weight = _rows(_rows(self.conv.weight, active), active_in, dim=1)
+        bias = None if self.conv.bias is None else _rows(self.conv.bias, active)
+        if weight.numel() > 0:
+            x = F.conv1d(x, weight, bias, stride=self.stride)
         else:  # every input or output channel pruned: what is left is the bias (conv1d rejects empty weights)
             frames = (x.shape[-1] - self.kernel_size) // self.stride + 1
-            x = x.new_zeros(x.shape[0], self.conv.out_channels, frames)
-            if self.conv.bias is not None:
-                x = x + self.conv.bias[:, None]
-        if isinstance(self.layer_norm, PhantomLayerNorm):
+            x = x.new_zeros(x.shape[0], weight.shape[0], frames)
+            if bias is not None:
+                x = x + bias[:, None]
+        gate = None if gate is None else _rows(gate, active)
+        norm = self.layer_norm
+        if isinstance(norm, PhantomLayerNorm):
             if gate is not None:
                 x = x * gate[:, None]  # closed channels are exact zeros in the statistics
-            x = self.layer_norm(x.transpose(-2, -1)).transpose(-2, -1)
-        elif self.layer_norm is not None:
-            x = self.layer_norm(x)
+            x = phantom_layer_norm(x.transpose(-2, -1), _rows(norm.weight, active), _rows(norm.bias, active),
+                                   norm.total_features, norm.eps).transpose(-2, -1)
+        elif norm is not None and x.shape[1] > 0:  # GroupNorm with one group per channel
+            x = F.group_norm(x, x.shape[1], _rows(norm.weight, active), _rows(norm.bias, active), norm.eps)
         if gate is not None:
             x = x * gate[:, None]
         x = F.gelu(x)
@@ -121,14 +167,18 @@ class FeatureExtractor(nn.Module):
         super().__init__()
         self.conv_layers = conv_layers
 
-    def forward(self, x: Tensor, length: Optional[Tensor], gates: Optional[List[Optional[Tensor]]] = None
-                ) -> Tuple[Tensor, Optional[Tensor]]:
-        """x: (batch, samples), length: (batch,) -> (batch, frames, channels), (batch,)"""
+    def forward(self, x: Tensor, length: Optional[Tensor], gates: Optional[List[Optional[Tensor]]] = None,
+                active: Optional[List[Optional[Tensor]]] = None) -> Tuple[Tensor, Optional[Tensor]]:
+        """x: (batch, samples), length: (batch,) -> (batch, frames, channels), (batch,).
+        With ``active``, only the open channels of each layer are computed and returned."""
         if x.ndim != 2:
             raise ValueError(f"expected waveforms of shape (batch, samples), got {tuple(x.shape)}")
         x = x.unsqueeze(1)
+        active_in = None
         for i, layer in enumerate(self.conv_layers):
-            x, length = layer(x, length, None if gates is None else gates[i])
+            active_out = None if active is None else active[i]
+            x, length = layer(x, length, None if gates is None else gates[i], active_in, active_out)
+            active_in = active_out
         return x.transpose(1, 2), length
 
 
@@ -148,13 +198,25 @@ class FeatureProjection(nn.Module):
         self.phantom = nn.Parameter(torch.zeros(out_features)) if self.layer_norm.num_phantoms else None
         self.dropout = nn.Dropout(dropout)
 
-    def forward(self, x: Tensor) -> Tensor:
-        """x: (batch, frames, in_features) -> (batch, frames, out_features)"""
-        if self.phantom is None:
-            return self.dropout(self.projection(self.layer_norm(x)))
-        x_hat, shift = self.layer_norm.normalize(x)
-        x = self.projection(x_hat * self.layer_norm.weight + self.layer_norm.bias) + shift * self.phantom
-        return self.dropout(x)
+    def forward(self, x: Tensor, active: Optional[Tensor] = None, closed: Optional[Tensor] = None) -> Tensor:
+        """x: (batch, frames, in_features) -> (batch, frames, out_features).
+
+        With ``active`` / ``closed`` (sparsity-aware training), x holds only the open channels;
+        the closed ones are zeros the LayerNorm still counts, and their normalised values reach
+        the projection as ``shift * w + b`` through their columns, as in the full computation."""
+        norm, proj = self.layer_norm, self.projection
+        if active is None and self.phantom is None:
+            return self.dropout(proj(norm(x)))
+        x_hat, shift = phantom_normalize(x, norm.total_features, norm.eps)
+        y = x_hat * _rows(norm.weight, active) + _rows(norm.bias, active)
+        out = F.linear(y, _rows(proj.weight, active, dim=1), proj.bias)
+        if closed is not None and closed.numel() > 0:
+            w_closed = proj.weight.index_select(1, closed)
+            out = out + shift * (w_closed @ norm.weight.index_select(0, closed)) \
+                + w_closed @ norm.bias.index_select(0, closed)
+        if self.phantom is not None:
+            out = out + shift * self.phantom
+        return self.dropout(out)
 
 
 class WeightNormConv1d(nn.Module):
@@ -217,22 +279,26 @@ class SelfAttention(nn.Module):
         else:
             self.out_proj = _BiasOnly(embed_dim)
 
-    def _scores_bias(self, x: Tensor, position_bias: Optional[Tensor]) -> Optional[Tensor]:
+    def _scores_bias(self, x: Tensor, position_bias: Optional[Tensor], active: Optional[Tensor]) -> Optional[Tensor]:
         return None
 
     def forward(self, x: Tensor, key_padding_mask: Optional[Tensor] = None,
-                position_bias: Optional[Tensor] = None, head_gate: Optional[Tensor] = None) -> Tensor:
+                position_bias: Optional[Tensor] = None, head_gate: Optional[Tensor] = None,
+                active: Optional[Tensor] = None) -> Tensor:
         """x: (batch, frames, embed_dim); key_padding_mask: (batch, frames), True = padding;
-        position_bias: (heads_orig, frames, frames) (WavLM); head_gate: (num_heads,)
+        position_bias: (heads_orig, frames, frames) (WavLM); head_gate: (num_heads,);
+        active: the heads to compute (None: all; closed heads' gates are 0)
         -> (batch, frames, embed_dim)"""
-        if self.num_heads == 0:
-            return self.out_proj(x)
+        heads = self.num_heads if active is None else active.numel()
+        if heads == 0:  # only the output bias is left
+            return self.out_proj.bias + x.new_zeros(x.shape[:-1] + (self.embed_dim,))
+        rows = None if active is None else (active[:, None] * self.head_dim
+                                            + torch.arange(self.head_dim, device=x.device)).flatten()
         batch, frames, _ = x.shape
-        shape = (batch, frames, self.num_heads, self.head_dim)
-        q = self.q_proj(x).view(shape).transpose(1, 2)
-        k = self.k_proj(x).view(shape).transpose(1, 2)
-        v = self.v_proj(x).view(shape).transpose(1, 2)
-        mask = self._scores_bias(x, position_bias)  # (batch, heads, frames, frames) or None
+        shape = (batch, frames, heads, self.head_dim)
+        q, k, v = (F.linear(x, _rows(lin.weight, rows), _rows(lin.bias, rows)).view(shape).transpose(1, 2)
+                   for lin in (self.q_proj, self.k_proj, self.v_proj))
+        mask = self._scores_bias(x, position_bias, active)  # (batch, heads, frames, frames) or None
         if key_padding_mask is not None:
             pad = key_padding_mask[:, None, None, :]
             if mask is None:
@@ -242,9 +308,9 @@ class SelfAttention(nn.Module):
         dropout = self.dropout if self.training else 0.0
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
         if head_gate is not None:
-            out = out * head_gate[:, None, None]
-        out = out.transpose(1, 2).reshape(batch, frames, self.num_heads * self.head_dim)
-        return self.out_proj(out)
+            out = out * _rows(head_gate, active)[:, None, None]
+        out = out.transpose(1, 2).reshape(batch, frames, heads * self.head_dim)
+        return F.linear(out, _rows(self.out_proj.weight, rows, dim=1), self.out_proj.bias)
 
 
 class WavLMSelfAttention(SelfAttention):
@@ -264,14 +330,15 @@ class WavLMSelfAttention(SelfAttention):
             self.gru_rel_pos_const = nn.Parameter(torch.ones(1, num_heads, 1, 1))
             self.gru_rel_pos_linear = nn.Linear(head_dim, 8)
 
-    def _scores_bias(self, x: Tensor, position_bias: Optional[Tensor]) -> Optional[Tensor]:
+    def _scores_bias(self, x: Tensor, position_bias: Optional[Tensor], active: Optional[Tensor]) -> Optional[Tensor]:
         assert position_bias is not None, "WavLM attention needs the transformer's position bias"
         batch, frames, _ = x.shape
-        chunks = x.view(batch, frames, -1, self.head_dim).transpose(1, 2)[:, self.head_index]
-        proj = self.gru_rel_pos_linear(chunks).view(batch, self.num_heads, frames, 2, 4).sum(-1)
+        head_index = _rows(self.head_index, active)
+        chunks = x.view(batch, frames, -1, self.head_dim).transpose(1, 2)[:, head_index]
+        proj = self.gru_rel_pos_linear(chunks).view(batch, head_index.numel(), frames, 2, 4).sum(-1)
         gate_a, gate_b = torch.sigmoid(proj).chunk(2, dim=-1)
-        gate = gate_a * (gate_b * self.gru_rel_pos_const - 1.0) + 2.0  # (batch, heads, frames, 1)
-        return gate * position_bias[self.head_index]
+        gate = gate_a * (gate_b * _rows(self.gru_rel_pos_const, active, dim=1) - 1.0) + 2.0  # (batch, heads, frames, 1)
+        return gate * position_bias[head_index]
 
 
 class RelativePositionBias(nn.Module):
@@ -315,14 +382,19 @@ class FeedForward(nn.Module):
         self.intermediate_dropout = nn.Dropout(interm_dropout)
         self.output_dropout = nn.Dropout(output_dropout)
 
-    def forward(self, x: Tensor, unit_gate: Optional[Tensor] = None) -> Tensor:
-        """x: (batch, frames, io_features), unit_gate: (interm_features,) -> same shape as x"""
-        if self.interm_features == 0:
-            return self.output_dropout(self.output_dense(x))
-        h = self.intermediate_dropout(F.gelu(self.intermediate_dense(x)))
+    def forward(self, x: Tensor, unit_gate: Optional[Tensor] = None, active: Optional[Tensor] = None) -> Tensor:
+        """x: (batch, frames, io_features), unit_gate: (interm_features,), active: the units to
+        compute (None: all; closed units' gates are 0) -> same shape as x"""
+        units = self.interm_features if active is None else active.numel()
+        if units == 0:
+            return self.output_dropout(self.output_dense(x) if self.interm_features == 0 else
+                                       self.output_dense.bias + x.new_zeros(x.shape))
+        dense = self.intermediate_dense
+        h = self.intermediate_dropout(F.gelu(F.linear(x, _rows(dense.weight, active), _rows(dense.bias, active))))
         if unit_gate is not None:
-            h = h * unit_gate
-        return self.output_dropout(self.output_dense(h))
+            h = h * _rows(unit_gate, active)
+        return self.output_dropout(F.linear(h, _rows(self.output_dense.weight, active, dim=1),
+                                            self.output_dense.bias))
 
 
 class _BiasOnly(nn.Module):
@@ -359,23 +431,26 @@ class EncoderLayer(nn.Module):
 
     def forward(self, x: Tensor, key_padding_mask: Optional[Tensor] = None, position_bias: Optional[Tensor] = None,
                 head_gate: Optional[Tensor] = None, attention_gate: Optional[Tensor] = None,
-                unit_gate: Optional[Tensor] = None, ffn_gate: Optional[Tensor] = None) -> Tensor:
-        """x: (batch, frames, embed_dim) -> same shape."""
-        if self.attention is not None:
+                unit_gate: Optional[Tensor] = None, ffn_gate: Optional[Tensor] = None,
+                heads_active: Optional[Tensor] = None, attention_on: bool = True,
+                units_active: Optional[Tensor] = None, ffn_on: bool = True) -> Tensor:
+        """x: (batch, frames, embed_dim) -> same shape. ``*_active`` / ``*_on``: skip closed
+        heads, units and blocks (sparsity-aware training)."""
+        if self.attention is not None and attention_on:
             h = x
             if self.layer_norm_first and self.layer_norm is not None:
                 h = self.layer_norm(h)
-            h = self.dropout(self.attention(h, key_padding_mask, position_bias, head_gate))
+            h = self.dropout(self.attention(h, key_padding_mask, position_bias, head_gate, heads_active))
             if attention_gate is not None:
                 h = h * attention_gate
             x = x + h
         if not self.layer_norm_first:
             x = self.layer_norm(x)
-        if self.feed_forward is not None:
+        if self.feed_forward is not None and ffn_on:
             h = x
             if self.layer_norm_first and self.final_layer_norm is not None:
                 h = self.final_layer_norm(h)
-            h = self.feed_forward(h, unit_gate)
+            h = self.feed_forward(h, unit_gate, units_active)
             if ffn_gate is not None:
                 h = h * ffn_gate
             x = x + h
@@ -413,9 +488,13 @@ class Transformer(nn.Module):
             if not (self.training and self.layer_drop > 0 and torch.rand(1).item() < self.layer_drop):
                 if gates is None:
                     x = layer(x, key_padding_mask, position_bias)
-                else:
+                elif gates.active is None:
                     x = layer(x, key_padding_mask, position_bias, gates.heads[i], gates.attention[i],
                               gates.units[i], gates.ffn[i])
+                else:
+                    a = gates.active
+                    x = layer(x, key_padding_mask, position_bias, gates.heads[i], gates.attention[i],
+                              gates.units[i], gates.ffn[i], a.heads[i], a.attention_on[i], a.units[i], a.ffn_on[i])
             hiddens.append(x)
         if self.layer_norm_first:
             hiddens[-1] = self.layer_norm(hiddens[-1])
@@ -433,7 +512,10 @@ class Encoder(nn.Module):
     def forward(self, features: Tensor, lengths: Optional[Tensor] = None, gates: Optional[Gates] = None
                 ) -> List[Tensor]:
         """features: (batch, frames, channels), lengths: (batch,) valid frames -> hidden states"""
-        x = self.feature_projection(features)
+        if gates is not None and gates.active is not None:
+            x = self.feature_projection(features, gates.active.conv[-1], gates.active.conv_closed)
+        else:
+            x = self.feature_projection(features)
         key_padding_mask = None
         if lengths is not None:
             frames = torch.arange(x.shape[1], device=x.device)
@@ -458,5 +540,6 @@ class Wav2Vec2Model(nn.Module):
         Returns (hiddens, lengths): ``num_layers + 1`` tensors of shape
         (batch, frames, embed_dim) and the valid frames per row (None if lengths is None).
         """
-        x, lengths = self.feature_extractor(waveforms, lengths, None if gates is None else gates.conv)
+        x, lengths = self.feature_extractor(waveforms, lengths, None if gates is None else gates.conv,
+                                            None if gates is None or gates.active is None else gates.active.conv)
         return self.encoder(x, lengths, gates), lengths

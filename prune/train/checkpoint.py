@@ -11,6 +11,8 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
+from .faults import maybe_fail
+
 log = logging.getLogger(__name__)
 
 _NAME = re.compile(r"^step_(\d{8})\.pt$")
@@ -40,6 +42,7 @@ def save_checkpoint(folder: Path, step: int, state: Dict[str, Any], keep_last: i
             torch.save(state, f)
             f.flush()
             os.fsync(f.fileno())
+        maybe_fail("mid_checkpoint", step)  # PRUNE_FAULT=mid_checkpoint:STEP (tests)
         os.replace(tmp, path)
     finally:
         if tmp.exists():

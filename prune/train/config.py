@@ -60,6 +60,7 @@ class PruningConfig:
     warmup_steps: int = 5000  # the target rises linearly from 0
     macs_seconds: float = 1.0  # utterance length the MACs target is measured on
     tolerance: float = 0.005  # the exported size must land within this fraction of the target size
+    skip_closed: bool = True  # compute only the units whose gate sample is nonzero (same result, less work)
     gates: GatesConfig = field(default_factory=GatesConfig)
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import random
+import shutil
 import time
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Tuple
@@ -35,6 +36,7 @@ from .checkpoint import load_latest, save_checkpoint
 from .data import AudioDataset, LengthBucketSampler, collate, format_skipped, validate_manifest
 from .distill import DistillHeads, distill_loss, frame_mask
 from .distributed import DistEnv, barrier, init_distributed
+from .faults import maybe_fail, nan_loss
 from .lagrangian import Lagrangian
 from .manifest import read_manifest
 
@@ -106,7 +108,7 @@ class PruneRecipe:
                 raise ValueError(f"distill.layers: {layers} must lie in [0, {n}] for this {n}-layer teacher")
         student = build_encoder(self.source_config.replace(encoder_layer_drop=cfg.distill.student_layer_drop))
         student.load_state_dict(self.teacher.state_dict())
-        gated = GatedEncoder(student, GateConfig(**cfg.pruning.gates))
+        gated = GatedEncoder(student, GateConfig(**cfg.pruning.gates), skip_closed=cfg.pruning.skip_closed)
         heads = DistillHeads(self.source_config.encoder_embed_dim, cfg.distill.layers, cfg.distill.mode)
         self.lagrangian = Lagrangian(gated, cfg.pruning.target_kind, cfg.pruning.target,
                                      cfg.pruning.warmup_steps, cfg.pruning.macs_seconds).to(self.env.device)
@@ -157,8 +159,11 @@ class PruneRecipe:
         self.student.train()
         self.model = self.student
         if env.enabled:
+            # closed blocks are skipped, and each rank draws its own gates: some parameters go
+            # unused in a step on some ranks
             self.model = DistributedDataParallel(self.student, device_ids=[env.local_rank]
-                                                 if env.device.type == "cuda" else None)
+                                                 if env.device.type == "cuda" else None,
+                                                 find_unused_parameters=True)
         o = cfg.optim
         gates = [p for n, p in self.student.named_parameters() if n.endswith("log_alpha")]
         gate_ids = {id(p) for p in gates}
@@ -250,13 +255,19 @@ class PruneRecipe:
                 sync = micro == tr.grad_accum - 1 or not self.env.enabled
                 with contextlib.nullcontext() if sync else self.model.no_sync():
                     loss, parts = self._loss(waveforms, lengths)
+                    if nan_loss(self.step + 1):  # PRUNE_FAULT=nan_loss:STEP (tests)
+                        loss = loss * float("nan")
                     self.scaler.scale(loss / tr.grad_accum).backward()
             if self.stage == PRUNE:
                 self.lagrangian.flip_grads()  # ascent in the multipliers
             self.scaler.unscale_(self.optimizer)
-            grads = [p for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
+            grads = [p for g in self.optimizer.param_groups for p in g["params"]]
+            for p in grads:
+                if p.grad is None:  # skipped closed blocks: the full computation gives them zeros
+                    p.grad = torch.zeros_like(p)
             grad_norm = torch.nn.utils.clip_grad_norm_(grads, cfg.optim.clip_grad_norm or float("inf"))
             finite = bool(torch.isfinite(loss.detach()) & torch.isfinite(grad_norm))  # one host sync a step
+            maybe_fail("mid_step", self.step + 1)  # PRUNE_FAULT=mid_step:STEP (tests)
             if finite:
                 self.scaler.step(self.optimizer)
                 self.nonfinite_in_row = 0
@@ -316,6 +327,7 @@ class PruneRecipe:
         compiled = compile_encoder(gated)
         self.stage = FINAL
         self._set_student(Student(compiled, self.student.heads))
+        maybe_fail("between_stages", self.step)  # PRUNE_FAULT=between_stages:STEP (tests)
         self.save_checkpoint()  # between stages: a crash now resumes into stage 2
 
     def _check_ranks_agree(self, gated: GatedEncoder) -> None:
@@ -386,6 +398,9 @@ class PruneRecipe:
     def _export(self) -> Path:
         path = self.export_dir
         if self.env.is_main:
+            for kind in ("tmp", "old"):  # the temp folders of an export killed half-way
+                for stale in self.run_dir.glob(f".{path.name}.{kind}-*"):
+                    shutil.rmtree(stale, ignore_errors=True)
             model = self.student.encoder
             lag = self.lagrangian
             size = count_macs(model.config, lag.seconds) if lag.kind == "macs" else count_params(model.config)
