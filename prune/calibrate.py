@@ -61,8 +61,13 @@ def calibrate(gated: GatedEncoder, size: Callable[[GatedEncoder], Tensor], targe
               tolerance: float) -> float:
     """Bring the eval-mode size within ``tolerance`` (relative) of ``target``, keeping the
     learned order of the gates: first one shift of every group but the whole-block gates, then,
-    with heads fixed (one head is a large step), one more of the FFN units and conv channels."""
-    reached = shift_to_size(gated, size, target, select=_not_layer_gate)
-    if abs(reached - target) > tolerance * target:
-        reached = shift_to_size(gated, size, target, select=_fine_grained)
+    with heads fixed (one head is a large step), one more of the FFN units and conv channels;
+    only if whole blocks closed too many (or too few) for that, all gates together, then the
+    fine ones again."""
+    passes = (_not_layer_gate, _fine_grained, _all_groups, _fine_grained)
+    reached = size(gated).item()
+    for select in passes:
+        if abs(reached - target) <= tolerance * target:
+            break
+        reached = shift_to_size(gated, size, target, select=select)
     return reached

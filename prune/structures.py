@@ -189,7 +189,8 @@ def _mask(gate: Optional[HardConcrete]) -> Optional[Tensor]:
 
 
 def _keep(gate: Optional[HardConcrete], n: int, like: Tensor) -> Tensor:
-    return like.new_ones(n) if gate is None else gate.expected_keep()
+    """Float64 (like ``like``): costs reach 1e9-1e11, beyond float32's exact integers."""
+    return like.new_ones(n) if gate is None else gate.expected_keep().to(like.dtype)
 
 
 def _kept_index(mask: Optional[Tensor], n: int) -> Tensor:
@@ -434,7 +435,7 @@ class GatedEncoder(nn.Module):
         return self.model(waveforms, lengths, self.sample_gates())
 
     def _like(self) -> Tensor:
-        return next(self.model.parameters()).new_zeros(())
+        return next(self.model.parameters()).new_zeros((), dtype=torch.float64)
 
     def expected_params(self) -> Tensor:
         """Expected parameter count, a differentiable scalar."""

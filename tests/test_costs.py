@@ -69,3 +69,16 @@ def test_structures_can_be_switched_off():
     assert compiled.config.encoder_num_heads == gated.config.encoder_num_heads
     assert compiled.config.encoder_ff_interm_features != gated.config.encoder_ff_interm_features
     assert gated.expected_params().item() == num_params(compiled)
+
+
+def test_expected_equals_actual_at_base_scale():
+    """Float32 sums drift by a few parameters past 2^24; the costs are kept in float64."""
+    from prune.seeded import set_random_gates
+
+    gated = GatedEncoder(build_preset("hubert_base"))
+    set_random_gates(gated, 0.75, seed=1)
+    gated.eval()
+    compiled = compile_encoder(gated)
+    assert gated.expected_params().item() == num_params(compiled) == count_params(compiled.config)
+    assert gated.expected_macs(10.0).item() == count_macs(compiled.config, 10.0)
+    assert gated.expected_params().dtype == torch.float64

@@ -16,6 +16,9 @@ from .faults import maybe_fail
 log = logging.getLogger(__name__)
 
 _NAME = re.compile(r"^step_(\d{8})\.pt$")
+# what PruneRecipe._restore reads: a file without them is not a whole training checkpoint
+REQUIRED = ("step", "stage", "epoch", "batch_in_epoch", "config", "student_config", "student", "lagrangian",
+            "optimizer", "scheduler", "scaler", "rng", "nonfinite_total", "history")
 
 
 class CheckpointError(RuntimeError):
@@ -58,10 +61,26 @@ def load_checkpoint(path: Path) -> Dict[str, Any]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated zip, bad pickle, disallowed global: all mean "not usable"
-        raise CheckpointError(f"{path} cannot be loaded safely: {e}") from e
-    if not isinstance(state, dict) or "step" not in state:
-        raise CheckpointError(f"{path} is not a prune training checkpoint")
+        raise CheckpointError(f"{path} cannot be loaded safely: {_reason(e)}") from e
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path} is not a prune training checkpoint (a {type(state).__name__}, not a dict)")
+    missing = [key for key in REQUIRED if key not in state]
+    if missing:
+        raise CheckpointError(f"{path} is not a prune training checkpoint (missing {', '.join(missing)})")
     return state
+
+
+def _reason(error: Exception) -> str:
+    """One line: torch's weights-only refusal is a page of advice around the line that matters."""
+    name = re.search(r"GLOBAL ([\w.]+)", str(error))
+    if name:
+        return (f"it refers to {name.group(1)}, which a training checkpoint never holds; refused by the "
+                f"weights-only unpickler, nothing in the file was run")
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    for line in lines:
+        if line.startswith("WeightsUnpickler error:"):
+            return line[len("WeightsUnpickler error:"):].strip()
+    return f"{type(error).__name__}: {lines[0] if lines else 'no detail'}"
 
 
 def load_latest(folder: Path) -> Optional[Dict[str, Any]]:

@@ -38,7 +38,7 @@ from .distill import DistillHeads, distill_loss, frame_mask
 from .distributed import DistEnv, barrier, init_distributed
 from .faults import maybe_fail, nan_loss
 from .lagrangian import Lagrangian
-from .manifest import read_manifest
+from .manifest import ManifestError, read_manifest
 
 log = logging.getLogger(__name__)
 
@@ -200,13 +200,19 @@ class PruneRecipe:
         while True:
             self.sampler.set_epoch(self.epoch)
             self.dataset.set_epoch(self.epoch)
+            whole_epoch, used = self.batch_in_epoch == 0, False
             for i, indices in enumerate(self.sampler):
                 if i < self.batch_in_epoch:
                     continue  # resumed mid-epoch: skip what was consumed
                 self.batch_in_epoch = i + 1
                 batch = collate([self.dataset[j] for j in indices])
                 if batch is not None:
+                    used = True
                     yield batch
+            if whole_epoch and not used:  # every file passed the header check but none decodes
+                manifest = self.dataset.manifest
+                raise ManifestError(f"{manifest}: no usable audio, all {len(manifest)} files that passed the "
+                                    f"header check failed to load\n{format_skipped(self.dataset.skipped)}")
             self.epoch += 1
             self.batch_in_epoch = 0
 
@@ -358,6 +364,7 @@ class PruneRecipe:
             "rng": {"torch": torch.get_rng_state(), "python": random.getstate(),
                     "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
             "nonfinite_total": self.nonfinite_total,
+            "skipped_files": dict(self.dataset.skipped),  # found at read time: a resume may not re-read them
             "history": self.history,
         }
 
@@ -386,6 +393,7 @@ class PruneRecipe:
         self.scaler.load_state_dict(state["scaler"])
         self.step, self.epoch, self.batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
         self.nonfinite_total = state["nonfinite_total"]
+        self.dataset.skipped.update(state.get("skipped_files", {}))
         self.history = state["history"]
         self._set_lr_for_step()
         rng = state["rng"]

@@ -1,0 +1,282 @@
+"""Benchmarks: does pruning make the encoder faster, and what does the trainer's step cost?
+
+    python scripts/benchmark.py            # the full suite, about 15 minutes on 2 cores
+    python scripts/benchmark.py --quick    # a few minutes: shorter audio, fewer repeats
+
+Every figure is a ratio of timings taken side by side in this run (interleaved, threads fixed,
+median of repeats with the spread); the machine is shared and noisy, absolute times are not
+comparable across runs. Writes a table to stdout and results.json + speedup.png to --out.
+
+1. inference: HuBERT Base (random weights), cut at 50/75/90% param sparsity with seeded
+   non-uniform gates; latency vs the unpruned model against the MAC reduction.
+2. target kind: the same budget reached through a params target and through a MACs target
+   (gates driven by the Lagrangian alone, then cut); latency of each.
+3. training step: teacher forward + gated student forward/backward + optimizer at HuBERT Base,
+   batch 2 x 4 s, vs the same student with no gates; with sparsity-aware skipping on and off at
+   gate states typical of 0/50/75/90% sparsity; peak memory of the step.
+4. exactness at scale: gated (eval) vs compiled hidden states, expected vs actual params.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Dict, List
+
+import torch
+
+import prune
+from prune.calibrate import calibrate
+from prune.models import build_preset
+from prune.seeded import set_random_gates
+from prune.structures import GatedEncoder, count_macs, count_params
+from prune.train.lagrangian import Lagrangian
+from prune.train.report import format_table
+
+PRESET = "hubert_base"
+SPARSITIES = (0.5, 0.75, 0.9)
+
+
+def interleaved(fns: Dict[str, Callable[[], None]], repeats: int, warmup: int = 1) -> Dict[str, List[float]]:
+    """Time each function ``repeats`` times, round-robin, so drift hits all alike."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times: Dict[str, List[float]] = {k: [] for k in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    return times
+
+
+def med(xs: List[float]) -> float:
+    return statistics.median(xs)
+
+
+def spread(xs: List[float]) -> str:
+    """min-max around the median, in percent."""
+    m = med(xs)
+    return f"{(min(xs) - m) / m * 100:+.0f}/{(max(xs) - m) / m * 100:+.0f}%"
+
+
+# ----------------------------------------------------------------------------------- 1 and 4
+def inference(args) -> Dict:
+    torch.manual_seed(0)
+    full = build_preset(PRESET).eval()
+    models = {"unpruned": full}
+    exactness = []
+    x_check = torch.randn(2, 16000 * 2)
+    lengths = torch.tensor([32000, 24000])
+    for s in SPARSITIES:
+        gated = GatedEncoder(build_preset(PRESET))
+        gated.model.load_state_dict(full.state_dict())
+        set_random_gates(gated, s, seed=1)
+        gated.eval()
+        compiled = prune.compile_encoder(gated)
+        with torch.no_grad():
+            a, _ = gated(x_check, lengths)
+            b, _ = compiled(x_check, lengths)
+        err = max(((u - v).abs().max() / v.abs().max()).item() for u, v in zip(b, a))
+        exactness.append({"sparsity": s, "max_rel_error": err, "expected_params": int(gated.expected_params().item()),
+                          "actual_params": prune.num_params(compiled)})
+        models[f"{int(s * 100)}%"] = compiled
+    rows, results = [], []
+    for batch in (1, 4):
+        x = torch.randn(batch, int(args.seconds * 16000))
+        fns = {k: (lambda m=m: m(x)) for k, m in models.items()}
+        with torch.no_grad():
+            times = interleaved(fns, args.repeats)
+        base = med(times["unpruned"])
+        for name, m in models.items():
+            mac_ratio = count_macs(full.config, args.seconds) / count_macs(m.config, args.seconds)
+            speedup = base / med(times[name])
+            results.append({"model": name, "batch": batch, "params": prune.num_params(m),
+                            "gmacs_per_s": count_macs(m.config, 1.0) / 1e9, "latency_s": med(times[name]),
+                            "spread": spread(times[name]), "speedup": speedup, "mac_reduction": mac_ratio})
+            rows.append([name, str(batch), f"{prune.num_params(m) / 1e6:.2f} M", f"{count_macs(m.config) / 1e9:.2f}",
+                         f"{med(times[name]):.3f} s", spread(times[name]), f"{speedup:.2f}x", f"{mac_ratio:.2f}x",
+                         f"{speedup / mac_ratio:.2f}"])
+    print(f"\n1. Inference, {PRESET}, {args.seconds:g} s of audio, {torch.get_num_threads()} threads, "
+          f"median of {args.repeats}")
+    print(format_table([["model", "batch", "params", "GMACs/s", "latency", "spread", "speedup", "MAC cut",
+                         "speedup / MAC cut"]] + rows))
+    print("\n4. Exactness at scale (gated eval vs compiled, 2 x 2 s, padded)")
+    print(format_table([["sparsity", "max rel. error", "expected params", "actual params"]]
+                       + [[f"{e['sparsity']:.2f}", f"{e['max_rel_error']:.1e}", f"{e['expected_params']:,}",
+                           f"{e['actual_params']:,}"] for e in exactness]))
+    return {"inference": results, "exactness": exactness, "models": models}
+
+
+# ------------------------------------------------------------------------------------- 2
+def target_kinds(args, full) -> Dict:
+    """Drive fresh gates to the same sparsity with a params target and with a MACs target, using
+    the Lagrangian alone, then cut and time both."""
+    sparsity, out = 0.75, {}
+    for kind in ("params", "macs"):
+        torch.manual_seed(0)
+        gated = GatedEncoder(build_preset(PRESET))
+        gated.model.load_state_dict(full.state_dict())
+        gated.train()
+        lag = Lagrangian(gated, kind, sparsity, warmup_steps=args.lagrangian_steps // 2)
+        opt = torch.optim.Adam([{"params": gated.gate_parameters(), "lr": 0.05},
+                                {"params": list(lag.parameters()), "lr": 0.05}])
+        for step in range(args.lagrangian_steps):
+            opt.zero_grad()
+            lag(gated, step)["penalty"].backward()
+            lag.flip_grads()
+            opt.step()
+        calibrate(gated, lag.expected_size, (1 - sparsity) * lag.full, 0.005)
+        out[kind] = prune.compile_encoder(gated)
+    x = torch.randn(1, int(args.seconds * 16000))
+    with torch.no_grad():
+        times = interleaved({"unpruned": lambda: full(x), **{k: (lambda m=m: m(x)) for k, m in out.items()}},
+                            args.repeats)
+    rows, results = [], []
+    for kind, m in out.items():
+        r = {"target": f"{kind} sparsity {sparsity}", "params": prune.num_params(m),
+             "gmacs_per_s": count_macs(m.config) / 1e9, "latency_s": med(times[kind]),
+             "speedup": med(times["unpruned"]) / med(times[kind])}
+        results.append(r)
+        rows.append([r["target"], f"{r['params'] / 1e6:.2f} M", f"{r['gmacs_per_s']:.2f}", f"{r['latency_s']:.3f} s",
+                     spread(times[kind]), f"{r['speedup']:.2f}x"])
+    print(f"\n2. Params target vs MACs target at sparsity {sparsity} (gates driven by the Lagrangian alone, "
+          f"{args.lagrangian_steps} steps; batch 1, {args.seconds:g} s)")
+    print(format_table([["target", "params", "GMACs/s", "latency", "spread", "speedup"]] + rows))
+    return {"target_kinds": results}
+
+
+# ------------------------------------------------------------------------------------- 3
+STEP_CODE = r"""
+import json, resource, sys, time, torch
+import prune
+from prune.models import build_preset
+from prune.seeded import set_random_gates
+from prune.structures import GatedEncoder
+from prune.train.distill import DistillHeads, distill_loss, frame_mask
+mode, sparsity, repeats, seconds, threads = sys.argv[1], float(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4]), int(sys.argv[5])
+torch.set_num_threads(threads)
+torch.manual_seed(0)
+kw = dict(encoder_layer_drop=0.0)
+teacher = build_preset("hubert_base", **kw).eval().requires_grad_(False)
+if mode == "plain":
+    student = build_preset("hubert_base", **kw)
+else:
+    student = GatedEncoder(build_preset("hubert_base", **kw), skip_closed=(mode == "skip"))
+    if sparsity > 0:
+        set_random_gates(student, sparsity, seed=1)
+(student if mode == "plain" else student.model).load_state_dict(teacher.state_dict())
+student.train()
+heads = DistillHeads(768, [[0], [4, 8, 12]])
+opt = torch.optim.AdamW(list(student.parameters()) + list(heads.parameters()), lr=1e-5)
+x = torch.randn(2, int(seconds * 16000)); lengths = torch.tensor([x.shape[1], x.shape[1] * 3 // 4])
+def step():
+    with torch.no_grad():
+        t, _ = teacher(x, lengths)
+    h, frames = student(x, lengths)
+    loss, _ = distill_loss(heads(h), [t[i] for i in heads.layers], frame_mask(frames, h[0].shape[1]))
+    if mode != "plain":
+        loss = loss + student.expected_params() * 1e-9
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+step()
+times = []
+for _ in range(repeats):
+    t0 = time.perf_counter(); step(); times.append(time.perf_counter() - t0)
+print(json.dumps({"times": times, "maxrss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+"""
+
+
+def training_step(args) -> Dict:
+    """Each configuration in its own process: clean peak-memory figures, no cross-talk."""
+    configs = [("plain", 0.0)] + [(m, s) for s in (0.0, 0.5, 0.75, 0.9) for m in ("full", "skip")]
+    results = {}
+    for rep in range(args.step_rounds):  # rounds interleave the configurations
+        for mode, s in configs:
+            out = subprocess.run([sys.executable, "-c", STEP_CODE, mode, str(s), str(args.step_repeats),
+                                  str(args.step_seconds), str(torch.get_num_threads())],
+                                 capture_output=True, text=True, check=True)
+            r = json.loads(out.stdout.strip().splitlines()[-1])
+            entry = results.setdefault((mode, s), {"times": [], "maxrss_mb": 0.0})
+            entry["times"] += r["times"]
+            entry["maxrss_mb"] = max(entry["maxrss_mb"], r["maxrss_mb"])
+    plain = med(results[("plain", 0.0)]["times"])
+    rows, out = [], []
+    for (mode, s), r in results.items():
+        t = med(r["times"])
+        full_t = med(results[("full", s)]["times"]) if mode != "plain" else t
+        label = {"plain": "no gates", "full": "gated, skipping off", "skip": "gated, skipping on"}[mode]
+        out.append({"config": label, "sparsity": s, "step_s": t, "vs_no_gates": t / plain,
+                    "vs_skipping_off": t / full_t, "peak_rss_mb": r["maxrss_mb"]})
+        rows.append([label, f"{s:.2f}", f"{t:.2f} s", spread(r["times"]), f"{t / plain:.2f}x",
+                     f"{t / full_t:.2f}x", f"{r['maxrss_mb']:.0f} MB"])
+    print(f"\n3. Training step, {PRESET}, batch 2 x {args.step_seconds:g} s, teacher included, "
+          f"{torch.get_num_threads()} threads, median of {args.step_rounds * args.step_repeats}")
+    print(format_table([["student", "gate sparsity", "step", "spread", "vs no gates", "vs skipping off",
+                         "peak RSS"]] + rows))
+    return {"training_step": out}
+
+
+def plot(results: Dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.5, 4.2))
+    for batch, marker in ((1, "o"), (4, "s")):
+        pts = [r for r in results["inference"] if r["batch"] == batch and r["model"] != "unpruned"]
+        ax.plot([r["mac_reduction"] for r in pts], [r["speedup"] for r in pts], marker=marker,
+                label=f"batch {batch}")
+        for r in pts:
+            ax.annotate(r["model"], (r["mac_reduction"], r["speedup"]), textcoords="offset points", xytext=(4, -10),
+                        fontsize=8)
+    top = max(r["mac_reduction"] for r in results["inference"]) * 1.1
+    ax.plot([1, top], [1, top], "k--", lw=0.8, label="speedup = MAC cut")
+    ax.plot([1, top], [0.9, 0.9 * top], "k:", lw=0.8, label="0.9 x MAC cut (goal)")
+    ax.set_xlabel("MAC reduction (x)")
+    ax.set_ylabel("CPU speedup (x)")
+    ax.set_title(f"{PRESET}: pruned vs unpruned, CPU")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="shorter audio and fewer repeats (a few minutes)")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", default="outputs/benchmark")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    args.seconds = 4.0 if args.quick else 10.0
+    args.repeats = 3 if args.quick else 5
+    args.lagrangian_steps = 150 if args.quick else 400
+    args.step_seconds = 2.0 if args.quick else 4.0
+    args.step_repeats = 2 if args.quick else 3
+    args.step_rounds = 1 if args.quick else 2
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    print(f"torch {torch.__version__}, {args.threads} threads, {'quick' if args.quick else 'full'} mode")
+    t0 = time.time()
+    inf = inference(args)
+    models = inf.pop("models")
+    results = {**inf, **target_kinds(args, models["unpruned"]), **training_step(args)}
+    results["seconds_total"] = time.time() - t0
+    (out / "results.json").write_text(json.dumps(results, indent=2))
+    plot(results, out / "speedup.png")
+    print(f"\nwrote {out / 'results.json'} and {out / 'speedup.png'} in {results['seconds_total']:.0f} s "
+          f"(peak RSS of this process {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB)")
+
+
+if __name__ == "__main__":
+    main()
