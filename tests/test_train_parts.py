@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 from prune.models import build_preset
 from prune.structures import GatedEncoder, count_macs, count_params
-from prune.train.checkpoint import CheckpointError, checkpoint_files, load_latest, save_checkpoint
+from prune.train.checkpoint import REQUIRED, CheckpointError, checkpoint_files, load_latest, save_checkpoint
 from prune.train.distill import DistillHeads, distill_loss, frame_mask
 from prune.train.lagrangian import Lagrangian
 
@@ -93,7 +93,8 @@ def test_lagrangian_drives_gates_to_the_target():
 
 def test_checkpoints_are_atomic_rotated_and_fall_back(tmp_path, caplog):
     for step in (10, 20, 30, 40):
-        save_checkpoint(tmp_path, step, {"step": step, "w": torch.full((3,), float(step))}, keep_last=3)
+        state = {**{key: None for key in REQUIRED}, "step": step, "student": torch.full((3,), float(step))}
+        save_checkpoint(tmp_path, step, state, keep_last=3)
     assert [s for s, _ in checkpoint_files(tmp_path)] == [40, 30, 20]
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary files left
     latest = checkpoint_files(tmp_path)[0][1]
