@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-import time
 from pathlib import Path
 from typing import List, Optional
 
@@ -162,22 +161,12 @@ def inspect(args: argparse.Namespace) -> int:
     return 0
 
 
-@torch.no_grad()
-def _latency(model: torch.nn.Module, *inputs: torch.Tensor, repeats: int = 3) -> float:
-    model(*inputs)  # warm-up
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        model(*inputs)
-        times.append(time.perf_counter() - t0)
-    return sorted(times)[len(times) // 2]
-
-
 def preview(args: argparse.Namespace) -> int:
     """Gate a preset, set its gates to a seeded non-uniform state at the chosen sparsity, cut it
     to a plain model, check it against the gated model, export it and print before/after."""
     from .checkpoints import check_export_path, describe, export_pruned
     from .compile import compile_encoder
+    from .measure import latency
     from .models import SAMPLE_RATE, build_preset
     from .seeded import set_random_gates
     from .structures import GatedEncoder
@@ -197,7 +186,7 @@ def preview(args: argparse.Namespace) -> int:
     with torch.no_grad():
         expected, _ = gated(x, lengths)
         actual, _ = compiled(x, lengths)
-    t_full, t_pruned = _latency(gated.model, x, lengths), _latency(compiled, x, lengths)
+    t_full, t_pruned = latency(gated.model, x, lengths, repeats=3), latency(compiled, x, lengths, repeats=3)
     error = max(((a - e).abs().max() / e.abs().max()).item() for a, e in zip(actual, expected))
     path = export_pruned(compiled, out, source=gated.config, overwrite=args.overwrite,
                          metadata={"preview": {"preset": args.preset, "sparsity": args.sparsity, "seed": args.seed}})

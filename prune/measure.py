@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
@@ -35,3 +37,15 @@ def measured_macs(model: nn.Module, seconds: float = 1.0) -> int:
     finally:
         model.train(was_training)
     return counter.get_total_flops() // 2
+
+
+@torch.no_grad()
+def latency(model: nn.Module, *inputs: torch.Tensor, repeats: int = 5) -> float:
+    """Median seconds of ``model(*inputs)`` after one warm-up call."""
+    model(*inputs)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        model(*inputs)
+        times.append(time.perf_counter() - t0)
+    return sorted(times)[len(times) // 2]

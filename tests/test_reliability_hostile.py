@@ -149,4 +149,3 @@ def test_every_torch_load_in_prune_is_weights_only():
     assert "_LOG.warning" in opt_in  # the unsafe path is taken only on request, and says so
     assert not re.search(r"\bpickle\.loads?\(|\bdill\b|\bjoblib\.load", "\n".join(
         p.read_text() for p in (REPO / "prune").rglob("*.py")))
-    assert Path(REPO / "prune").is_dir()

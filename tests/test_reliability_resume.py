@@ -111,11 +111,12 @@ def test_killed_at_every_point_and_resumed_gives_the_same_export(corpus, referen
     # every checkpoint damaged: one clear line, no traceback, nothing trained
     for _, path in checkpoint_files(ckpts):
         path.write_bytes(b"PK\x03\x04 not really a zip")
-    result = prune_cli(["resume", str(run)])
-    assert result.returncode not in (0, KILLED)
-    last = result.stderr.strip().splitlines()[-1]
-    assert last.startswith("prune resume: every checkpoint in") and "damaged" in last, last
-    assert "Traceback" not in result.stderr
+    for command, args in (("resume", ["resume", str(run)]), ("train", run_args(corpus, run))):
+        result = prune_cli(args)
+        assert result.returncode not in (0, KILLED)
+        last = result.stderr.strip().splitlines()[-1]
+        assert last.startswith(f"prune {command}: every checkpoint in") and "damaged" in last, last
+        assert "Traceback" not in result.stderr
 
 
 def test_fault_spec_parsing(monkeypatch):

@@ -21,8 +21,9 @@ REQUIRED = ("step", "stage", "epoch", "batch_in_epoch", "config", "student_confi
             "optimizer", "scheduler", "scaler", "rng", "nonfinite_total", "history")
 
 
-class CheckpointError(RuntimeError):
-    """No usable training checkpoint."""
+class CheckpointError(RuntimeError, ValueError):
+    """No usable training checkpoint. A ValueError too: bad input, which ``prune train`` reports
+    in one line like ``prune resume`` does."""
 
 
 def checkpoint_files(folder: Path) -> List[Tuple[int, Path]]:

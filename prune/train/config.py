@@ -12,6 +12,7 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from ..models import PRESETS, preset_config
+from ..structures import GateConfig
 from .distill import COS_TYPES, MODES
 from .lagrangian import TARGET_KINDS
 
@@ -42,18 +43,6 @@ class DataConfig:
 
 
 @dataclass
-class GatesConfig:
-    conv_channels: bool = True
-    attention_heads: bool = True
-    attention_layers: bool = True
-    ffn_units: bool = True
-    ffn_layers: bool = True
-    init_mean: float = 0.01
-    ffn_units_init_mean: float = 0.5
-    init_std: float = 0.01
-
-
-@dataclass
 class PruningConfig:
     target_kind: str = "params"  # params | param_count | macs
     target: float = 0.75  # sparsity for params/macs; params to keep for param_count
@@ -61,7 +50,7 @@ class PruningConfig:
     macs_seconds: float = 1.0  # utterance length the MACs target is measured on
     tolerance: float = 0.005  # the exported size must land within this fraction of the target size
     skip_closed: bool = True  # compute only the units whose gate sample is nonzero (same result, less work)
-    gates: GatesConfig = field(default_factory=GatesConfig)
+    gates: GateConfig = field(default_factory=GateConfig)  # which structures are gated, initial drop rates
 
 
 @dataclass

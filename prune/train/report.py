@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
@@ -11,21 +10,13 @@ import torch
 from omegaconf import DictConfig
 
 from ..checkpoints import describe
+from ..measure import latency
 from ..models import SAMPLE_RATE, Wav2Vec2Model
 
 
-@torch.no_grad()
 def cpu_latency(model: Wav2Vec2Model, seconds: float, repeats: int = 5) -> float:
     """Median seconds of one forward pass, batch 1, on the CPU (a copy of the model)."""
-    model = _cpu_copy(model)
-    x = torch.randn(1, int(seconds * SAMPLE_RATE))
-    model(x)  # warm-up
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        model(x)
-        times.append(time.perf_counter() - t0)
-    return sorted(times)[len(times) // 2]
+    return latency(_cpu_copy(model), torch.randn(1, int(seconds * SAMPLE_RATE)), repeats=repeats)
 
 
 def _cpu_copy(model: Wav2Vec2Model) -> Wav2Vec2Model:
