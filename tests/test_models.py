@@ -91,3 +91,18 @@ def test_config_errors_name_the_key():
         preset_config("hubert_small")
     with pytest.raises(ValueError, match="batch, samples"):
         build_preset("hubert_base_tiny")(torch.randn(16000))
+
+
+def test_positional_conv_weight_is_cached_only_without_autograd():
+    conv = build_preset("hubert_base_tiny").encoder.transformer.pos_conv_embed.conv
+    with torch.no_grad():
+        first = conv.weight()
+        assert conv.weight() is first  # reused
+        conv.weight_g.mul_(2.0)  # an update invalidates it
+        second = conv.weight()
+    assert second is not first
+    torch.testing.assert_close(second, 2 * first)
+    with_grad = conv.weight()  # with autograd: always fresh, and differentiable
+    assert with_grad.requires_grad and with_grad is not second
+    with_grad.sum().backward()
+    assert conv.weight_v.grad is not None
