@@ -63,8 +63,9 @@ def calibrate(gated: GatedEncoder, size: Callable[[GatedEncoder], Tensor], targe
     learned order of the gates: first one shift of every group but the whole-block gates, then,
     with heads fixed (one head is a large step), one more of the FFN units and conv channels;
     only if whole blocks closed too many (or too few) for that, all gates together, then the
-    fine ones again."""
+    fine ones again. Leaves the model in eval mode."""
     passes = (_not_layer_gate, _fine_grained, _all_groups, _fine_grained)
+    gated.eval()  # the eval masks are what gets cut
     reached = size(gated).item()
     for select in passes:
         if abs(reached - target) <= tolerance * target:

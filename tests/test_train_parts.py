@@ -106,3 +106,14 @@ def test_checkpoints_are_atomic_rotated_and_fall_back(tmp_path, caplog):
     with pytest.raises(CheckpointError, match="every checkpoint"):
         load_latest(tmp_path)
     assert load_latest(tmp_path / "none") is None
+
+
+def test_calibrate_lands_the_eval_masks_on_the_target():
+    from prune.calibrate import calibrate
+
+    gated = GatedEncoder(build_preset("wavlm_base_tiny")).train()
+    target = 0.4 * count_params(gated.config)
+    reached = calibrate(gated, GatedEncoder.expected_params, target, tolerance=0.005)
+    assert not gated.training  # it measured what will be cut: the eval masks
+    assert reached == gated.expected_params().item()
+    assert abs(reached - target) <= 0.005 * target
