@@ -6,7 +6,6 @@ import pickle
 import re
 import shutil
 import signal
-from pathlib import Path
 
 import pytest
 import torch

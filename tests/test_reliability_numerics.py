@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 from helpers_train import noise_corpus, prune_cli, short_run_args
-from torch.optim.optimizer import register_optimizer_step_pre_hook
+from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 
 from prune.checkpoints import read_export_info
 from prune.train.checkpoint import checkpoint_files, load_checkpoint
@@ -124,6 +124,27 @@ def test_nonfinite_gradient_with_a_finite_loss_is_skipped(tmp_path):
     assert_all_finite(r.ckpt_dir)
 
 
+def test_non_finite_weights_are_never_checkpointed(tmp_path):
+    """Whatever the cause (here: an update that breaks a weight, as optim.lr=nan would), a model
+    with non-finite weights stops the run instead of replacing good checkpoints."""
+    r = recipe(tmp_path)
+    weight = r.student.encoder.model.feature_extractor.conv_layers[0].conv.weight
+
+    def break_weight(optimizer, args, kwargs):
+        if r.step + 1 == 3:
+            with torch.no_grad():
+                weight[0, 0, 0] = math.nan
+
+    handle = register_optimizer_step_post_hook(break_weight)
+    try:
+        with pytest.raises(FloatingPointError, match=r"step 3: non-finite weights \(.*conv_layers\.0\.conv\.weight"):
+            train(r)
+    finally:
+        handle.remove()
+    assert [s for s, _ in checkpoint_files(r.ckpt_dir)] == [2, 1]
+    assert_all_finite(r.ckpt_dir)
+
+
 @pytest.mark.parametrize("clip", [1e-3, None])
 def test_clip_grad_norm_bounds_the_gradient_the_optimizer_sees(tmp_path, clip):
     norms = []
@@ -143,3 +164,20 @@ def test_clip_grad_norm_bounds_the_gradient_the_optimizer_sees(tmp_path, clip):
         assert max(norms) > 1e-2  # the raw gradients are far above the clip value tested
     else:
         assert max(norms) <= clip * (1 + 1e-4), norms
+
+
+@pytest.mark.xfail(strict=True, raises=FloatingPointError,
+                   reason="prune/cli.py (not owned by these tests): main() does not catch FloatingPointError, "
+                          "so `prune resume` prints a traceback where `prune train` prints one line")
+def test_resume_stops_on_max_nonfinite_with_one_line(tmp_path, monkeypatch):
+    from omegaconf import OmegaConf
+
+    from prune.cli import main
+
+    monkeypatch.setenv("PRUNE_FAULT", "nan_loss:3-100")
+    r = recipe(tmp_path, "trainer.prune_steps=6", "trainer.max_nonfinite=2")
+    with pytest.raises(FloatingPointError):
+        train(r)
+    (r.run_dir / "config.yaml").write_text(OmegaConf.to_yaml(r.cfg))
+    with pytest.raises(SystemExit, match=r"^prune resume: 2 non-finite steps in a row.*trainer\.max_nonfinite"):
+        main(["resume", str(r.run_dir)])

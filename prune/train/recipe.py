@@ -369,6 +369,13 @@ class PruneRecipe:
         }
 
     def save_checkpoint(self) -> Optional[Path]:
+        # the weights are the same on every rank, so every rank stops here together
+        bad = [name for name, t in [*self.student.state_dict().items(), *self.lagrangian.state_dict().items()]
+               if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+        if bad:  # never overwrite good checkpoints with a broken model (e.g. optim.lr=nan)
+            raise FloatingPointError(f"step {self.step}: non-finite weights ({', '.join(bad[:3])}"
+                                     f"{', ...' if len(bad) > 3 else ''}); checkpoint not written, the last "
+                                     f"one is intact (check optim.lr, optim.gate_lr, optim.lambda_lr)")
         path = None
         if self.env.is_main:  # only rank 0 writes
             path = save_checkpoint(self.ckpt_dir, self.step, self._state(), self.cfg.trainer.keep_last)
