@@ -83,7 +83,15 @@ def train(argv: List[str]) -> None:
 
     import os
 
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not any(a.startswith("hydra.run.dir=") for a in argv):
+    run_dirs = [a.split("=", 1)[1] for a in argv if a.startswith("hydra.run.dir=")]
+    if run_dirs:  # Hydra makes the folder before our checks run: check it first
+        from .train.config import check_run_dir
+
+        try:
+            check_run_dir(Path(run_dirs[-1]))
+        except ConfigError as e:
+            raise _fail("train", e)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not run_dirs:
         raise SystemExit("prune train: under torchrun, give hydra.run.dir=PATH so that every process "
                          "works in the same run directory")
     # Hydra's parser wants flags before overrides; let --multirun stand anywhere
@@ -263,7 +271,7 @@ def main(argv: Optional[List[str]] = None) -> None:
             raise SystemExit(f"prune preview: --sparsity must be in [0, 1), got {args.sparsity}")
     try:
         raise SystemExit(args.func(args))
-    except (ValueError, OSError, ExportError, RuntimeError) as e:  # bad input: one line, no traceback
+    except (ValueError, OSError, ExportError, FloatingPointError) as e:  # bad input: one line, no traceback
         raise _fail(args.command, e)
 
 

@@ -258,6 +258,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="shorter audio and fewer repeats (a few minutes)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", default="outputs/benchmark")
+    parser.add_argument("--sections", default="1,2,3", help="which parts to run (4 comes with 1)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     args.seconds = 4.0 if args.quick else 10.0
@@ -270,12 +271,20 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     print(f"torch {torch.__version__}, {args.threads} threads, {'quick' if args.quick else 'full'} mode")
     t0 = time.time()
-    inf = inference(args)
-    models = inf.pop("models")
-    results = {**inf, **target_kinds(args, models["unpruned"]), **training_step(args)}
+    sections = set(args.sections.split(","))
+    results: Dict = {}
+    if "1" in sections or "2" in sections:
+        inf = inference(args)
+        models = inf.pop("models")
+        results.update(inf if "1" in sections else {})
+        if "2" in sections:
+            results.update(target_kinds(args, models["unpruned"]))
+    if "3" in sections:
+        results.update(training_step(args))
     results["seconds_total"] = time.time() - t0
     (out / "results.json").write_text(json.dumps(results, indent=2))
-    plot(results, out / "speedup.png")
+    if "inference" in results:
+        plot(results, out / "speedup.png")
     print(f"\nwrote {out / 'results.json'} and {out / 'speedup.png'} in {results['seconds_total']:.0f} s "
           f"(peak RSS of this process {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB)")
 

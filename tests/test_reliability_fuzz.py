@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from helpers_train import noise_corpus
 from hydra.errors import HydraException
-from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from omegaconf.errors import OmegaConfBaseException
 
@@ -59,15 +59,9 @@ def corpus(tmp_path_factory):
     return noise_corpus(tmp_path_factory.mktemp("corpus"), n_train=2, n_valid=1)
 
 
-def known_gap(key, value) -> bool:
-    """Inputs whose error does not name the key yet (see test_known_gaps below)."""
-    return key == "distill.layers" and isinstance(value, list) and any(not isinstance(v, list) for v in value)
-
-
 @FUZZ
 @given(key=st.sampled_from(KEYS), value=values)
 def test_any_value_passes_or_fails_naming_the_key(corpus, tmp_path, key, value):
-    assume(not known_gap(key, value))
     train, valid = corpus
     base = [f"data.train_manifest={train}", f"data.valid_manifest={valid}"]
     override = f"{key}={render(value)}"
@@ -82,7 +76,6 @@ def test_any_value_passes_or_fails_naming_the_key(corpus, tmp_path, key, value):
 @given(keys=st.lists(st.sampled_from(KEYS), min_size=2, max_size=3, unique=True), data=st.data())
 def test_several_bad_values_fail_naming_one_of_them(corpus, tmp_path, keys, data):
     overrides = {k: data.draw(values, label=k) for k in keys}
-    assume(not any(known_gap(k, v) for k, v in overrides.items()))
     train, valid = corpus
     base = [f"data.train_manifest={train}", f"data.valid_manifest={valid}"]
     try:
@@ -93,20 +86,17 @@ def test_several_bad_values_fail_naming_one_of_them(corpus, tmp_path, keys, data
 
 
 @pytest.mark.parametrize("override,key", [
-    ("distill.layers=[[0],3]", "distill.layers"),  # an element's type error loses the key ("1: Invalid value ...")
+    ("distill.layers=[[0],3]", "distill.layers"),  # OmegaConf alone names only the index ("1: Invalid value")
     ("distill.layers=['a']", "distill.layers"),
-    ("+teacher.overrides.foo=1", "teacher.overrides"),  # TypeError from EncoderConfig, not a ConfigError
+    ("+teacher.overrides.foo=1", "teacher.overrides"),  # EncoderConfig's own TypeError, reported as the key
 ])
-@pytest.mark.xfail(strict=True, reason="config.py (not owned by these tests): the error does not name the key")
-def test_known_gaps(corpus, tmp_path, override, key):
+def test_errors_inside_lists_and_overrides_name_the_key(corpus, tmp_path, override, key):
     train, valid = corpus
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         validate(compose("tiny_demo", [f"data.train_manifest={train}", f"data.valid_manifest={valid}", override]),
                  tmp_path / "run")
 
 
-@pytest.mark.xfail(strict=True, reason="prune/cli.py (not owned by these tests): Hydra creates hydra.run.dir "
-                                      "before validate() runs, so a run directory under a file is a traceback")
 def test_run_dir_under_a_file_is_one_line(corpus, tmp_path):
     from helpers_train import prune_cli, short_run_args
 

@@ -166,9 +166,6 @@ def test_clip_grad_norm_bounds_the_gradient_the_optimizer_sees(tmp_path, clip):
         assert max(norms) <= clip * (1 + 1e-4), norms
 
 
-@pytest.mark.xfail(strict=True, raises=FloatingPointError,
-                   reason="prune/cli.py (not owned by these tests): main() does not catch FloatingPointError, "
-                          "so `prune resume` prints a traceback where `prune train` prints one line")
 def test_resume_stops_on_max_nonfinite_with_one_line(tmp_path, monkeypatch):
     from omegaconf import OmegaConf
 

@@ -28,7 +28,7 @@ def _step(gated: GatedEncoder, skip: bool, x, lengths, targets, seed: int):
 
 @pytest.mark.parametrize("name", TINY)
 def test_same_loss_and_gradients_with_skipping_on_and_off(name):
-    gated = randomize_gates(GatedEncoder(build_preset(name, **NO_DROPOUT)), seed=4).train()
+    gated = randomize_gates(GatedEncoder(build_preset(name, **NO_DROPOUT), skip_min_closed=0.0), seed=4).train()
     with torch.no_grad():  # partly open groups too, not only all-or-nothing ones
         gated.feed_forward[0].unit_gate.log_alpha[: gated.feed_forward[0].num_units // 2] = CLOSED
         gated.attention[-1].head_gate.log_alpha[:1] = CLOSED
@@ -65,3 +65,14 @@ def test_skipping_is_the_default_and_can_be_switched_off():
             p.fill_(20.0)
     active = fresh.eval().sample_gates().active  # nothing closed: the plain path throughout
     assert all(a is None for a in active.conv + active.heads + active.units) and active.conv_closed is None
+
+
+def test_lightly_closed_groups_are_computed_whole():
+    gated = GatedEncoder(build_preset("hubert_base_tiny"), skip_min_closed=0.3)
+    with torch.no_grad():
+        for p in gated.gate_parameters():
+            p.fill_(20.0)
+        gated.conv[2].gate.log_alpha[:2] = CLOSED  # 2 of 16: computed whole
+        gated.conv[-1].gate.log_alpha[:8] = CLOSED  # half: skipped
+    active = gated.eval().sample_gates().active
+    assert active.conv[2] is None and active.conv[-1].numel() == 8 and active.conv_closed.numel() == 8

@@ -50,6 +50,7 @@ class PruningConfig:
     macs_seconds: float = 1.0  # utterance length the MACs target is measured on
     tolerance: float = 0.005  # the exported size must land within this fraction of the target size
     skip_closed: bool = True  # compute only the units whose gate sample is nonzero (same result, less work)
+    skip_min_closed: float = 0.3  # ... in groups with at least this fraction closed (gathering costs too)
     gates: GateConfig = field(default_factory=GateConfig)  # which structures are gated, initial drop rates
 
 
@@ -113,14 +114,38 @@ def typed(cfg: Any) -> DictConfig:
     plain = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg
     plain = {k: v for k, v in plain.items() if k != "hydra"}
     plain.pop("recipe", None)
+    schema = OmegaConf.structured(TrainConfig)
     try:
-        merged = OmegaConf.merge(OmegaConf.structured(TrainConfig), plain)
+        merged = OmegaConf.merge(schema, plain)
     except OmegaConfBaseException as e:
-        key = getattr(e, "full_key", None) or ""
+        key = _failing_key(schema, plain) or getattr(e, "full_key", None) or ""
         msg = str(e).splitlines()[0]
         raise ConfigError(f"{key}: {msg}" if key else msg) from None
     OmegaConf.set_readonly(merged, True)
     return merged
+
+
+def _failing_key(schema: DictConfig, plain: Dict[str, Any]) -> Optional[str]:
+    """The dotted key whose value the schema rejects: OmegaConf names a list element's index
+    alone ("1: Invalid value"), so merge one key at a time to find it."""
+    for section, values in plain.items():
+        if not isinstance(values, dict):
+            continue
+        for key, value in values.items():
+            try:
+                OmegaConf.merge(schema, {section: {key: value}})
+            except OmegaConfBaseException:
+                return f"{section}.{key}"
+    return None
+
+
+def check_run_dir(run_dir: Path) -> None:
+    """The run directory, or the nearest folder above it that exists, must be a writable folder."""
+    ancestor = Path(run_dir)
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    if not ancestor.is_dir() or not os.access(ancestor, os.W_OK):
+        raise ConfigError(f"run directory: {run_dir} is not writable ({ancestor} is not a writable folder)")
 
 
 def validate(cfg: DictConfig, run_dir: Optional[Path] = None) -> None:
@@ -129,7 +154,10 @@ def validate(cfg: DictConfig, run_dir: Optional[Path] = None) -> None:
     if t.checkpoint is None:
         if t.preset not in PRESETS:
             raise ConfigError(f"teacher.preset: unknown preset {t.preset!r}; choose from {sorted(PRESETS)}")
-        num_layers = preset_config(t.preset, **t.overrides).encoder_num_layers
+        try:
+            num_layers = preset_config(t.preset, **t.overrides).encoder_num_layers
+        except (TypeError, ValueError) as e:  # an unknown or invalid EncoderConfig field
+            raise ConfigError(f"teacher.overrides: {e}") from None
     else:
         if not Path(t.checkpoint).exists():
             raise ConfigError(f"teacher.checkpoint: {t.checkpoint} does not exist")
@@ -140,6 +168,8 @@ def validate(cfg: DictConfig, run_dir: Optional[Path] = None) -> None:
         raise ConfigError(f"pruning.target: a sparsity must be in (0, 1), got {p.target}")
     if p.target_kind == "param_count" and p.target < 1:
         raise ConfigError(f"pruning.target: a parameter count must be positive, got {p.target}")
+    if not 0.0 <= p.skip_min_closed <= 1.0:
+        raise ConfigError(f"pruning.skip_min_closed: must be in [0, 1], got {p.skip_min_closed}")
     if not 0.0 < p.tolerance < 0.5:
         raise ConfigError(f"pruning.tolerance: must be in (0, 0.5), got {p.tolerance}")
     for key in ("train_manifest", "valid_manifest"):
@@ -174,11 +204,7 @@ def validate(cfg: DictConfig, run_dir: Optional[Path] = None) -> None:
         if tr[key] < 1:
             raise ConfigError(f"trainer.{key}: must be >= 1, got {tr[key]}")
     if run_dir is not None:
-        ancestor = Path(run_dir)
-        while not ancestor.exists():
-            ancestor = ancestor.parent
-        if not ancestor.is_dir() or not os.access(ancestor, os.W_OK):
-            raise ConfigError(f"run directory: {run_dir} is not writable ({ancestor})")
+        check_run_dir(run_dir)
 
 
 def compose(recipe: str = "default", overrides: Optional[List[str]] = None) -> DictConfig:

@@ -108,7 +108,8 @@ class PruneRecipe:
                 raise ValueError(f"distill.layers: {layers} must lie in [0, {n}] for this {n}-layer teacher")
         student = build_encoder(self.source_config.replace(encoder_layer_drop=cfg.distill.student_layer_drop))
         student.load_state_dict(self.teacher.state_dict())
-        gated = GatedEncoder(student, GateConfig(**cfg.pruning.gates), skip_closed=cfg.pruning.skip_closed)
+        gated = GatedEncoder(student, GateConfig(**cfg.pruning.gates), skip_closed=cfg.pruning.skip_closed,
+                             skip_min_closed=cfg.pruning.skip_min_closed)
         heads = DistillHeads(self.source_config.encoder_embed_dim, cfg.distill.layers, cfg.distill.mode)
         self.lagrangian = Lagrangian(gated, cfg.pruning.target_kind, cfg.pruning.target,
                                      cfg.pruning.warmup_steps, cfg.pruning.macs_seconds).to(self.env.device)
