@@ -178,7 +178,7 @@ def preview(args: argparse.Namespace) -> int:
     from .models import SAMPLE_RATE, build_preset
     from .seeded import set_random_gates
     from .structures import GatedEncoder
-    from .train.report import format_table
+    from .train.report import comparison_table
 
     torch.manual_seed(args.seed)
     torch.set_num_threads(args.threads)
@@ -200,13 +200,8 @@ def preview(args: argparse.Namespace) -> int:
                          metadata={"preview": {"preset": args.preset, "sparsity": args.sparsity, "seed": args.seed}})
 
     before, after = describe(gated.config), describe(compiled.config)
-    rows = [["", "unpruned", "pruned", "ratio"],
-            ["params", f"{before['params']:,}", f"{after['params']:,}", f"{after['params'] / before['params']:.3f}"],
-            ["GMACs / s of audio", f"{before['macs_per_second'] / 1e9:.3f}", f"{after['macs_per_second'] / 1e9:.3f}",
-             f"{after['macs_per_second'] / before['macs_per_second']:.3f}"],
-            [f"CPU forward, 2 x {args.seconds:g} s (median of 3)", f"{t_full:.3f} s", f"{t_pruned:.3f} s",
-             f"{t_pruned / t_full:.3f}"]]
-    print(format_table(rows))
+    print(comparison_table(before, after, ("unpruned", "pruned"), f"CPU forward, 2 x {args.seconds:g} s (median of 3)",
+                           t_full, t_pruned))
     print(f"param sparsity reached: {reached:.4f} (asked {args.sparsity})")
     print(f"conv channels : {_layers(after['conv_channels'])}")
     print(f"heads         : {_layers(after['heads'])}   ('-' = attention block removed)")

@@ -86,7 +86,7 @@ def export_pruned(model: Wav2Vec2Model, path: PathLike, source: Optional[Encoder
             json.dump(info, f, indent=2)
             f.flush()
             os.fsync(f.fileno())
-        _fsync(tmp / WEIGHTS)
+        fsync_path(tmp / WEIGHTS)
         maybe_fail("during_export")  # PRUNE_FAULT=during_export (tests): dies before the rename
         if path.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=parent))
@@ -95,6 +95,7 @@ def export_pruned(model: Wav2Vec2Model, path: PathLike, source: Optional[Encoder
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, path)
+        fsync_path(parent)  # the rename itself on disk
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -159,8 +160,9 @@ def _check_state(model: Wav2Vec2Model, state: Dict[str, torch.Tensor], where: Pa
         raise ExportError(f"{where} does not match its {CONFIG}: " + "; ".join(problems))
 
 
-def _fsync(file: Path) -> None:
-    fd = os.open(file, os.O_RDONLY)
+def fsync_path(path: Path) -> None:
+    """fsync a file, or a folder (so that a rename inside it is on disk)."""
+    fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:

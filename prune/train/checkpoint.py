@@ -11,6 +11,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
+from ..checkpoints.export import fsync_path
 from .faults import maybe_fail
 
 log = logging.getLogger(__name__)
@@ -51,7 +52,7 @@ def save_checkpoint(folder: Path, step: int, state: Dict[str, Any], keep_last: i
     finally:
         if tmp.exists():
             tmp.unlink()
-    _fsync_dir(folder)
+    fsync_path(folder)
     for _, old in checkpoint_files(folder)[keep_last:]:
         old.unlink(missing_ok=True)
     return path
@@ -96,11 +97,3 @@ def load_latest(folder: Path) -> Optional[Dict[str, Any]]:
     if files:
         raise CheckpointError(f"every checkpoint in {folder} is damaged: {[str(p) for _, p in files]}")
     return None
-
-
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 from omegaconf import DictConfig
@@ -62,19 +62,25 @@ def format_table(rows: List[List[str]]) -> str:
     return "\n".join(lines)
 
 
+def comparison_table(before: Dict[str, Any], after: Dict[str, Any], names: Tuple[str, str], latency_label: str,
+                     t_before: float, t_after: float) -> str:
+    """Params, MACs and latency of two models (``describe`` dicts) side by side, with ratios."""
+    rows = [["", *names, "ratio"],
+            ["params", f"{before['params']:,}", f"{after['params']:,}", f"{after['params'] / before['params']:.4f}"],
+            ["MACs / s of audio", f"{before['macs_per_second'] / 1e9:.3f} G", f"{after['macs_per_second'] / 1e9:.3f} G",
+             f"{after['macs_per_second'] / before['macs_per_second']:.4f}"],
+            [latency_label, f"{t_before * 1e3:.1f} ms", f"{t_after * 1e3:.1f} ms", f"{t_after / t_before:.4f}"]]
+    return format_table(rows)
+
+
 def write_report(run_dir: Path, teacher: Wav2Vec2Model, pruned: Wav2Vec2Model, cfg: Optional[DictConfig],
                  meta: Dict[str, Any]) -> str:
     """Write report.json, report.txt and layers.png into ``run_dir``; return the text."""
     seconds = cfg.trainer.latency_seconds if cfg is not None else 4.0
     before, after = describe(teacher.config), describe(pruned.config)
     t_before, t_after = cpu_latency(teacher, seconds), cpu_latency(pruned, seconds)
-    rows = [["", "teacher", "pruned", "ratio"],
-            ["params", f"{before['params']:,}", f"{after['params']:,}", f"{after['params'] / before['params']:.4f}"],
-            ["MACs / s of audio", f"{before['macs_per_second'] / 1e9:.3f} G", f"{after['macs_per_second'] / 1e9:.3f} G",
-             f"{after['macs_per_second'] / before['macs_per_second']:.4f}"],
-            [f"CPU latency, {seconds:g} s, batch 1", f"{t_before * 1e3:.1f} ms", f"{t_after * 1e3:.1f} ms",
-             f"{t_after / t_before:.4f}"]]
-    lines = [format_table(rows),
+    lines = [comparison_table(before, after, ("teacher", "pruned"), f"CPU latency, {seconds:g} s, batch 1",
+                              t_before, t_after),
              f"target: {meta.get('target_kind')} sparsity {meta.get('target_sparsity', float('nan')):.4f}, "
              f"reached {meta.get('reached_sparsity', float('nan')):.4f}"]
     if meta.get("skipped_files"):
