@@ -15,6 +15,7 @@ $(STAMP): pyproject.toml
 setup: $(STAMP)
 
 demo: $(STAMP)
+	rm -rf outputs/demo  # a fresh run each time (re-running into a run directory resumes it)
 	$(BIN)/prune train tiny_demo hydra.run.dir=outputs/demo
 
 test: $(STAMP)
