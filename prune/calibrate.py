@@ -56,6 +56,11 @@ def _fine_grained(name: str, p: nn.Parameter) -> bool:
     return "unit_gate" in name or name.startswith("conv.")
 
 
+def _ffn_units(name: str, p: nn.Parameter) -> bool:
+    # the finest step in MACs: a conv channel costs its layer's frame rate, a unit the final one
+    return "unit_gate" in name
+
+
 @torch.no_grad()
 def calibrate(gated: GatedEncoder, size: Callable[[GatedEncoder], Tensor], target: float,
               tolerance: float) -> float:
@@ -63,8 +68,9 @@ def calibrate(gated: GatedEncoder, size: Callable[[GatedEncoder], Tensor], targe
     learned order of the gates: first one shift of every group but the whole-block gates, then,
     with heads fixed (one head is a large step), one more of the FFN units and conv channels;
     only if whole blocks closed too many (or too few) for that, all gates together, then the
-    fine ones again. Leaves the model in eval mode."""
-    passes = (_not_layer_gate, _fine_grained, _all_groups, _fine_grained)
+    fine ones again; last, the FFN units alone (conv channels are coarse steps in MACs). Each pass
+    runs only while the size is still off. Leaves the model in eval mode."""
+    passes = (_not_layer_gate, _fine_grained, _all_groups, _fine_grained, _ffn_units)
     gated.eval()  # the eval masks are what gets cut
     reached = size(gated).item()
     for select in passes:

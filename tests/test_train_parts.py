@@ -117,3 +117,14 @@ def test_calibrate_lands_the_eval_masks_on_the_target():
     assert not gated.training  # it measured what will be cut: the eval masks
     assert reached == gated.expected_params().item()
     assert abs(reached - target) <= 0.005 * target
+
+
+def test_calibrate_lands_a_macs_target():
+    from prune.calibrate import calibrate
+
+    gated = GatedEncoder(build_preset("hubert_base_tiny")).train()
+    size = lambda g: g.expected_macs(1.0)  # noqa: E731
+    target = 0.4 * count_macs(gated.config, 1.0)
+    reached = calibrate(gated, size, target, tolerance=0.005)
+    assert abs(reached - target) <= 0.005 * target
+    assert reached == size(gated).item()
