@@ -3,7 +3,7 @@
     prune train [RECIPE] [key=value ...] [--multirun]   prune -> final distillation -> export
     prune resume RUN_DIR                                continue a stopped run where it stopped
     prune export CHECKPOINT OUT                         export the student of a training checkpoint
-    prune evaluate MODEL [--teacher T] --manifest M     compare a model's hidden states to its teacher's
+    prune evaluate MODEL [--manifest M] [--probe DIR]   hidden states vs the teacher; phone-recognition PER
     prune inspect PATH                                  size and structure of any supported checkpoint
     prune preview [--preset P] [--sparsity S]           gate a preset with seeded random gates, cut, export
 
@@ -156,9 +156,19 @@ def _submodule(state: dict, prefix: str) -> dict:
 
 
 def evaluate(args: argparse.Namespace) -> int:
-    from .train.evaluate import evaluate_against_teacher
+    if args.manifest is None and args.probe is None:
+        raise ValueError("give --manifest (compare with the teacher), --probe (phone recognition), or both")
+    if args.manifest is not None:
+        from .train.evaluate import evaluate_against_teacher
 
-    print(evaluate_against_teacher(args.model, args.teacher, args.manifest, args.batch_size, args.max_samples))
+        print(evaluate_against_teacher(args.model, args.teacher, args.manifest, args.batch_size, args.max_samples))
+    if args.probe is not None:
+        from .checkpoints import load_pretrained
+        from .train.probe import phone_probe
+
+        result = phone_probe(load_pretrained(args.model), Path(args.probe), steps=args.probe_steps)
+        print(f"phone probe on {args.probe} ({result['train_files']} train / {result['valid_files']} valid files, "
+              f"{args.probe_steps} steps): PER train {result['train_per']:.3f}, valid {result['valid_per']:.3f}")
     return 0
 
 
@@ -231,7 +241,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("evaluate", help="compare a model's hidden states with its teacher's on a manifest")
     p.add_argument("model", help="an export folder or any checkpoint prune inspect reads")
     p.add_argument("--teacher", default=None, help="teacher checkpoint (default: the export's recorded teacher)")
-    p.add_argument("--manifest", required=True)
+    p.add_argument("--manifest", default=None, help="compare hidden states with the teacher's on this manifest")
+    p.add_argument("--probe", default=None, help="phone-recognition probe on a corpus folder laid out like "
+                                                 "data/demo_corpus (train.tsv, valid.tsv, transcripts.tsv)")
+    p.add_argument("--probe-steps", type=int, default=1000)
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--max-samples", type=int, default=160000)
     p.set_defaults(func=evaluate)

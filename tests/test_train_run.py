@@ -144,3 +144,18 @@ def test_export_evaluate_and_inspect_commands(tmp_path):
     assert inspected.returncode == 0 and "parameters" in inspected.stdout
     missing = prune_cli(["export", str(run / "checkpoints" / "step_00000099.pt"), str(tmp_path / "x")])
     assert missing.returncode != 0 and "step_00000099.pt" in missing.stderr and "Traceback" not in missing.stderr
+
+
+def test_evaluate_runs_the_phone_probe(tmp_path):
+    from helpers_train import DEMO_CORPUS
+
+    if not (DEMO_CORPUS / "transcripts.tsv").exists():
+        pytest.skip("no demo corpus")
+    import prune
+
+    out = prune.export_pruned(prune.build_preset("hubert_base_tiny"), tmp_path / "model")
+    result = prune_cli(["evaluate", str(out), "--probe", str(DEMO_CORPUS), "--probe-steps", "30"])
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "252 train / 28 valid files, 30 steps): PER train" in result.stdout
+    neither = prune_cli(["evaluate", str(out)])
+    assert neither.returncode != 0 and "give --manifest" in neither.stderr

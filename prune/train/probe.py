@@ -1,0 +1,132 @@
+"""A phone-recognition probe (SUPERB PR style): a light CTC head on frozen features, reported as
+phone error rate. It tells what pruning cost in what the encoder knows about speech.
+
+    per = phone_probe(model, "data/demo_corpus")["valid_per"]
+
+Features: every hidden state of the frozen encoder, each normalised (LayerNorm without affine),
+mixed by learned softmax weights, then one Linear to the phones + CTC blank. Features are
+computed once; only the mixing weights and the Linear are trained.
+"""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+from typing import Dict, List, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..models import Wav2Vec2Model
+from .audio import load_audio
+from .manifest import read_manifest
+
+BLANK = 0
+
+
+def read_phones(path: Path) -> Dict[str, List[str]]:
+    """transcripts.tsv (header: id, voice, text, phones; phones space-separated) -> id -> phones."""
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f, delimiter="\t"))
+    if not rows or "phones" not in rows[0] or "id" not in rows[0]:
+        raise ValueError(f"{path}: expected a header with 'id' and 'phones' columns")
+    return {row["id"]: row["phones"].split() for row in rows}
+
+
+def edit_distance(a: Sequence, b: Sequence) -> int:
+    """Levenshtein distance between two sequences."""
+    previous = list(range(len(b) + 1))
+    for i, x in enumerate(a, 1):
+        current = [i]
+        for j, y in enumerate(b, 1):
+            current.append(min(previous[j] + 1, current[j - 1] + 1, previous[j - 1] + (x != y)))
+        previous = current
+    return previous[-1]
+
+
+def greedy_decode(log_probs: Tensor, length: int) -> List[int]:
+    """log_probs: (frames, classes) -> label ids: best path, repeats merged, blanks dropped."""
+    best = log_probs[:length].argmax(-1).tolist()
+    out, last = [], None
+    for k in best:
+        if k != last and k != BLANK:
+            out.append(k)
+        last = k
+    return out
+
+
+class ProbeHead(nn.Module):
+    """Softmax-weighted sum of normalised layers -> Linear to classes (blank = 0)."""
+
+    def __init__(self, num_layers: int, dim: int, num_classes: int):
+        super().__init__()
+        self.layer_logits = nn.Parameter(torch.zeros(num_layers))
+        self.linear = nn.Linear(dim, num_classes)
+
+    def forward(self, features: Tensor) -> Tensor:
+        """features: (layers, frames, dim) -> log-probabilities (frames, classes)"""
+        normed = F.layer_norm(features, features.shape[-1:])
+        mixed = (torch.softmax(self.layer_logits, 0)[:, None, None] * normed).sum(0)
+        return torch.log_softmax(self.linear(mixed), -1)
+
+
+@torch.no_grad()
+def _features(model: Wav2Vec2Model, manifest_path: Path, phones: Dict[str, List[str]]
+              ) -> List[Tuple[Tensor, List[str]]]:
+    """(layers, frames, dim) features and phone strings of every manifest file with a transcript."""
+    manifest = read_manifest(manifest_path)
+    out = []
+    for i, (rel, _) in enumerate(manifest.entries):
+        key = Path(rel).stem
+        if key not in phones:
+            continue
+        hiddens, _ = model(load_audio(manifest.path(i))[None])
+        out.append((torch.stack([h[0] for h in hiddens]), phones[key]))
+    if not out:
+        raise ValueError(f"{manifest_path}: no file has a transcript")
+    return out
+
+
+def fit_probe(train: List[Tuple[Tensor, List[str]]], valid: List[Tuple[Tensor, List[str]]], vocab: Dict[str, int],
+              steps: int = 1000, lr: float = 1e-2, seed: int = 0, batch_size: int = 8) -> Dict[str, float]:
+    """Train a ``ProbeHead`` with CTC on ``train`` ((layers, frames, dim) features, phones);
+    return phone error rates (greedy decoding) on both sets and the last CTC loss."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        head = ProbeHead(train[0][0].shape[0], train[0][0].shape[-1], len(vocab) + 1)
+    opt = torch.optim.Adam(head.parameters(), lr=lr)
+    losses = []
+    for _ in range(steps):
+        batch = [train[i] for i in torch.randperm(len(train), generator=g)[:batch_size].tolist()]
+        log_probs = [head(f) for f, _ in batch]
+        targets = [torch.tensor([vocab[p] for p in seq]) for _, seq in batch]
+        loss = F.ctc_loss(nn.utils.rnn.pad_sequence(log_probs),  # (frames, batch, classes)
+                          torch.cat(targets), torch.tensor([lp.shape[0] for lp in log_probs]),
+                          torch.tensor([len(t) for t in targets]), blank=BLANK, zero_infinity=True)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+
+    @torch.no_grad()
+    def per(data: List[Tuple[Tensor, List[str]]]) -> float:
+        errors = sum(edit_distance(greedy_decode(head(f), f.shape[1]), [vocab[p] for p in seq]) for f, seq in data)
+        return errors / sum(len(seq) for _, seq in data)
+
+    return {"train_per": per(train), "valid_per": per(valid), "first_ctc_loss": losses[0],
+            "final_ctc_loss": losses[-1]}
+
+
+def phone_probe(model: Wav2Vec2Model, corpus: Path, steps: int = 1000, lr: float = 1e-2, seed: int = 0
+                ) -> Dict[str, float]:
+    """Train the probe on ``corpus/train.tsv``, report phone error rates on train and
+    ``corpus/valid.tsv`` (the layout ``scripts/make_demo_corpus.py`` writes)."""
+    corpus = Path(corpus)
+    phones = read_phones(corpus / "transcripts.tsv")
+    model = model.eval()
+    train = _features(model, corpus / "train.tsv", phones)
+    valid = _features(model, corpus / "valid.tsv", phones)
+    vocab = {p: k + 1 for k, p in enumerate(sorted({p for seq in phones.values() for p in seq}))}
+    return {**fit_probe(train, valid, vocab, steps, lr, seed), "train_files": len(train), "valid_files": len(valid)}
