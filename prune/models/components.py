@@ -101,11 +101,6 @@ class PhantomLayerNorm(nn.Module):
     def num_phantoms(self) -> int:
         return self.total_features - self.num_features
 
-    def normalize(self, x: Tensor) -> Tuple[Tensor, Tensor]:
-        """x: (..., num_features) -> (x_hat, shift): the normalised x before the affine map,
-        and shift = -mean / std, (..., 1), which is the normalised value of each phantom zero."""
-        return phantom_normalize(x, self.total_features, self.eps)
-
     def forward(self, x: Tensor) -> Tensor:
         """x: (..., num_features) -> same shape."""
         return phantom_layer_norm(x, self.weight, self.bias, self.total_features, self.eps)
@@ -397,8 +392,8 @@ class FeedForward(nn.Module):
         compute (None: all; closed units' gates are 0) -> same shape as x"""
         units = self.interm_features if active is None else active.numel()
         if units == 0:
-            return self.output_dropout(self.output_dense(x) if self.interm_features == 0 else
-                                       self.output_dense.bias + x.new_zeros(x.shape))
+            # a fresh tensor, not a view of the parameter (hooks and dropout need that)
+            return self.output_dropout(self.output_dense.bias + x.new_zeros(x.shape))
         dense = self.intermediate_dense
         h = self.intermediate_dropout(F.gelu(F.linear(x, _rows(dense.weight, active), _rows(dense.bias, active))))
         if unit_gate is not None:
@@ -408,15 +403,12 @@ class FeedForward(nn.Module):
 
 
 class _BiasOnly(nn.Module):
-    """What is left of a Linear whose every input was pruned: its bias."""
+    """What is left of a Linear whose every input was pruned: its bias (read by the block that
+    owns it; keeps the ``*.bias`` state-dict key of the Linear it replaces)."""
 
     def __init__(self, out_features: int):
         super().__init__()
         self.bias = nn.Parameter(torch.zeros(out_features))
-
-    def forward(self, x: Tensor) -> Tensor:
-        """x: (..., in_features) -> (..., out_features), the bias at every position"""
-        return self.bias + x.new_zeros(x.shape[:-1] + self.bias.shape)  # a fresh tensor, not a view of the parameter
 
 
 class EncoderLayer(nn.Module):
