@@ -1,6 +1,7 @@
 """The ``prune`` command line.
 
     prune train [RECIPE] [key=value ...] [--multirun]   prune -> final distillation -> export
+    prune pretrain [RECIPE] [key=value ...]             pre-train a small HuBERT from scratch (the demo teacher)
     prune resume RUN_DIR                                continue a stopped run where it stopped
     prune export CHECKPOINT OUT                         export the student of a training checkpoint
     prune evaluate MODEL [--manifest M] [--probe DIR]   hidden states vs the teacher; phone-recognition PER
@@ -9,6 +10,7 @@
 
 RECIPE is a file name from recipes/ (tiny_demo, dphubert_hubert_base, wavlm_base_plus, default);
 without one, `default` (configs/train.yaml as it is) is used. Every config key can be overridden: trainer.prune_steps=1000.
+Pre-training recipes are in recipes/pretrain/ (demo_teacher).
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import argparse
 import logging
 import sys
 from pathlib import Path
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 import torch
 
@@ -31,16 +33,11 @@ def _fail(command: str, error: BaseException) -> "SystemExit":
 # ------------------------------------------------------------------------------------ train
 def run_training(cfg, run_dir: Path) -> Path:
     """Validate, then run the recipe in ``run_dir`` (resuming if it holds checkpoints)."""
-    from omegaconf import OmegaConf
-
-    from .train.config import validate
+    from .train.config import prepare_run_dir, validate
     from .train.recipe import PruneRecipe
 
     validate(cfg, run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    config_file = run_dir / "config.yaml"
-    if not config_file.exists():
-        config_file.write_text(OmegaConf.to_yaml(cfg))
+    prepare_run_dir(cfg, run_dir)
     recipe = PruneRecipe(cfg, run_dir)
     try:
         recipe.setup()
@@ -57,6 +54,19 @@ def run_training(cfg, run_dir: Path) -> Path:
     return export
 
 
+def _pick_recipe(command: str, argv: List[str], package: str, default: str) -> Tuple[str, List[str]]:
+    """The recipe named first on the command line (or ``default``), checked against ``package``."""
+    from importlib.resources import files
+
+    recipe = default
+    if argv and not argv[0].startswith("-") and "=" not in argv[0]:
+        recipe, argv = argv[0], argv[1:]
+    available = sorted(p.name[:-5] for p in files(package).iterdir() if p.name.endswith(".yaml"))
+    if recipe not in available:
+        raise SystemExit(f"prune {command}: unknown recipe {recipe!r}; choose from {', '.join(available)}")
+    return recipe, argv
+
+
 def train(argv: List[str]) -> None:
     """Hand the command line to Hydra, with recipes/ as the primary config path."""
     import hydra
@@ -64,14 +74,7 @@ def train(argv: List[str]) -> None:
 
     from .train.config import ConfigError, typed
 
-    recipe = "default"
-    if argv and not argv[0].startswith("-") and "=" not in argv[0]:
-        recipe, argv = argv[0], argv[1:]
-    from importlib.resources import files
-
-    available = sorted(p.name[:-5] for p in files("prune.recipes").iterdir() if p.name.endswith(".yaml"))
-    if recipe not in available:
-        raise SystemExit(f"prune train: unknown recipe {recipe!r}; choose from {', '.join(available)}")
+    recipe, argv = _pick_recipe("train", argv, "prune.recipes", "default")
 
     @hydra.main(version_base="1.3", config_path="pkg://prune.recipes", config_name=recipe)
     def entry(cfg) -> None:
@@ -98,6 +101,41 @@ def train(argv: List[str]) -> None:
     flags = [a for a in argv if a in ("--multirun", "-m")]
     argv = flags + [a for a in argv if a not in flags]
     sys.argv = ["prune train", *argv, "hydra.searchpath=[pkg://prune.configs]"]
+    entry()
+
+
+# --------------------------------------------------------------------------------- pretrain
+def pretrain(argv: List[str]) -> None:
+    """``prune pretrain [RECIPE] key=value ...``: Hydra with recipes/pretrain/ as the config path."""
+    import hydra
+    from hydra.core.hydra_config import HydraConfig
+
+    from .train.config import ConfigError, check_run_dir
+    from .train.pretrain import run_pretraining, typed_pretrain
+
+    recipe, argv = _pick_recipe("pretrain", argv, "prune.recipes.pretrain", "demo_teacher")
+    run_dirs = [a.split("=", 1)[1] for a in argv if a.startswith("hydra.run.dir=")]
+    try:
+        if run_dirs:
+            check_run_dir(Path(run_dirs[-1]))
+    except ConfigError as e:
+        raise _fail("pretrain", e)
+
+    @hydra.main(version_base="1.3", config_path="pkg://prune.recipes.pretrain", config_name=recipe)
+    def entry(cfg) -> None:
+        run_dir = Path(HydraConfig.get().runtime.output_dir)
+        try:
+            export = run_pretraining(typed_pretrain(cfg), run_dir)
+        except (ConfigError, ValueError, OSError, FloatingPointError) as e:
+            raise _fail("pretrain", e)
+        probe = run_dir / "probe.txt"
+        if probe.exists():
+            print(probe.read_text().strip())
+        print(f"export      : {export}   (prune.load_pruned({str(export)!r}))")
+        print(f"tensorboard : tensorboard --logdir {run_dir / 'tensorboard'}")
+        print(f"checkpoints : {run_dir / 'checkpoints'}   (run the same command again to resume)")
+
+    sys.argv = ["prune pretrain", *argv]
     entry()
 
 
@@ -210,8 +248,8 @@ def preview(args: argparse.Namespace) -> int:
                          metadata={"preview": {"preset": args.preset, "sparsity": args.sparsity, "seed": args.seed}})
 
     before, after = describe(gated.config), describe(compiled.config)
-    print(comparison_table(before, after, ("unpruned", "pruned"), f"CPU forward, 2 x {args.seconds:g} s (median of 3)",
-                           t_full, t_pruned))
+    print(comparison_table([("unpruned", before, t_full, None), ("pruned", after, t_pruned, None)],
+                           f"CPU forward, 2 x {args.seconds:g} s (median of 3)"))
     print(f"param sparsity reached: {reached:.4f} (asked {args.sparsity})")
     print(f"conv channels : {_layers(after['conv_channels'])}")
     print(f"heads         : {_layers(after['heads'])}   ('-' = attention block removed)")
@@ -230,6 +268,8 @@ def build_parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("train", help="run a recipe (Hydra: prune train RECIPE key=value ...)", add_help=False)
+    sub.add_parser("pretrain", help="pre-train a small HuBERT from scratch (Hydra: prune pretrain RECIPE ...)",
+                   add_help=False)
     p = sub.add_parser("resume", help="continue a stopped run where it stopped")
     p.add_argument("run_dir")
     p.set_defaults(func=resume)
@@ -267,6 +307,8 @@ def main(argv: Optional[List[str]] = None) -> None:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv and argv[0] == "train":
         return train(argv[1:])
+    if argv and argv[0] == "pretrain":
+        return pretrain(argv[1:])
     args = build_parser().parse_args(argv)
     from .checkpoints import ExportError
     from .models import PRESETS

@@ -35,7 +35,7 @@ import prune
 from prune.calibrate import calibrate
 from prune.models import build_preset
 from prune.seeded import set_random_gates
-from prune.structures import GatedEncoder, count_macs, count_params
+from prune.structures import GatedEncoder, count_macs
 from prune.train.lagrangian import Lagrangian
 from prune.train.report import format_table
 

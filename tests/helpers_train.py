@@ -1,6 +1,7 @@
 """Small audio corpora and CLI helpers for the trainer tests."""
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -40,3 +41,16 @@ def short_run_args(train: Path, valid: Path, run_dir: Path, prune_steps: int = 3
             f"trainer.prune_steps={prune_steps}", f"trainer.final_steps={final_steps}",
             f"pruning.warmup_steps={max(1, prune_steps // 2)}", "trainer.log_every=5", "trainer.ckpt_every=10",
             "logging.progress=false", f"hydra.run.dir={run_dir}", *extra]
+
+
+def demo_corpus_split(folder: Path, n_train: int) -> Path:
+    """A corpus folder (train.tsv, valid.tsv, transcripts.tsv) holding the first ``n_train`` train
+    files and the whole valid split of the demo corpus, for quick probe runs."""
+    folder.mkdir(parents=True)
+    root = str((DEMO_CORPUS / "audio").resolve())
+    train = (DEMO_CORPUS / "train.tsv").read_text().splitlines()[1:1 + n_train]
+    valid = (DEMO_CORPUS / "valid.tsv").read_text().splitlines()[1:]
+    (folder / "train.tsv").write_text("\n".join([root, *train]) + "\n")
+    (folder / "valid.tsv").write_text("\n".join([root, *valid]) + "\n")
+    shutil.copy(DEMO_CORPUS / "transcripts.tsv", folder / "transcripts.tsv")
+    return folder

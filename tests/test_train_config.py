@@ -6,7 +6,7 @@ from helpers_train import noise_corpus
 from prune.train.config import ConfigError, compose, validate
 
 
-@pytest.mark.parametrize("recipe", ["default", "tiny_demo", "dphubert_hubert_base", "wavlm_base_plus"])
+@pytest.mark.parametrize("recipe", ["default", "demo", "tiny_demo", "dphubert_hubert_base", "wavlm_base_plus"])
 def test_every_recipe_composes(recipe):
     cfg = compose(recipe)
     assert cfg.name == ("run" if recipe == "default" else recipe)
@@ -21,6 +21,17 @@ def test_recipe_values_and_overrides():
     assert base.distill.layers == [[0], [4, 8, 12]] and base.optim.lr == 2e-4 and base.optim.gate_lr == 0.02
     assert base.trainer.prune_steps == 50000 and base.trainer.final_steps == 25000
     assert base.pruning.warmup_steps == 5000
+    demo = compose("demo")
+    assert demo.teacher.checkpoint == "data/demo_teacher" and demo.probe.corpus == "data/demo_corpus"
+
+
+def test_probe_corpus_is_checked_before_any_compute(tmp_path):
+    train, valid = noise_corpus(tmp_path)
+    base = [f"data.train_manifest={train}", f"data.valid_manifest={valid}"]
+    with pytest.raises(ConfigError, match="probe.corpus: .* has no transcripts.tsv"):
+        validate(compose("tiny_demo", [*base, f"probe.corpus={tmp_path}"]))
+    with pytest.raises(ConfigError, match="probe.steps: must be >= 1"):
+        validate(compose("tiny_demo", [*base, "probe.steps=0"]))
 
 
 @pytest.mark.parametrize("override,message", [

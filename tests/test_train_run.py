@@ -10,7 +10,7 @@ import time
 
 import pytest
 from helpers import load_with_torch_only
-from helpers_train import DEMO_CORPUS, REPO, noise_corpus, prune_cli, short_run_args
+from helpers_train import DEMO_CORPUS, REPO, demo_corpus_split, noise_corpus, prune_cli, short_run_args
 
 from prune.checkpoints import read_export_info
 from prune.models import preset_config
@@ -37,6 +37,30 @@ def test_demo_recipe_shortened_end_to_end(tmp_path):
     assert report["after"]["params"] == int(params) and report["cpu_latency_seconds"]["pruned"] > 0
     assert (run / "layers.png").stat().st_size > 1000
     assert list((run / "tensorboard").glob("events.out.tfevents.*"))
+
+
+@pytest.mark.skipif(not (REPO / "data" / "demo_teacher" / "model.safetensors").exists(), reason="no demo teacher")
+def test_demo_recipe_report_has_the_probe_table(tmp_path):
+    """`prune train demo`, shortened: the pre-trained teacher, and a report with params, MACs, latency
+    and phone error rate for the teacher, the pruned model and a random-init floor."""
+    run, corpus = tmp_path / "run", demo_corpus_split(tmp_path / "corpus", n_train=24)
+    result = prune_cli(["train", "demo", "trainer.prune_steps=30", "trainer.final_steps=10",
+                        "pruning.warmup_steps=15", f"probe.corpus={corpus}", "probe.steps=30",
+                        "logging.progress=false", f"hydra.run.dir={run}"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    text = (run / "report.txt").read_text()
+    assert text.strip() in result.stdout  # the command ends by printing the report
+    header, _, *rows = text.splitlines()[:6]
+    assert header.split() == ["teacher", "pruned", "random", "init", "ratio"]
+    names = [r.split("  ")[0] for r in rows]
+    assert names == ["params", "MACs / s of audio", "CPU latency, 4 s, batch 1", "phone error rate (probe)"]
+    report = json.loads((run / "report.json").read_text())
+    probe = report["phone_probe"]
+    assert set(probe) == {"corpus", "steps", "teacher", "pruned", "random init"}
+    per_row = rows[3].split()[-4:]
+    assert [float(v) for v in per_row[:3]] == [round(probe[k]["valid_per"], 3)
+                                              for k in ("teacher", "pruned", "random init")]
+    assert report["after"]["params"] < report["before"]["params"] == 933792
 
 
 def test_resume_after_sigkill_gives_the_same_export(tmp_path):

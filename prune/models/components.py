@@ -511,9 +511,11 @@ class Encoder(nn.Module):
         self.feature_projection = feature_projection
         self.transformer = transformer
 
-    def forward(self, features: Tensor, lengths: Optional[Tensor] = None, gates: Optional[Gates] = None
-                ) -> List[Tensor]:
-        """features: (batch, frames, channels), lengths: (batch,) valid frames -> hidden states"""
+    def preprocess(self, features: Tensor, lengths: Optional[Tensor] = None, gates: Optional[Gates] = None
+                   ) -> Tuple[Tensor, Optional[Tensor]]:
+        """features: (batch, frames, channels), lengths: (batch,) valid frames ->
+        projected (batch, frames, embed_dim) with padding zeroed, key_padding_mask (batch, frames)
+        (True = padding; None without lengths). Masked pre-training replaces frames here."""
         if gates is not None and gates.active is not None:
             x = self.feature_projection(features, gates.active.conv[-1], gates.active.conv_closed)
         else:
@@ -521,8 +523,14 @@ class Encoder(nn.Module):
         key_padding_mask = None
         if lengths is not None:
             frames = torch.arange(x.shape[1], device=x.device)
-            key_padding_mask = frames[None, :] >= lengths[:, None]  # (batch, frames), True = padding
+            key_padding_mask = frames[None, :] >= lengths[:, None]
             x = x.masked_fill(key_padding_mask[..., None], 0.0)
+        return x, key_padding_mask
+
+    def forward(self, features: Tensor, lengths: Optional[Tensor] = None, gates: Optional[Gates] = None
+                ) -> List[Tensor]:
+        """features: (batch, frames, channels), lengths: (batch,) valid frames -> hidden states"""
+        x, key_padding_mask = self.preprocess(features, lengths, gates)
         return self.transformer(x, key_padding_mask, gates)
 
 

@@ -98,6 +98,12 @@ class LoggingConfig:
 
 
 @dataclass
+class ProbeConfig:
+    corpus: Optional[str] = None  # folder like data/demo_corpus: the report gets phone error rates
+    steps: int = 1000  # probe training steps (per model)
+
+
+@dataclass
 class TrainConfig:
     name: str = "run"
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
@@ -107,14 +113,16 @@ class TrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    probe: ProbeConfig = field(default_factory=ProbeConfig)
 
 
-def typed(cfg: Any) -> DictConfig:
-    """Merge a composed config onto the schema: unknown keys and wrong types raise ConfigError."""
+def typed(cfg: Any, schema_class: type = None) -> DictConfig:
+    """Merge a composed config onto the schema (``TrainConfig`` unless another is given):
+    unknown keys and wrong types raise ConfigError."""
     plain = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg
     plain = {k: v for k, v in plain.items() if k != "hydra"}
     plain.pop("recipe", None)
-    schema = OmegaConf.structured(TrainConfig)
+    schema = OmegaConf.structured(schema_class or TrainConfig)
     try:
         merged = OmegaConf.merge(schema, plain)
     except OmegaConfBaseException as e:
@@ -146,6 +154,14 @@ def check_run_dir(run_dir: Path) -> None:
         ancestor = ancestor.parent
     if not ancestor.is_dir() or not os.access(ancestor, os.W_OK):
         raise ConfigError(f"run directory: {run_dir} is not writable ({ancestor} is not a writable folder)")
+
+
+def prepare_run_dir(cfg: DictConfig, run_dir: Path) -> None:
+    """Make the run directory and record the config a new run starts with (a resume keeps it)."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    config_file = run_dir / "config.yaml"
+    if not config_file.exists():
+        config_file.write_text(OmegaConf.to_yaml(cfg))
 
 
 def validate(cfg: DictConfig, run_dir: Optional[Path] = None) -> None:
@@ -203,6 +219,10 @@ def validate(cfg: DictConfig, run_dir: Optional[Path] = None) -> None:
     for key in ("grad_accum", "ckpt_every", "keep_last", "log_every", "max_nonfinite"):
         if tr[key] < 1:
             raise ConfigError(f"trainer.{key}: must be >= 1, got {tr[key]}")
+    if cfg.probe.corpus is not None and not (Path(cfg.probe.corpus) / "transcripts.tsv").is_file():
+        raise ConfigError(f"probe.corpus: {cfg.probe.corpus} has no transcripts.tsv (see data/demo_corpus)")
+    if cfg.probe.steps < 1:
+        raise ConfigError(f"probe.steps: must be >= 1, got {cfg.probe.steps}")
     if run_dir is not None:
         check_run_dir(run_dir)
 

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from omegaconf import DictConfig
@@ -12,6 +13,8 @@ from omegaconf import DictConfig
 from ..checkpoints import describe
 from ..measure import latency
 from ..models import SAMPLE_RATE, Wav2Vec2Model
+
+log = logging.getLogger(__name__)
 
 
 def cpu_latency(model: Wav2Vec2Model, seconds: float, repeats: int = 5) -> float:
@@ -62,27 +65,64 @@ def format_table(rows: List[List[str]]) -> str:
     return "\n".join(lines)
 
 
-def comparison_table(before: Dict[str, Any], after: Dict[str, Any], names: Tuple[str, str], latency_label: str,
-                     t_before: float, t_after: float) -> str:
-    """Params, MACs and latency of two models (``describe`` dicts) side by side, with ratios."""
-    rows = [["", *names, "ratio"],
-            ["params", f"{before['params']:,}", f"{after['params']:,}", f"{after['params'] / before['params']:.4f}"],
-            ["MACs / s of audio", f"{before['macs_per_second'] / 1e9:.3f} G", f"{after['macs_per_second'] / 1e9:.3f} G",
-             f"{after['macs_per_second'] / before['macs_per_second']:.4f}"],
-            [latency_label, f"{t_before * 1e3:.1f} ms", f"{t_after * 1e3:.1f} ms", f"{t_after / t_before:.4f}"]]
+Column = Tuple[str, Dict[str, Any], float, Optional[float]]  # name, describe() dict, latency (s), PER or None
+
+
+def comparison_table(columns: Sequence[Column], latency_label: str) -> str:
+    """Params, MACs, latency (and phone error rate where measured) of models side by side; the
+    last column is the ratio of the second model to the first."""
+    (_, first, t_first, per_first), (_, second, t_second, per_second) = columns[0], columns[1]
+    rows = [["", *(c[0] for c in columns), "ratio"],
+            ["params", *(f"{c[1]['params']:,}" for c in columns), f"{second['params'] / first['params']:.4f}"],
+            ["MACs / s of audio", *(f"{c[1]['macs_per_second'] / 1e9:.3f} G" for c in columns),
+             f"{second['macs_per_second'] / first['macs_per_second']:.4f}"],
+            [latency_label, *(f"{c[2] * 1e3:.1f} ms" for c in columns), f"{t_second / t_first:.4f}"]]
+    if any(c[3] is not None for c in columns):
+        rows.append(["phone error rate (probe)", *("-" if c[3] is None else f"{c[3]:.3f}" for c in columns),
+                     "-" if per_first is None or per_second is None else f"{per_second / per_first:.4f}"])
     return format_table(rows)
+
+
+def random_init_like(model: Wav2Vec2Model, seed: int) -> Wav2Vec2Model:
+    """A model of the same architecture and size with seeded random weights: the floor a probe
+    result is read against."""
+    from ..models import build_encoder
+
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        return build_encoder(model.config).eval()
 
 
 def write_report(run_dir: Path, teacher: Wav2Vec2Model, pruned: Wav2Vec2Model, cfg: Optional[DictConfig],
                  meta: Dict[str, Any]) -> str:
-    """Write report.json, report.txt and layers.png into ``run_dir``; return the text."""
+    """Write report.json, report.txt and layers.png into ``run_dir``; return the text.
+
+    With ``cfg.probe.corpus`` set, the phone-recognition probe runs on the teacher, the pruned
+    model and a random-init model of the pruned model's size (the floor), and the table gets
+    their phone error rates and a third column."""
     seconds = cfg.trainer.latency_seconds if cfg is not None else 4.0
+    corpus = cfg.probe.corpus if cfg is not None and "probe" in cfg else None
     before, after = describe(teacher.config), describe(pruned.config)
-    t_before, t_after = cpu_latency(teacher, seconds), cpu_latency(pruned, seconds)
-    lines = [comparison_table(before, after, ("teacher", "pruned"), f"CPU latency, {seconds:g} s, batch 1",
-                              t_before, t_after),
+    models = {"teacher": teacher, "pruned": pruned}
+    if corpus is not None:
+        models["random init"] = random_init_like(pruned, cfg.trainer.seed)
+    latencies = {name: cpu_latency(m, seconds) for name, m in models.items()}
+    probes: Dict[str, Dict[str, float]] = {}
+    if corpus is not None:
+        from .probe import phone_probe
+
+        for name, m in models.items():
+            probes[name] = phone_probe(_cpu_copy(m), Path(corpus), steps=cfg.probe.steps, seed=cfg.trainer.seed)
+            log.info("phone probe, %s: valid PER %.3f", name, probes[name]["valid_per"])
+    sizes = {"teacher": before, "pruned": after, "random init": after}
+    columns = [(name, sizes[name], latencies[name], probes[name]["valid_per"] if probes else None) for name in models]
+    lines = [comparison_table(columns, f"CPU latency, {seconds:g} s, batch 1"),
              f"target: {meta.get('target_kind')} sparsity {meta.get('target_sparsity', float('nan')):.4f}, "
              f"reached {meta.get('reached_sparsity', float('nan')):.4f}"]
+    if probes:
+        lines.append(f"phone error rate: linear CTC probe on frozen features, trained on {corpus}/train.tsv "
+                     f"({cfg.probe.steps} steps), greedy decoding on {corpus}/valid.tsv; "
+                     f"random init = the pruned architecture with random weights")
     if meta.get("skipped_files"):
         lines.append(f"skipped audio files: {len(meta['skipped_files'])} (see report.json)")
     if meta.get("nonfinite_steps_skipped"):
@@ -90,8 +130,9 @@ def write_report(run_dir: Path, teacher: Wav2Vec2Model, pruned: Wav2Vec2Model, c
     text = "\n".join(lines)
     run_dir = Path(run_dir)
     (run_dir / "report.txt").write_text(text + "\n")
-    report = {"before": before, "after": after, "cpu_latency_seconds": {"teacher": t_before, "pruned": t_after,
-                                                                        "audio_seconds": seconds},
+    report = {"before": before, "after": after,
+              "cpu_latency_seconds": {**latencies, "audio_seconds": seconds},
+              **({"phone_probe": {"corpus": str(corpus), "steps": cfg.probe.steps, **probes}} if probes else {}),
               **{k: v for k, v in meta.items() if k != "config"}}
     (run_dir / "report.json").write_text(json.dumps(report, indent=2))
     layer_chart(before, after, run_dir / "layers.png", title=f"{before['architecture']}: kept per layer")

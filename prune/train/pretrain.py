@@ -1,0 +1,373 @@
+"""Pre-train a small HuBERT-style encoder from scratch (HuBERT's first iteration): masked
+prediction of k-means cluster ids of MFCC frames. It makes a teacher that has learned
+something about speech where no pretrained weights can be had (the demo's teacher).
+
+    prune pretrain demo_teacher [key=value ...]
+
+The corpus is read into memory once (a demo-scale recipe: the committed corpus is 31 MB as
+float32). The loop reads top to bottom: batch -> masked prediction loss -> step -> log ->
+validate -> checkpoint; at the end the encoder (without the pre-training head) is exported and,
+when ``probe.corpus`` is set, its phone error rate is measured next to a random-init one.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Tuple
+
+import torch
+from omegaconf import MISSING, DictConfig, OmegaConf
+from torch import Tensor
+
+from ..checkpoints import export_pruned
+from ..models import PRESETS, build_preset, preset_config
+from .checkpoint import checkpoint_files, save_checkpoint
+from .config import ConfigError, check_run_dir, prepare_run_dir, typed
+from .audio import load_audio
+from .data import collate, format_skipped, validate_manifest
+from .faults import maybe_fail
+from .manifest import read_manifest
+from .masked_prediction import IGNORE, MaskedPrediction, masked_loss, span_mask
+from .targets import HOP_LENGTH, ClusterTargets, num_frames
+
+log = logging.getLogger(__name__)
+
+
+# ------------------------------------------------------------------------------------ config
+@dataclass
+class PretrainModelConfig:
+    preset: str = "hubert_base_tiny"
+    overrides: Dict[str, Any] = field(default_factory=dict)  # EncoderConfig fields
+    final_dim: int = 256
+    logit_temp: float = 0.1
+    feature_grad_mult: float = 0.1
+    feature_pen: float = 10.0  # weight of the conv features' mean square in the loss
+
+
+@dataclass
+class PretrainTargetsConfig:
+    num_clusters: int = 100
+    kmeans_iters: int = 50
+
+
+@dataclass
+class MaskingConfig:
+    prob: float = 0.8  # HuBERT: 0.8 with spans of 10 frames (~50% of frames masked)
+    length: int = 10
+    unmasked_weight: float = 0.0  # HuBERT's pred_nomask_weight: loss on the unmasked frames too
+
+
+@dataclass
+class PretrainDataConfig:
+    train_manifest: str = MISSING
+    valid_manifest: Optional[str] = None
+    max_samples: int = 48000  # random crop
+    min_samples: int = 400
+    batch_size: int = 8
+
+
+@dataclass
+class PretrainOptimConfig:
+    lr: float = 5e-4
+    betas: List[float] = field(default_factory=lambda: [0.9, 0.98])
+    weight_decay: float = 0.01
+    warmup_steps: int = 500  # linear warm-up, then linear decay to 0
+    clip_grad_norm: Optional[float] = 10.0
+
+
+@dataclass
+class PretrainTrainerConfig:
+    steps: int = 10000
+    seed: int = 0
+    threads: Optional[int] = None
+    log_every: int = 50
+    valid_every: int = 500
+    ckpt_every: int = 500
+    keep_last: int = 2
+
+
+@dataclass
+class PretrainProbeConfig:
+    corpus: Optional[str] = None  # a folder laid out like data/demo_corpus: phone probe at the end
+    steps: int = 1000
+
+
+@dataclass
+class PretrainConfig:
+    name: str = "pretrain"
+    model: PretrainModelConfig = field(default_factory=PretrainModelConfig)
+    targets: PretrainTargetsConfig = field(default_factory=PretrainTargetsConfig)
+    masking: MaskingConfig = field(default_factory=MaskingConfig)
+    data: PretrainDataConfig = field(default_factory=PretrainDataConfig)
+    optim: PretrainOptimConfig = field(default_factory=PretrainOptimConfig)
+    trainer: PretrainTrainerConfig = field(default_factory=PretrainTrainerConfig)
+    probe: PretrainProbeConfig = field(default_factory=PretrainProbeConfig)
+
+
+def validate_pretrain(cfg: DictConfig, run_dir: Optional[Path] = None) -> None:
+    """Checks that need no compute; each error names its key."""
+    m, d, tr = cfg.model, cfg.data, cfg.trainer
+    if m.preset not in PRESETS:
+        raise ConfigError(f"model.preset: unknown preset {m.preset!r}; choose from {sorted(PRESETS)}")
+    try:
+        preset_config(m.preset, **m.overrides)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"model.overrides: {e}") from None
+    for key in ("train_manifest", "valid_manifest"):
+        if d[key] is not None and not Path(d[key]).is_file():
+            raise ConfigError(f"data.{key}: {d[key]} does not exist")
+    if d.max_samples < max(d.min_samples, 400):
+        raise ConfigError(f"data.max_samples: {d.max_samples} is below one frame or data.min_samples")
+    if cfg.probe.corpus is not None and not (Path(cfg.probe.corpus) / "transcripts.tsv").is_file():
+        raise ConfigError(f"probe.corpus: {cfg.probe.corpus} has no transcripts.tsv")
+    checks = [("data.batch_size", d.batch_size, 1), ("targets.num_clusters", cfg.targets.num_clusters, 2),
+              ("masking.length", cfg.masking.length, 1), ("trainer.steps", tr.steps, 1),
+              ("trainer.log_every", tr.log_every, 1), ("trainer.ckpt_every", tr.ckpt_every, 1),
+              ("trainer.keep_last", tr.keep_last, 1), ("trainer.valid_every", tr.valid_every, 0),
+              ("model.final_dim", m.final_dim, 1), ("probe.steps", cfg.probe.steps, 1)]
+    for key, value, low in checks:
+        if value < low:
+            raise ConfigError(f"{key}: must be >= {low}, got {value}")
+    if not 0.0 < cfg.masking.prob <= 1.0:
+        raise ConfigError(f"masking.prob: must be in (0, 1], got {cfg.masking.prob}")
+    if not (math.isfinite(cfg.optim.lr) and cfg.optim.lr > 0):
+        raise ConfigError(f"optim.lr: must be a positive number, got {cfg.optim.lr}")
+    if run_dir is not None:
+        check_run_dir(run_dir)
+
+
+# -------------------------------------------------------------------------------------- data
+def load_corpus(manifest_path: str, min_samples: int) -> Tuple[List[Tensor], Dict[str, str]]:
+    """Every usable waveform of a manifest (unusable files are skipped and returned with why)."""
+    manifest = read_manifest(manifest_path)
+    good, skipped = validate_manifest(manifest, min_samples)
+    if skipped:
+        log.warning("%s", format_skipped(skipped, len(manifest)))
+    return [load_audio(manifest.path(i), min_samples=min_samples) for i in good], skipped
+
+
+def get_batch(waves: List[Tensor], labels: List[Tensor], indices: List[int], max_samples: int,
+              g: torch.Generator) -> Tuple[Tensor, Tensor, Tensor]:
+    """Crop each chosen utterance at a random whole frame (so its labels stay aligned), pad ->
+    waveforms (batch, samples), lengths (batch,), labels (batch, frames) (``IGNORE`` on padding)."""
+    crops, crop_labels = [], []
+    for i in indices:
+        wave, lab = waves[i], labels[i]
+        if wave.numel() > max_samples:
+            first = int(torch.randint(0, (wave.numel() - max_samples) // HOP_LENGTH + 1, (), generator=g))
+            wave = wave[first * HOP_LENGTH:first * HOP_LENGTH + max_samples]
+            lab = lab[first:first + num_frames(wave.numel())]
+        crops.append(wave)
+        crop_labels.append(lab)
+    waveforms, lengths = collate(crops)
+    padded = torch.nn.utils.rnn.pad_sequence(crop_labels, batch_first=True, padding_value=IGNORE)
+    return waveforms, lengths, padded
+
+
+# -------------------------------------------------------------------------------------- loop
+class Pretrainer:
+    def __init__(self, cfg: DictConfig, run_dir: Path):
+        self.cfg = cfg
+        self.run_dir = Path(run_dir)
+        self.ckpt_dir = self.run_dir / "checkpoints"
+        self.step = 0
+        self.history: List[Dict[str, float]] = []
+
+    def setup(self) -> None:
+        cfg = self.cfg
+        if cfg.trainer.threads:
+            torch.set_num_threads(cfg.trainer.threads)
+        torch.manual_seed(cfg.trainer.seed)
+        self.train_waves, self.skipped = load_corpus(cfg.data.train_manifest, cfg.data.min_samples)
+        self.valid_waves = load_corpus(cfg.data.valid_manifest, cfg.data.min_samples)[0] \
+            if cfg.data.valid_manifest else []
+
+        state = self._latest()
+        if state is not None:
+            self.targets = ClusterTargets.from_state_dict(state["targets"])
+        else:
+            t0 = time.perf_counter()
+            self.targets = ClusterTargets.fit(self.train_waves, cfg.targets.num_clusters, cfg.targets.kmeans_iters,
+                                              cfg.trainer.seed)
+            log.info("k-means: %d clusters of MFCC frames in %.1f s", cfg.targets.num_clusters,
+                     time.perf_counter() - t0)
+        self.train_labels = [self.targets.labels(w) for w in self.train_waves]
+        self.valid_labels = [self.targets.labels(w) for w in self.valid_waves]
+
+        m = cfg.model
+        encoder = build_preset(m.preset, **m.overrides)
+        self.model = MaskedPrediction(encoder, cfg.targets.num_clusters, m.final_dim, m.logit_temp,
+                                      m.feature_grad_mult)
+        o = cfg.optim
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=o.lr, betas=tuple(o.betas),
+                                           weight_decay=o.weight_decay)
+        if state is not None:
+            self.model.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.step, self.history = state["step"], state["history"]
+            torch.set_rng_state(state["rng"])
+            log.info("resumed from step %d", self.step)
+        self.writer = None
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.writer = SummaryWriter(str(self.run_dir / "tensorboard"))
+
+    def _latest(self) -> Optional[Dict[str, Any]]:
+        """The newest loadable checkpoint (a damaged one is skipped), after a config check."""
+        for _, path in checkpoint_files(self.ckpt_dir):
+            try:
+                state = torch.load(path, map_location="cpu", weights_only=True)
+                required = ("step", "config", "model", "optimizer", "targets", "rng", "history")
+                if not isinstance(state, dict) or any(k not in state for k in required):
+                    raise ValueError("not a prune pre-training checkpoint")
+            except Exception as e:
+                log.warning("skipping damaged checkpoint %s: %s", path, e)
+                continue
+            now = OmegaConf.to_container(self.cfg, resolve=True)
+            changed = [k for k in ("model", "targets", "masking", "data", "optim")
+                       if state["config"].get(k) != now.get(k)]
+            if changed or state["config"]["trainer"]["steps"] != now["trainer"]["steps"]:
+                raise ValueError(f"{self.run_dir} was started with a different config "
+                                 f"({', '.join(changed) or 'trainer.steps'}); resume with the same config "
+                                 f"or use a new run directory")
+            return state
+        return None
+
+    def lr_at(self, step: int) -> float:
+        o, total = self.cfg.optim, self.cfg.trainer.steps
+        s = step + 1
+        scale = s / max(1, o.warmup_steps) if s <= o.warmup_steps \
+            else max(0.0, (total - s) / max(1, total - o.warmup_steps))
+        return o.lr * scale
+
+    def loss(self, waveforms: Tensor, lengths: Tensor, labels: Tensor, g: torch.Generator
+             ) -> Tuple[Tensor, Dict[str, float]]:
+        frames = torch.tensor([num_frames(int(n)) for n in lengths])
+        mask = span_mask(frames, labels.shape[1], self.cfg.masking.prob, self.cfg.masking.length, g)
+        logits, penalty, _ = self.model(waveforms, lengths, mask)
+        ce, accuracy = masked_loss(logits, labels, mask)
+        loss = ce + self.cfg.model.feature_pen * penalty
+        parts = {"masked_ce": ce.item(), "masked_accuracy": accuracy.item(), "feature_penalty": penalty.item(),
+                 "masked_fraction": mask.float().mean().item()}
+        if self.cfg.masking.unmasked_weight > 0:
+            ce_unmasked, accuracy_unmasked = masked_loss(logits, labels, ~mask)
+            loss = loss + self.cfg.masking.unmasked_weight * ce_unmasked
+            parts.update(unmasked_ce=ce_unmasked.item(), unmasked_accuracy=accuracy_unmasked.item())
+        return loss, {"loss": loss.item(), **parts}
+
+    def train(self) -> Path:
+        cfg, tr = self.cfg, self.cfg.trainer
+        self.model.train()
+        t_last = time.perf_counter()
+        while self.step < tr.steps:
+            # the batch, crops and masks of step s depend on (seed, s) alone: a resumed run sees the same data
+            g = torch.Generator().manual_seed(tr.seed * 1_000_003 + self.step)
+            indices = torch.randint(len(self.train_waves), (cfg.data.batch_size,), generator=g).tolist()
+            batch = get_batch(self.train_waves, self.train_labels, indices, cfg.data.max_samples, g)
+            for group in self.optimizer.param_groups:
+                group["lr"] = self.lr_at(self.step)
+            loss, parts = self.loss(*batch, g)
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg.optim.clip_grad_norm:
+                parts["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(),
+                                                                          cfg.optim.clip_grad_norm))
+            if not math.isfinite(parts["loss"]):
+                raise FloatingPointError(f"step {self.step}: non-finite loss; the last checkpoint is intact "
+                                         f"(try a lower optim.lr)")
+            maybe_fail("mid_step", self.step + 1)  # PRUNE_FAULT=mid_step:STEP (tests)
+            self.optimizer.step()
+            self.step += 1
+
+            if self.step % tr.log_every == 0 or self.step == tr.steps:
+                seconds = (time.perf_counter() - t_last) / tr.log_every
+                t_last = time.perf_counter()
+                for k, v in parts.items():
+                    self.writer.add_scalar(f"train/{k}", v, self.step)
+                self.writer.add_scalar("train/lr", self.lr_at(self.step - 1), self.step)
+                log.info("step %d/%d  loss %.3f  masked acc %.3f  %.2f s/step", self.step, tr.steps,
+                         parts["loss"], parts["masked_accuracy"], seconds)
+            if tr.valid_every and (self.step % tr.valid_every == 0 or self.step == tr.steps):
+                self.validate()
+            if self.step % tr.ckpt_every == 0 or self.step == tr.steps:
+                save_checkpoint(self.ckpt_dir, self.step, self._state(), tr.keep_last)
+        return self._export()
+
+    @torch.no_grad()
+    def validate(self) -> Optional[Dict[str, float]]:
+        """Masked-prediction loss and accuracy on the valid set, with fixed crops and masks."""
+        if not self.valid_waves:
+            return None
+        self.model.eval()
+        g = torch.Generator().manual_seed(12345)
+        totals: Dict[str, float] = {}
+        size = self.cfg.data.batch_size
+        batches = 0
+        for start in range(0, len(self.valid_waves), size):
+            indices = list(range(start, min(start + size, len(self.valid_waves))))
+            _, parts = self.loss(*get_batch(self.valid_waves, self.valid_labels, indices,
+                                            self.cfg.data.max_samples, g), g)
+            for k, v in parts.items():
+                totals[k] = totals.get(k, 0.0) + v
+            batches += 1
+        self.model.train()
+        result = {k: v / batches for k, v in totals.items()}
+        for k, v in result.items():
+            self.writer.add_scalar(f"valid/{k}", v, self.step)
+        self.history.append({"step": self.step, **{f"valid_{k}": v for k, v in result.items()}})
+        log.info("step %d: valid masked CE %.3f, masked accuracy %.3f (chance %.3f)", self.step,
+                 result["masked_ce"], result["masked_accuracy"], 1.0 / self.cfg.targets.num_clusters)
+        return result
+
+    def _state(self) -> Dict[str, Any]:
+        return {"step": self.step, "config": OmegaConf.to_container(self.cfg, resolve=True),
+                "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "targets": self.targets.state_dict(), "rng": torch.get_rng_state(), "history": self.history}
+
+    def _export(self) -> Path:
+        encoder = self.model.encoder.eval()
+        meta = {"pretrain": {"steps": self.step, "history": self.history[-1:],
+                             "config": OmegaConf.to_container(self.cfg, resolve=True)}}
+        path = export_pruned(encoder, self.run_dir / "export", metadata=meta, overwrite=True)
+        if self.cfg.probe.corpus is not None:
+            self.probe_report(encoder)
+        return path
+
+    def probe_report(self, encoder) -> str:
+        """PER of the trained encoder and of a random-init one of the same config, side by side."""
+        from .probe import phone_probe
+
+        corpus, steps = Path(self.cfg.probe.corpus), self.cfg.probe.steps
+        trained = phone_probe(encoder, corpus, steps=steps)
+        with torch.random.fork_rng():
+            torch.manual_seed(self.cfg.trainer.seed)
+            random_init = build_preset(self.cfg.model.preset, **self.cfg.model.overrides)
+        floor = phone_probe(random_init, corpus, steps=steps)
+        text = (f"phone probe on {corpus} ({trained['valid_files']} valid files, {steps} steps): "
+                f"valid PER {trained['valid_per']:.3f} pre-trained vs {floor['valid_per']:.3f} random init")
+        (self.run_dir / "probe.txt").write_text(text + "\n")
+        log.info("%s", text)
+        return text
+
+    def cleanup(self) -> None:
+        if getattr(self, "writer", None) is not None:
+            self.writer.close()
+
+
+def run_pretraining(cfg: DictConfig, run_dir: Path) -> Path:
+    validate_pretrain(cfg, run_dir)
+    prepare_run_dir(cfg, run_dir)
+    trainer = Pretrainer(cfg, run_dir)
+    try:
+        trainer.setup()
+        return trainer.train()
+    finally:
+        trainer.cleanup()
+
+
+def typed_pretrain(cfg: Any) -> DictConfig:
+    return typed(cfg, PretrainConfig)
