@@ -39,5 +39,5 @@ def test_the_teacher_has_learned_phones_a_random_init_has_not(tmp_path):
     trained = phone_probe(teacher, corpus, steps=400)
     floor = phone_probe(random_init, corpus, steps=400)
     assert trained["train_files"] == 80 and trained["valid_files"] == 28
-    assert floor["valid_per"] > 0.8
+    assert floor["valid_per"] > 0.75
     assert trained["valid_per"] < 0.6 and trained["valid_per"] < floor["valid_per"] - 0.3, (trained, floor)

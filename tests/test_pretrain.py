@@ -8,7 +8,8 @@ from safetensors.torch import load_file
 from prune.checkpoints import load_pruned
 from prune.models import build_preset
 from prune.train.masked_prediction import IGNORE, MaskedPrediction, masked_loss, span_mask
-from prune.train.pretrain import get_batch
+from prune.train.manifest import ManifestError
+from prune.train.pretrain import get_batch, load_corpus
 from prune.train.targets import HOP_LENGTH, num_frames
 
 
@@ -89,6 +90,19 @@ def test_pretrain_runs_exports_and_resumes_to_the_same_weights(tmp_path):
     a = load_file(tmp_path / "straight" / "export" / "model.safetensors")
     b = load_file(tmp_path / "resumed" / "export" / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_unusable_audio_is_skipped_and_named(tmp_path):
+    train, valid = noise_corpus(tmp_path / "corpus", n_train=6, n_valid=2)
+    audio = tmp_path / "corpus" / "audio"
+    (audio / "0.flac").write_bytes((audio / "0.flac").read_bytes()[:3000])  # truncated past its header
+    (audio / "1.flac").write_bytes(b"")  # empty
+    waves, skipped = load_corpus(str(train), 400)
+    assert len(waves) == 4 and set(skipped) == {str(audio / "0.flac"), str(audio / "1.flac")}
+    for i in range(2, 6):
+        (audio / f"{i}.flac").write_text("not audio")
+    with pytest.raises(ManifestError, match="no usable audio"):
+        load_corpus(str(train), 400)
 
 
 @pytest.mark.parametrize("override, message", [

@@ -27,10 +27,10 @@ from ..checkpoints import export_pruned
 from ..models import PRESETS, build_preset, preset_config
 from .checkpoint import checkpoint_files, save_checkpoint
 from .config import ConfigError, check_run_dir, prepare_run_dir, typed
-from .audio import load_audio
+from .audio import AudioError, load_audio
 from .data import collate, format_skipped, validate_manifest
 from .faults import maybe_fail
-from .manifest import read_manifest
+from .manifest import ManifestError, read_manifest
 from .masked_prediction import IGNORE, MaskedPrediction, masked_loss, span_mask
 from .targets import HOP_LENGTH, ClusterTargets, num_frames
 
@@ -142,12 +142,21 @@ def validate_pretrain(cfg: DictConfig, run_dir: Optional[Path] = None) -> None:
 
 # -------------------------------------------------------------------------------------- data
 def load_corpus(manifest_path: str, min_samples: int) -> Tuple[List[Tensor], Dict[str, str]]:
-    """Every usable waveform of a manifest (unusable files are skipped and returned with why)."""
+    """Every usable waveform of a manifest; unusable files (bad header, or failing to decode) are
+    skipped, logged, and returned with why. Raises ``ManifestError`` if none is usable."""
     manifest = read_manifest(manifest_path)
     good, skipped = validate_manifest(manifest, min_samples)
+    waves = []
+    for i in good:
+        try:
+            waves.append(load_audio(manifest.path(i), min_samples=min_samples))
+        except AudioError as e:
+            skipped[str(manifest.path(i))] = e.reason
     if skipped:
         log.warning("%s", format_skipped(skipped, len(manifest)))
-    return [load_audio(manifest.path(i), min_samples=min_samples) for i in good], skipped
+    if not waves:
+        raise ManifestError(f"{manifest}: no usable audio, all {len(manifest)} files are bad")
+    return waves, skipped
 
 
 def get_batch(waves: List[Tensor], labels: List[Tensor], indices: List[int], max_samples: int,
@@ -211,7 +220,6 @@ class Pretrainer:
             self.step, self.history = state["step"], state["history"]
             torch.set_rng_state(state["rng"])
             log.info("resumed from step %d", self.step)
-        self.writer = None
         from torch.utils.tensorboard import SummaryWriter
 
         self.writer = SummaryWriter(str(self.run_dir / "tensorboard"))
