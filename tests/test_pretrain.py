@@ -111,6 +111,10 @@ def test_unusable_audio_is_skipped_and_named(tmp_path):
     ("+model.overrides.encoder_embed_dims=3", "model.overrides"),
     ("data.train_manifest=/nowhere.tsv", "data.train_manifest: /nowhere.tsv does not exist"),
     ("trainer.stepz=3", "trainer.stepz"),
+    ("optim.lr=nan", "optim.lr: must be a finite number"),
+    ("optim.betas=[0.9,1.0]", "optim.betas"),
+    ("masking.unmasked_weight=-1", "masking.unmasked_weight"),
+    ("model.logit_temp=0", "model.logit_temp"),
 ])
 def test_bad_pretrain_config_is_one_line_before_any_compute(tmp_path, override, message):
     train, valid = noise_corpus(tmp_path / "corpus", n_train=2, n_valid=1)

@@ -54,6 +54,19 @@ def test_typos_and_wrong_types_name_the_key(override, message):
     ("distill.layers=[[0],[9]]", "distill.layers"),
     ("trainer.precision=fp8", "trainer.precision"),
     ("trainer.grad_accum=0", "trainer.grad_accum"),
+    ("optim.lr=nan", "optim.lr: must be a finite number"),
+    ("optim.gate_lr=inf", "optim.gate_lr"),
+    ("optim.weight_decay=-0.1", "optim.weight_decay"),
+    ("optim.betas=[0.9,1.5]", "optim.betas: must be two numbers in \\[0, 1\\)"),
+    ("optim.betas=[0.9]", "optim.betas"),
+    ("optim.warmup_steps=-5", "optim.warmup_steps: must be >= 0"),
+    ("pruning.warmup_steps=-1", "pruning.warmup_steps: must be >= 0"),
+    ("optim.clip_grad_norm=0", "optim.clip_grad_norm"),
+    ("pruning.gates.init_mean=1.2", "pruning.gates.init_mean: an initial drop rate"),
+    ("pruning.gates.ffn_units_init_mean=0", "pruning.gates.ffn_units_init_mean"),
+    ("pruning.gates.init_std=-1", "pruning.gates.init_std"),
+    ("trainer.threads=0", "trainer.threads: must be >= 1"),
+    ("trainer.latency_seconds=0", "trainer.latency_seconds"),
 ])
 def test_bad_values_fail_before_compute(tmp_path, override, message):
     train, valid = noise_corpus(tmp_path)

@@ -3,10 +3,11 @@ any compute. Every error names the key at fault."""
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -164,6 +165,20 @@ def prepare_run_dir(cfg: DictConfig, run_dir: Path) -> None:
         config_file.write_text(OmegaConf.to_yaml(cfg))
 
 
+def check_optim(o: DictConfig, lrs: Tuple[str, ...]) -> None:
+    """The ``optim`` section of any recipe: learning rates ``lrs``, AdamW's betas and weight decay,
+    the warm-up, the gradient clip."""
+    for key in (*lrs, "weight_decay"):
+        if not (math.isfinite(o[key]) and o[key] >= 0):
+            raise ConfigError(f"optim.{key}: must be a finite number >= 0, got {o[key]}")
+    if len(o.betas) != 2 or not all(0.0 <= b < 1.0 for b in o.betas):
+        raise ConfigError(f"optim.betas: must be two numbers in [0, 1), got {list(o.betas)}")
+    if o.warmup_steps < 0:
+        raise ConfigError(f"optim.warmup_steps: must be >= 0, got {o.warmup_steps}")
+    if o.clip_grad_norm is not None and not (math.isfinite(o.clip_grad_norm) and o.clip_grad_norm > 0):
+        raise ConfigError(f"optim.clip_grad_norm: must be a positive number or null, got {o.clip_grad_norm}")
+
+
 def validate(cfg: DictConfig, run_dir: Optional[Path] = None) -> None:
     """Checks that need no compute: ranges, names, paths."""
     t, p, d, o, tr = cfg.teacher, cfg.pruning, cfg.data, cfg.optim, cfg.trainer
@@ -206,9 +221,19 @@ def validate(cfg: DictConfig, run_dir: Optional[Path] = None) -> None:
         raise ConfigError(f"distill.mode: must be one of {MODES}, got {cfg.distill.mode!r}")
     if cfg.distill.cos_type not in COS_TYPES:
         raise ConfigError(f"distill.cos_type: must be one of {COS_TYPES}, got {cfg.distill.cos_type!r}")
-    for key in ("lr", "gate_lr", "lambda_lr"):
-        if o[key] < 0:
-            raise ConfigError(f"optim.{key}: must be >= 0, got {o[key]}")
+    check_optim(o, ("lr", "gate_lr", "lambda_lr"))
+    if p.warmup_steps < 0:
+        raise ConfigError(f"pruning.warmup_steps: must be >= 0, got {p.warmup_steps}")
+    g = p.gates
+    for key in ("init_mean", "ffn_units_init_mean"):
+        if not 0.0 < g[key] < 1.0:
+            raise ConfigError(f"pruning.gates.{key}: an initial drop rate must be in (0, 1), got {g[key]}")
+    if not (math.isfinite(g.init_std) and g.init_std >= 0):
+        raise ConfigError(f"pruning.gates.init_std: must be a finite number >= 0, got {g.init_std}")
+    if tr.threads is not None and tr.threads < 1:
+        raise ConfigError(f"trainer.threads: must be >= 1 or null, got {tr.threads}")
+    if not (math.isfinite(tr.latency_seconds) and tr.latency_seconds >= 0.025):
+        raise ConfigError(f"trainer.latency_seconds: must be at least one frame (0.025 s), got {tr.latency_seconds}")
     if tr.precision not in PRECISIONS:
         raise ConfigError(f"trainer.precision: must be one of {PRECISIONS}, got {tr.precision!r}")
     if tr.device not in ("auto", "cpu", "cuda"):

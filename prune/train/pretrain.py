@@ -26,7 +26,7 @@ from torch import Tensor
 from ..checkpoints import export_pruned
 from ..models import PRESETS, build_preset, preset_config
 from .checkpoint import checkpoint_files, save_checkpoint
-from .config import ConfigError, check_run_dir, prepare_run_dir, typed
+from .config import ConfigError, check_optim, check_run_dir, prepare_run_dir, typed
 from .audio import AudioError, load_audio
 from .data import collate, format_skipped, validate_manifest
 from .faults import maybe_fail
@@ -134,8 +134,16 @@ def validate_pretrain(cfg: DictConfig, run_dir: Optional[Path] = None) -> None:
             raise ConfigError(f"{key}: must be >= {low}, got {value}")
     if not 0.0 < cfg.masking.prob <= 1.0:
         raise ConfigError(f"masking.prob: must be in (0, 1], got {cfg.masking.prob}")
-    if not (math.isfinite(cfg.optim.lr) and cfg.optim.lr > 0):
-        raise ConfigError(f"optim.lr: must be a positive number, got {cfg.optim.lr}")
+    check_optim(cfg.optim, ("lr",))
+    if cfg.masking.unmasked_weight < 0 or cfg.model.feature_pen < 0:
+        key = "masking.unmasked_weight" if cfg.masking.unmasked_weight < 0 else "model.feature_pen"
+        raise ConfigError(f"{key}: a loss weight must be >= 0")
+    if not 0.0 <= cfg.model.feature_grad_mult <= 1.0:
+        raise ConfigError(f"model.feature_grad_mult: must be in [0, 1], got {cfg.model.feature_grad_mult}")
+    if cfg.model.logit_temp <= 0:
+        raise ConfigError(f"model.logit_temp: must be > 0, got {cfg.model.logit_temp}")
+    if tr.threads is not None and tr.threads < 1:
+        raise ConfigError(f"trainer.threads: must be >= 1 or null, got {tr.threads}")
     if run_dir is not None:
         check_run_dir(run_dir)
 
