@@ -8,9 +8,9 @@
     prune inspect PATH                                  size and structure of any supported checkpoint
     prune preview [--preset P] [--sparsity S]           gate a preset with seeded random gates, cut, export
 
-RECIPE is a file name from recipes/ (tiny_demo, dphubert_hubert_base, wavlm_base_plus, default);
-without one, `default` (configs/train.yaml as it is) is used. Every config key can be overridden: trainer.prune_steps=1000.
-Pre-training recipes are in recipes/pretrain/ (demo_teacher).
+RECIPE is a file name from recipes/ (demo, tiny_demo, dphubert_hubert_base, wavlm_base_plus, default);
+without one, `default` (configs/train.yaml as it is) is used. Every config key can be overridden:
+trainer.prune_steps=1000. Pre-training recipes are in recipes/pretrain/ (demo_teacher).
 """
 
 from __future__ import annotations
@@ -63,7 +63,11 @@ def _pick_recipe(command: str, argv: List[str], package: str, default: str) -> T
         recipe, argv = argv[0], argv[1:]
     available = sorted(p.name[:-5] for p in files(package).iterdir() if p.name.endswith(".yaml"))
     if recipe not in available:
-        raise SystemExit(f"prune {command}: unknown recipe {recipe!r}; choose from {', '.join(available)}")
+        other = {"prune.recipes": ("pretrain", "prune.recipes.pretrain"),
+                 "prune.recipes.pretrain": ("train", "prune.recipes")}[package]
+        hint = f" ({recipe} is a `prune {other[0]}` recipe)" if files(other[1]).joinpath(f"{recipe}.yaml").is_file() \
+            else ""
+        raise SystemExit(f"prune {command}: unknown recipe {recipe!r}{hint}; choose from {', '.join(available)}")
     return recipe, argv
 
 

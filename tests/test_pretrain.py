@@ -122,3 +122,11 @@ def test_bad_pretrain_config_is_one_line_before_any_compute(tmp_path, override, 
     assert result.returncode != 0
     assert message in result.stderr and "Traceback" not in result.stderr
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_a_recipe_given_to_the_wrong_command_says_which_one_it_is():
+    wrong = prune_cli(["train", "demo_teacher"])
+    assert wrong.returncode != 0 and "demo_teacher is a `prune pretrain` recipe" in wrong.stderr
+    wrong = prune_cli(["pretrain", "demo"])
+    assert wrong.returncode != 0 and "demo is a `prune train` recipe" in wrong.stderr
+    assert "Traceback" not in wrong.stderr

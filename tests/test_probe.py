@@ -1,8 +1,12 @@
 """The phone-recognition probe: CTC training, greedy decoding and PER, end to end."""
 
+import re
+import subprocess
+import sys
+
 import pytest
 import torch
-from helpers_train import DEMO_CORPUS
+from helpers_train import DEMO_CORPUS, REPO, demo_corpus_split
 
 from prune.models import build_preset
 from prune.train.probe import edit_distance, fit_probe, greedy_decode, phone_probe, read_phones
@@ -51,3 +55,13 @@ def test_probe_runs_on_the_demo_corpus():
     result = phone_probe(build_preset("hubert_base_tiny"), DEMO_CORPUS, steps=20)
     assert result["train_files"] == 252 and result["valid_files"] == 28
     assert 0.0 <= result["valid_per"] <= 1.5 and result["final_ctc_loss"] < result["first_ctc_loss"]
+
+
+@pytest.mark.skipif(not (DEMO_CORPUS / "transcripts.tsv").exists(), reason="no demo corpus")
+def test_mfcc_baseline_script_runs(tmp_path):
+    corpus = demo_corpus_split(tmp_path / "corpus", n_train=20)
+    result = subprocess.run([sys.executable, str(REPO / "scripts" / "probe_mfcc.py"), "--corpus", str(corpus),
+                             "--steps", "200"], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    valid = float(re.search(r"valid (\S+)$", result.stdout.strip()).group(1))
+    assert valid < 0.9  # MFCCs carry the phones: far below the random-encoder floor even from 20 files

@@ -34,6 +34,11 @@ def read_phones(path: Path) -> Dict[str, List[str]]:
     return {row["id"]: row["phones"].split() for row in rows}
 
 
+def phone_vocab(phones: Dict[str, List[str]]) -> Dict[str, int]:
+    """Every phone of the transcripts -> class id (1..; 0 is the CTC blank)."""
+    return {p: k + 1 for k, p in enumerate(sorted({p for seq in phones.values() for p in seq}))}
+
+
 def edit_distance(a: Sequence, b: Sequence) -> int:
     """Levenshtein distance between two sequences."""
     previous = list(range(len(b) + 1))
@@ -128,5 +133,5 @@ def phone_probe(model: Wav2Vec2Model, corpus: Path, steps: int = 1000, lr: float
     model = model.eval()
     train = _features(model, corpus / "train.tsv", phones)
     valid = _features(model, corpus / "valid.tsv", phones)
-    vocab = {p: k + 1 for k, p in enumerate(sorted({p for seq in phones.values() for p in seq}))}
-    return {**fit_probe(train, valid, vocab, steps, lr, seed), "train_files": len(train), "valid_files": len(valid)}
+    return {**fit_probe(train, valid, phone_vocab(phones), steps, lr, seed), "train_files": len(train),
+            "valid_files": len(valid)}
