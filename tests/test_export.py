@@ -39,6 +39,16 @@ def test_round_trip_identical(tmp_path, pruned):
     assert info["source"]["architecture"] == "wavlm" and info["metadata"] == {"note": "test"}
 
 
+def test_export_has_the_permissions_of_any_new_folder(tmp_path, pruned):
+    """Readable by whoever could read a folder the user made (not mkdtemp's private 0700/0600)."""
+    out = export_pruned(pruned[1], tmp_path / "export")
+    (tmp_path / "plain").mkdir()
+    (tmp_path / "plain" / "file").write_text("x")
+    mode = lambda p: p.stat().st_mode & 0o777  # noqa: E731
+    assert mode(out) == mode(tmp_path / "plain")
+    assert mode(out / "model.safetensors") == mode(out / "config.json") == mode(tmp_path / "plain" / "file")
+
+
 def test_load_needs_only_torch_and_safetensors(tmp_path, pruned):
     out = export_pruned(pruned[1], tmp_path / "export")
     layers, params = load_with_torch_only(out).split()

@@ -87,6 +87,7 @@ def export_pruned(model: Wav2Vec2Model, path: PathLike, source: Optional[Encoder
             f.flush()
             os.fsync(f.fileno())
         fsync_path(tmp / WEIGHTS)
+        _plain_permissions(tmp)
         maybe_fail("during_export")  # PRUNE_FAULT=during_export (tests): dies before the rename
         if path.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=parent))
@@ -100,6 +101,16 @@ def export_pruned(model: Wav2Vec2Model, path: PathLike, source: Optional[Encoder
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return path
+
+
+def _plain_permissions(folder: Path) -> None:
+    """mkdtemp makes the folder private (0700) and safetensors writes 0600: give the export the
+    permissions any folder and file made under the user's umask get, so others can read it."""
+    umask = os.umask(0)
+    os.umask(umask)
+    folder.chmod(0o777 & ~umask)
+    for child in folder.iterdir():
+        child.chmod(0o666 & ~umask)
 
 
 def read_export_info(path: PathLike) -> Dict[str, Any]:
