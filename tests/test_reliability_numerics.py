@@ -85,6 +85,12 @@ def test_max_nonfinite_in_a_row_stops_with_the_last_checkpoint_intact(tmp_path):
     assert_all_finite(run / "checkpoints")
     assert_same(trained_state(ckpt(run, 2)), trained_state(ckpt(run, 4)))
 
+    assert load_checkpoint(ckpt(run, 4))["nonfinite_in_row"] == 2
+    again = prune_cli(["resume", str(run)], env={"PRUNE_FAULT": "nan_loss:3-100"})  # still bad: the count goes on
+    assert again.returncode not in (0, -9)
+    assert again.stderr.strip().splitlines()[-1].startswith("prune resume: 3 non-finite steps in a row at step 4")
+    assert [s for s, _ in checkpoint_files(run / "checkpoints")][0] == 4
+
     resumed = prune_cli(["resume", str(run)])  # the cause gone, the run goes on from step 4
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resumed from step 4 " in resumed.stderr

@@ -365,6 +365,7 @@ class PruneRecipe:
             "rng": {"torch": torch.get_rng_state(), "python": random.getstate(),
                     "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
             "nonfinite_total": self.nonfinite_total,
+            "nonfinite_in_row": self.nonfinite_in_row,  # a resume inside a bad stretch keeps counting
             "skipped_files": dict(self.dataset.skipped),  # found at read time: a resume may not re-read them
             "history": self.history,
         }
@@ -401,6 +402,7 @@ class PruneRecipe:
         self.scaler.load_state_dict(state["scaler"])
         self.step, self.epoch, self.batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
         self.nonfinite_total = state["nonfinite_total"]
+        self.nonfinite_in_row = state.get("nonfinite_in_row", 0)  # absent in older checkpoints
         self.dataset.skipped.update(state.get("skipped_files", {}))
         self.history = state["history"]
         self._set_lr_for_step()
