@@ -178,8 +178,9 @@ def test_evaluate_runs_the_phone_probe(tmp_path):
     import prune
 
     out = prune.export_pruned(prune.build_preset("hubert_base_tiny"), tmp_path / "model")
-    result = prune_cli(["evaluate", str(out), "--probe", str(DEMO_CORPUS), "--probe-steps", "30"])
+    result = prune_cli(["evaluate", str(out), "--probe", str(DEMO_CORPUS), "--probe-steps", "30", "--probe-floor"])
     assert result.returncode == 0, result.stderr[-2000:]
     assert "252 train / 28 valid files, 30 steps): PER train" in result.stdout
+    assert "random-init floor (this architecture, random weights): PER train" in result.stdout
     neither = prune_cli(["evaluate", str(out)])
     assert neither.returncode != 0 and "give --manifest" in neither.stderr
