@@ -7,6 +7,7 @@ from helpers_train import REPO, demo_corpus_split
 from omegaconf import OmegaConf
 
 from prune.checkpoints import load_pruned, read_export_info
+from prune.checkpoints.inspect import inspect_checkpoint
 from prune.models import build_encoder
 from prune.structures import count_params
 from prune.train.probe import phone_probe
@@ -25,6 +26,8 @@ def test_the_committed_teacher_is_what_its_recipe_makes():
             for key, value in values.items():
                 assert recorded[section][key] == value, f"{section}.{key}"
     model = load_pruned(TEACHER)
+    assert "format:         prune export (encoder pre-trained by prune pretrain, 5000 steps)" in \
+        inspect_checkpoint(TEACHER)
     assert count_params(model.config) == sum(p.numel() for p in model.parameters())
     assert (TEACHER / "model.safetensors").stat().st_size < 8 * 2**20  # "a few MB"
 

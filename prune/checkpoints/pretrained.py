@@ -104,7 +104,10 @@ def _load_folder(folder: Path, trust_pickle: bool) -> Tuple[Wav2Vec2Model, LoadR
             model = load_pruned(folder)
         except ExportError as e:
             raise CheckpointError(str(e)) from e
-        return model, LoadReport("pruned", str(folder), model.config, "pruned encoder")
+        pretrain = (info.get("metadata") or {}).get("pretrain")
+        detail = (f"encoder pre-trained by prune pretrain, {pretrain.get('steps')} steps" if pretrain
+                  else "pruned encoder")
+        return model, LoadReport("pruned", str(folder), model.config, detail)
     if "model_type" in info:
         return load_hf(folder, trust_pickle)
     raise CheckpointError(f"{folder / EXPORT_CONFIG} is neither a Hugging Face config (no model_type) nor a prune "
