@@ -184,3 +184,19 @@ def test_evaluate_runs_the_phone_probe(tmp_path):
     assert "random-init floor (this architecture, random weights): PER train" in result.stdout
     neither = prune_cli(["evaluate", str(out)])
     assert neither.returncode != 0 and "give --manifest" in neither.stderr
+
+
+def test_ranks_agree_to_stop_when_one_cannot_go_on(tmp_path):
+    """`all_ranks` (what a rank whose data share has no usable audio uses to stop every rank, not
+    just itself): False on every rank as soon as one rank says False."""
+    script = tmp_path / "agree.py"
+    script.write_text(
+        "from prune.train.distributed import all_ranks, init_distributed, shutdown_distributed\n"
+        "env = init_distributed('cpu')\n"
+        "print(f'rank {env.rank}: {all_ranks(env.rank == 0, env)} {all_ranks(True, env)}', flush=True)\n"
+        "shutdown_distributed()\n")
+    torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable)) or "torchrun"
+    result = subprocess.run([torchrun, "--nproc_per_node", "2", "--master_port", "29519", str(script)], cwd=REPO,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "rank 0: False True" in result.stdout and "rank 1: False True" in result.stdout

@@ -50,3 +50,13 @@ def shutdown_distributed() -> None:
 def barrier(env: DistEnv) -> None:
     if env.enabled:
         dist.barrier()
+
+
+def all_ranks(ok: bool, env: DistEnv) -> bool:
+    """Whether ``ok`` holds on every rank (one small all-reduce): lets all ranks stop together
+    when one of them cannot go on, instead of the others waiting in the next collective."""
+    if not env.enabled:
+        return ok
+    flag = torch.tensor([0 if ok else 1], dtype=torch.int32, device=env.device)
+    dist.all_reduce(flag)
+    return int(flag.item()) == 0

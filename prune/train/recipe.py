@@ -35,7 +35,7 @@ from ..structures import GateConfig, GatedEncoder, count_macs, count_params
 from .checkpoint import load_latest, save_checkpoint
 from .data import AudioDataset, LengthBucketSampler, collate, format_skipped, validate_manifest
 from .distill import DistillHeads, distill_loss, frame_mask
-from .distributed import DistEnv, barrier, init_distributed
+from .distributed import DistEnv, all_ranks, barrier, init_distributed
 from .faults import maybe_fail, nan_loss
 from .lagrangian import Lagrangian
 from .manifest import ManifestError, read_manifest
@@ -217,6 +217,18 @@ class PruneRecipe:
             self.epoch += 1
             self.batch_in_epoch = 0
 
+    def _next_batch(self, batches: Iterator[Tuple[Tensor, Tensor]]) -> Tuple[Tensor, Tensor]:
+        """The next batch. A rank whose share of the data has no usable audio raises; under DDP the
+        others learn it in the same step and stop too (rather than wait for it forever)."""
+        try:
+            batch, error = next(batches), None
+        except ManifestError as e:
+            batch, error = None, e
+        if not all_ranks(error is None, self.env):
+            raise error or ManifestError(f"rank {self.env.rank}: another process's share of the training data "
+                                         f"has no usable audio (its log names the files); stopping all processes")
+        return batch
+
     def _autocast(self):
         p = self.cfg.trainer.precision
         if p == "fp32":
@@ -258,7 +270,7 @@ class PruneRecipe:
             self.optimizer.zero_grad(set_to_none=True)
             parts: Dict[str, Tensor] = {}
             for micro in range(tr.grad_accum):
-                waveforms, lengths = next(batches)
+                waveforms, lengths = self._next_batch(batches)
                 sync = micro == tr.grad_accum - 1 or not self.env.enabled
                 with contextlib.nullcontext() if sync else self.model.no_sync():
                     loss, parts = self._loss(waveforms, lengths)
