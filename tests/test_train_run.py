@@ -111,6 +111,12 @@ def test_console_script_works_from_anywhere_after_a_plain_install(tmp_path):
                             timeout=120, env={**os.environ, "PYTHONPATH": str(target)})
     assert result.returncode == 0, result.stderr[-2000:]
     assert "name: tiny_demo" in result.stdout and "preset: hubert_base_tiny" in result.stdout
+    assert (target / "prune" / "recipes" / "pretrain" / "demo_teacher.yaml").is_file()
+    code = code.replace("['train', 'tiny_demo', '--cfg', 'job']", "['pretrain', 'demo_teacher', '--cfg', 'job']")
+    result = subprocess.run([sys.executable, "-c", code, str(target)], cwd=elsewhere, capture_output=True, text=True,
+                            timeout=120, env={**os.environ, "PYTHONPATH": str(target)})
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "name: demo_teacher" in result.stdout and "num_clusters: 100" in result.stdout
 
 
 def test_multirun_sweeps_the_target(tmp_path):
