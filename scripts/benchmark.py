@@ -15,6 +15,8 @@ shared and noisy, absolute times are not comparable across runs. Writes a table 
    batch 2 x 4 s, vs the same student with no gates; with sparsity-aware skipping on and off at
    gate states typical of 0/50/75/90% sparsity; peak memory of the step.
 4. exactness at scale: gated (eval) vs compiled hidden states, expected vs actual params.
+5. conv widths: MAC throughput of one conv layer of the extractor at its full width (512), at a
+   pruned odd width, and at that width padded to multiples of 8 (are narrow layers slow?).
 """
 
 from __future__ import annotations
@@ -253,12 +255,40 @@ def plot(results: Dict, path: Path) -> None:
     plt.close(fig)
 
 
+# ----------------------------------------------------------------------------------------- 5
+CONV_SHAPES = [  # (in, out, kernel, stride, input frames per 10 s), layer 1 and layer 5 of the extractor
+    ("layer 1, full", 512, 512, 3, 2, 31999), ("layer 1, pruned", 173, 181, 3, 2, 31999),
+    ("layer 1, pruned, padded to x8", 176, 184, 3, 2, 31999), ("layer 5, full", 512, 512, 2, 2, 1999),
+    ("layer 5, pruned", 131, 97, 2, 2, 1999), ("layer 5, pruned, padded to x8", 136, 104, 2, 2, 1999)]
+
+
+def conv_widths(args) -> Dict:
+    """MACs per microsecond of single conv layers (random weights, batch 1, 10 s of audio)."""
+    import torch.nn.functional as F
+
+    fns, macs = {}, {}
+    for name, cin, cout, k, stride, frames in CONV_SHAPES:
+        x, w = torch.randn(1, cin, frames), torch.randn(cout, cin, k)
+        fns[name] = (lambda x=x, w=w, stride=stride: F.conv1d(x, w, stride=stride))
+        macs[name] = cin * cout * k * ((frames - k) // stride + 1)
+    times = interleaved(fns, repeats=max(args.repeats * 4, 10), warmup=2)
+    rows, out = [], {}
+    for name, *_ in CONV_SHAPES:
+        t = med(times[name])
+        out[name] = {"seconds": t, "macs_per_us": macs[name] / t / 1e6}
+        rows.append([name, f"{macs[name] / 1e6:.0f} M", f"{t * 1e3:.2f} ms", spread(times[name]),
+                     f"{out[name]['macs_per_us']:.0f}"])
+    print("\n5. conv widths: one extractor conv layer, 10 s, batch 1")
+    print(format_table([["layer", "MACs", "time", "median/max", "MACs / us"]] + rows))
+    return {"conv_widths": out}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="shorter audio and fewer repeats (a few minutes)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", default="outputs/benchmark")
-    parser.add_argument("--sections", default="1,2,3", help="which parts to run (4 comes with 1)")
+    parser.add_argument("--sections", default="1,2,3", help="which parts to run (4 comes with 1; 5 on request)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     args.seconds = 4.0 if args.quick else 10.0
@@ -281,6 +311,8 @@ def main() -> None:
             results.update(target_kinds(args, models["unpruned"]))
     if "3" in sections:
         results.update(training_step(args))
+    if "5" in sections:
+        results.update(conv_widths(args))
     results["seconds_total"] = time.time() - t0
     (out / "results.json").write_text(json.dumps(results, indent=2))
     if "inference" in results:
