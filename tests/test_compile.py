@@ -109,3 +109,17 @@ def test_reference_error_case_is_exact_here():
         compiled.encoder.feature_projection.phantom.zero_()
     naive, _ = _run(compiled, x, None)
     assert max_rel_error(naive, expected) > 1e-3
+
+
+@pytest.mark.parametrize("name", ["hubert_base_tiny", "wavlm_large_tiny"])
+def test_conv_layers_cut_to_nothing_compile_and_stay_exact(name, batch):
+    """Layer 0 (GroupNorm in group_norm mode) and a middle layer lose every channel: the
+    extractor's output is then bias-only, and the compiled model still matches."""
+    gated = randomize_gates(GatedEncoder(build_preset(name))).eval()
+    for i in (0, 3):
+        gated.conv[i].gate.log_alpha.data.fill_(-10.0)
+    compiled = compile_encoder(gated)
+    widths = [layer.conv.out_channels for layer in compiled.feature_extractor.conv_layers]
+    assert widths[0] == 0 and widths[3] == 0
+    assert max_rel_error(_run(compiled, *batch)[0], _run(gated, *batch)[0]) < TOL
+

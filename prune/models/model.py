@@ -30,7 +30,8 @@ def _build(config: EncoderConfig) -> Wav2Vec2Model:
         if config.extractor_mode == "layer_norm":
             norm = PhantomLayerNorm(out, total, eps)
         elif i == 0:
-            norm = nn.GroupNorm(num_groups=out, num_channels=out, affine=True, eps=eps)
+            # one group per channel; max(.., 1): a layer pruned to no channel keeps an empty norm
+            norm = nn.GroupNorm(num_groups=max(out, 1), num_channels=out, affine=True, eps=eps)
         convs.append(ConvLayerBlock(in_channels, out, kernel, stride, config.extractor_conv_bias, norm))
         in_channels = out
     feature_extractor = FeatureExtractor(nn.ModuleList(convs))
