@@ -92,6 +92,21 @@ def test_pretrain_runs_exports_and_resumes_to_the_same_weights(tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_damaged_checkpoints_are_skipped_and_all_damaged_stops(tmp_path):
+    train, valid = noise_corpus(tmp_path / "corpus", n_train=8, n_valid=2)
+    run = tmp_path / "run"
+    assert prune_cli(_args(train, valid, run)).returncode == 0
+    newest = run / "checkpoints" / "step_00000020.pt"
+    newest.write_bytes(newest.read_bytes()[:1000])  # torn
+    again = prune_cli(_args(train, valid, run))
+    assert again.returncode == 0 and "resumed from step 10" in again.stderr + again.stdout
+    for path in (run / "checkpoints").glob("step_*.pt"):
+        path.write_bytes(b"garbage")
+    broken = prune_cli(_args(train, valid, run))
+    assert broken.returncode != 0 and "every checkpoint in" in broken.stderr and "Traceback" not in broken.stderr
+    assert all(p.read_bytes() == b"garbage" for p in (run / "checkpoints").glob("step_*.pt"))
+
+
 def test_unusable_audio_is_skipped_and_named(tmp_path):
     train, valid = noise_corpus(tmp_path / "corpus", n_train=6, n_valid=2)
     audio = tmp_path / "corpus" / "audio"

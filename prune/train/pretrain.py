@@ -25,7 +25,7 @@ from torch import Tensor
 
 from ..checkpoints import export_pruned
 from ..models import PRESETS, build_preset, preset_config
-from .checkpoint import checkpoint_files, save_checkpoint
+from .checkpoint import load_latest, save_checkpoint
 from .config import ConfigError, check_optim, check_run_dir, prepare_run_dir, typed
 from .audio import AudioError, load_audio
 from .data import collate, format_skipped, validate_manifest
@@ -35,6 +35,8 @@ from .masked_prediction import IGNORE, MaskedPrediction, masked_loss, span_mask
 from .targets import HOP_LENGTH, ClusterTargets, num_frames
 
 log = logging.getLogger(__name__)
+
+REQUIRED = ("step", "config", "model", "optimizer", "targets", "rng", "history")  # a whole checkpoint
 
 
 # ------------------------------------------------------------------------------------ config
@@ -233,25 +235,18 @@ class Pretrainer:
         self.writer = SummaryWriter(str(self.run_dir / "tensorboard"))
 
     def _latest(self) -> Optional[Dict[str, Any]]:
-        """The newest loadable checkpoint (a damaged one is skipped), after a config check."""
-        for _, path in checkpoint_files(self.ckpt_dir):
-            try:
-                state = torch.load(path, map_location="cpu", weights_only=True)
-                required = ("step", "config", "model", "optimizer", "targets", "rng", "history")
-                if not isinstance(state, dict) or any(k not in state for k in required):
-                    raise ValueError("not a prune pre-training checkpoint")
-            except Exception as e:
-                log.warning("skipping damaged checkpoint %s: %s", path, e)
-                continue
-            now = OmegaConf.to_container(self.cfg, resolve=True)
-            changed = [k for k in ("model", "targets", "masking", "data", "optim")
-                       if state["config"].get(k) != now.get(k)]
-            if changed or state["config"]["trainer"]["steps"] != now["trainer"]["steps"]:
-                raise ValueError(f"{self.run_dir} was started with a different config "
-                                 f"({', '.join(changed) or 'trainer.steps'}); resume with the same config "
-                                 f"or use a new run directory")
-            return state
-        return None
+        """The newest loadable checkpoint (damaged ones skipped; all damaged is an error), after
+        a check that it was made with this config."""
+        state = load_latest(self.ckpt_dir, REQUIRED, kind="pre-training")
+        if state is None:
+            return None
+        now = OmegaConf.to_container(self.cfg, resolve=True)
+        changed = [k for k in ("model", "targets", "masking", "data", "optim") if state["config"].get(k) != now.get(k)]
+        if changed or state["config"]["trainer"]["steps"] != now["trainer"]["steps"]:
+            raise ValueError(f"{self.run_dir} was started with a different config "
+                             f"({', '.join(changed) or 'trainer.steps'}); resume with the same config "
+                             f"or use a new run directory")
+        return state
 
     def lr_at(self, step: int) -> float:
         o, total = self.cfg.optim, self.cfg.trainer.steps
@@ -346,7 +341,7 @@ class Pretrainer:
 
     def _export(self) -> Path:
         encoder = self.model.encoder.eval()
-        meta = {"pretrain": {"steps": self.step, "history": self.history[-1:],
+        meta = {"pretrain": {"steps": self.step, "history": self.history[-1:], "skipped_files": self.skipped,
                              "config": OmegaConf.to_container(self.cfg, resolve=True)}}
         path = export_pruned(encoder, self.run_dir / "export", metadata=meta, overwrite=True)
         if self.cfg.probe.corpus is not None:
