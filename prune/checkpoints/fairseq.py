@@ -20,7 +20,7 @@ import torch
 
 from ..models import EncoderConfig, Wav2Vec2Model, build_encoder
 from ..models.config import ConvSpec
-from .keymap import CheckpointError, Ignore, LoadReport, Rule, load_mapped, map_keys
+from .keymap import CheckpointError, Ignore, LoadReport, Rule, load_mapped, map_keys, pos_conv_rules
 from .safe_load import to_plain
 
 # fairseq / WavLM state-dict keys -> prune keys. The conv blocks are nn.Sequential:
@@ -34,13 +34,7 @@ FAIRSEQ_KEY_MAP: List[Rule] = [
     Rule(r"layer_norm\.(weight|bias)", r"encoder.feature_projection.layer_norm.\1"),  # LN over the conv features
     Rule(r"post_extract_proj\.(weight|bias)", r"encoder.feature_projection.projection.\1"),
     # pos_conv = nn.Sequential(weight-normed conv, SamePad, GELU)
-    Rule(r"encoder\.pos_conv\.0\.weight_g", r"encoder.transformer.pos_conv_embed.conv.weight_g"),
-    Rule(r"encoder\.pos_conv\.0\.weight_v", r"encoder.transformer.pos_conv_embed.conv.weight_v"),
-    Rule(r"encoder\.pos_conv\.0\.parametrizations\.weight\.original0",
-         r"encoder.transformer.pos_conv_embed.conv.weight_g"),
-    Rule(r"encoder\.pos_conv\.0\.parametrizations\.weight\.original1",
-         r"encoder.transformer.pos_conv_embed.conv.weight_v"),
-    Rule(r"encoder\.pos_conv\.0\.bias", r"encoder.transformer.pos_conv_embed.conv.bias"),
+    *pos_conv_rules(r"encoder\.pos_conv\.0"),
     Rule(r"encoder\.layer_norm\.(weight|bias)", r"encoder.transformer.layer_norm.\1"),
     Rule(r"encoder\.layers\.(\d+)\.self_attn\.(q|k|v|out)_proj\.(weight|bias)",
          r"encoder.transformer.layers.\1.attention.\2_proj.\3"),

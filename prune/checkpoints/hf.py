@@ -15,7 +15,7 @@ from typing import Any, Dict, List, Tuple
 import torch
 
 from ..models import EncoderConfig, Wav2Vec2Model, build_encoder
-from .keymap import CheckpointError, Ignore, LoadReport, Rule, load_mapped, map_keys
+from .keymap import CheckpointError, Ignore, LoadReport, Rule, load_mapped, map_keys, pos_conv_rules
 from .safe_load import read_safetensors, torch_load
 
 # model_type in config.json -> architecture; the wrappers keep the encoder under this prefix
@@ -33,15 +33,7 @@ HF_KEY_MAP: List[Rule] = [
          r"feature_extractor.conv_layers.\1.layer_norm.\2"),
     Rule(r"feature_projection\.layer_norm\.(weight|bias)", r"encoder.feature_projection.layer_norm.\1"),
     Rule(r"feature_projection\.projection\.(weight|bias)", r"encoder.feature_projection.projection.\1"),
-    # weight norm, as torch.nn.utils.weight_norm (older transformers) ...
-    Rule(r"encoder\.pos_conv_embed\.conv\.weight_g", r"encoder.transformer.pos_conv_embed.conv.weight_g"),
-    Rule(r"encoder\.pos_conv_embed\.conv\.weight_v", r"encoder.transformer.pos_conv_embed.conv.weight_v"),
-    # ... and as torch.nn.utils.parametrizations.weight_norm (newer): original0 = g, original1 = v
-    Rule(r"encoder\.pos_conv_embed\.conv\.parametrizations\.weight\.original0",
-         r"encoder.transformer.pos_conv_embed.conv.weight_g"),
-    Rule(r"encoder\.pos_conv_embed\.conv\.parametrizations\.weight\.original1",
-         r"encoder.transformer.pos_conv_embed.conv.weight_v"),
-    Rule(r"encoder\.pos_conv_embed\.conv\.bias", r"encoder.transformer.pos_conv_embed.conv.bias"),
+    *pos_conv_rules(r"encoder\.pos_conv_embed\.conv"),  # older and newer transformers' weight norm
     Rule(r"encoder\.layer_norm\.(weight|bias)", r"encoder.transformer.layer_norm.\1"),
     Rule(r"encoder\.layers\.(\d+)\.attention\.(q|k|v|out)_proj\.(weight|bias)",
          r"encoder.transformer.layers.\1.attention.\2_proj.\3"),

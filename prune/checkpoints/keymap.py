@@ -37,6 +37,21 @@ class Rule:
     target: Union[str, Tuple[str, ...]]
 
 
+POS_CONV = "encoder.transformer.pos_conv_embed.conv"  # the prune key prefix of the positional conv
+
+
+def pos_conv_rules(source: str) -> List[Rule]:
+    """The weight-normed positional conv stored under ``source`` (a regex, dots escaped) ->
+    prune keys. Weight norm is saved either as torch.nn.utils.weight_norm saves it (``weight_g``,
+    ``weight_v``) or as torch.nn.utils.parametrizations.weight_norm does (``original0`` = g,
+    ``original1`` = v)."""
+    return [Rule(source + r"\.weight_g", POS_CONV + ".weight_g"),
+            Rule(source + r"\.weight_v", POS_CONV + ".weight_v"),
+            Rule(source + r"\.parametrizations\.weight\.original0", POS_CONV + ".weight_g"),
+            Rule(source + r"\.parametrizations\.weight\.original1", POS_CONV + ".weight_v"),
+            Rule(source + r"\.bias", POS_CONV + ".bias")]
+
+
 @dataclass(frozen=True)
 class Ignore:
     """Source keys (whole-key pattern) that are deliberately left out, and why."""

@@ -18,7 +18,7 @@ import torch
 
 from ..models import EncoderConfig, Wav2Vec2Model, build_encoder
 from ..models.config import BASE_CONV
-from .keymap import CheckpointError, Ignore, LoadReport, Rule, load_mapped, map_keys
+from .keymap import CheckpointError, Ignore, LoadReport, Rule, load_mapped, map_keys, pos_conv_rules
 
 # torchaudio keys -> prune keys. The in-house encoder uses torchaudio's names, so most rows are
 # the identity; WavLM differs: torchaudio keeps q/k/v in a torch.nn.MultiheadAttention
@@ -29,13 +29,7 @@ TORCHAUDIO_KEY_MAP: List[Rule] = [
          r"feature_extractor.conv_layers.\1.layer_norm.\2"),
     Rule(r"encoder\.feature_projection\.layer_norm\.(weight|bias)", r"encoder.feature_projection.layer_norm.\1"),
     Rule(r"encoder\.feature_projection\.projection\.(weight|bias)", r"encoder.feature_projection.projection.\1"),
-    Rule(r"encoder\.transformer\.pos_conv_embed\.conv\.weight_g", r"encoder.transformer.pos_conv_embed.conv.weight_g"),
-    Rule(r"encoder\.transformer\.pos_conv_embed\.conv\.weight_v", r"encoder.transformer.pos_conv_embed.conv.weight_v"),
-    Rule(r"encoder\.transformer\.pos_conv_embed\.conv\.parametrizations\.weight\.original0",
-         r"encoder.transformer.pos_conv_embed.conv.weight_g"),
-    Rule(r"encoder\.transformer\.pos_conv_embed\.conv\.parametrizations\.weight\.original1",
-         r"encoder.transformer.pos_conv_embed.conv.weight_v"),
-    Rule(r"encoder\.transformer\.pos_conv_embed\.conv\.bias", r"encoder.transformer.pos_conv_embed.conv.bias"),
+    *pos_conv_rules(r"encoder\.transformer\.pos_conv_embed\.conv"),
     Rule(r"encoder\.transformer\.layer_norm\.(weight|bias)", r"encoder.transformer.layer_norm.\1"),
     Rule(r"encoder\.transformer\.layers\.(\d+)\.attention\.(q|k|v|out)_proj\.(weight|bias)",
          r"encoder.transformer.layers.\1.attention.\2_proj.\3"),
