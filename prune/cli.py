@@ -54,21 +54,39 @@ def run_training(cfg, run_dir: Path) -> Path:
     return export
 
 
-def _pick_recipe(command: str, argv: List[str], package: str, default: str) -> Tuple[str, List[str]]:
-    """The recipe named first on the command line (or ``default``), checked against ``package``."""
+RECIPE_PACKAGES = {"train": "prune.recipes", "pretrain": "prune.recipes.pretrain"}  # command -> its recipes
+
+
+def _pick_recipe(command: str, argv: List[str], default: str) -> Tuple[str, List[str]]:
+    """The recipe named first on the command line (or ``default``), checked against the command's
+    recipes; a recipe of the other command is named as such."""
     from importlib.resources import files
 
     recipe = default
     if argv and not argv[0].startswith("-") and "=" not in argv[0]:
         recipe, argv = argv[0], argv[1:]
-    available = sorted(p.name[:-5] for p in files(package).iterdir() if p.name.endswith(".yaml"))
+    available = sorted(p.name[:-5] for p in files(RECIPE_PACKAGES[command]).iterdir() if p.name.endswith(".yaml"))
     if recipe not in available:
-        other = {"prune.recipes": ("pretrain", "prune.recipes.pretrain"),
-                 "prune.recipes.pretrain": ("train", "prune.recipes")}[package]
-        hint = f" ({recipe} is a `prune {other[0]}` recipe)" if files(other[1]).joinpath(f"{recipe}.yaml").is_file() \
-            else ""
+        owners = [other for other, package in RECIPE_PACKAGES.items()
+                  if other != command and files(package).joinpath(f"{recipe}.yaml").is_file()]
+        hint = f" ({recipe} is a `prune {owners[0]}` recipe)" if owners else ""
         raise SystemExit(f"prune {command}: unknown recipe {recipe!r}{hint}; choose from {', '.join(available)}")
     return recipe, argv
+
+
+def _run_dir_arg(command: str, argv: List[str]) -> Optional[str]:
+    """The ``hydra.run.dir=`` override, checked writable now: Hydra makes the folder before our
+    own checks run."""
+    from .train.config import ConfigError, check_run_dir
+
+    run_dirs = [a.split("=", 1)[1] for a in argv if a.startswith("hydra.run.dir=")]
+    if not run_dirs:
+        return None
+    try:
+        check_run_dir(Path(run_dirs[-1]))
+    except ConfigError as e:
+        raise _fail(command, e)
+    return run_dirs[-1]
 
 
 def train(argv: List[str]) -> None:
@@ -78,7 +96,7 @@ def train(argv: List[str]) -> None:
 
     from .train.config import ConfigError, typed
 
-    recipe, argv = _pick_recipe("train", argv, "prune.recipes", "default")
+    recipe, argv = _pick_recipe("train", argv, "default")
 
     @hydra.main(version_base="1.3", config_path="pkg://prune.recipes", config_name=recipe)
     def entry(cfg) -> None:
@@ -90,15 +108,8 @@ def train(argv: List[str]) -> None:
 
     import os
 
-    run_dirs = [a.split("=", 1)[1] for a in argv if a.startswith("hydra.run.dir=")]
-    if run_dirs:  # Hydra makes the folder before our checks run: check it first
-        from .train.config import check_run_dir
-
-        try:
-            check_run_dir(Path(run_dirs[-1]))
-        except ConfigError as e:
-            raise _fail("train", e)
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not run_dirs:
+    run_dir = _run_dir_arg("train", argv)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and run_dir is None:
         raise SystemExit("prune train: under torchrun, give hydra.run.dir=PATH so that every process "
                          "works in the same run directory")
     # Hydra's parser wants flags before overrides; let --multirun stand anywhere
@@ -114,16 +125,11 @@ def pretrain(argv: List[str]) -> None:
     import hydra
     from hydra.core.hydra_config import HydraConfig
 
-    from .train.config import ConfigError, check_run_dir
+    from .train.config import ConfigError
     from .train.pretrain import run_pretraining, typed_pretrain
 
-    recipe, argv = _pick_recipe("pretrain", argv, "prune.recipes.pretrain", "demo_teacher")
-    run_dirs = [a.split("=", 1)[1] for a in argv if a.startswith("hydra.run.dir=")]
-    try:
-        if run_dirs:
-            check_run_dir(Path(run_dirs[-1]))
-    except ConfigError as e:
-        raise _fail("pretrain", e)
+    recipe, argv = _pick_recipe("pretrain", argv, "demo_teacher")
+    _run_dir_arg("pretrain", argv)
 
     @hydra.main(version_base="1.3", config_path="pkg://prune.recipes.pretrain", config_name=recipe)
     def entry(cfg) -> None:

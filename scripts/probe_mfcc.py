@@ -11,17 +11,8 @@ from pathlib import Path
 
 import torch
 
-from prune.train.audio import load_audio
-from prune.train.manifest import read_manifest
-from prune.train.probe import fit_probe, phone_vocab, read_phones
+from prune.train.probe import fit_probe, phone_vocab, read_phones, utterance_features
 from prune.train.targets import mfcc_features
-
-
-def features(corpus: Path, split: str, phones):
-    """(1, frames, 39) MFCC features (one "layer") and the phones of every file with a transcript."""
-    manifest = read_manifest(corpus / f"{split}.tsv")
-    return [(mfcc_features(load_audio(manifest.path(i)))[None], phones[Path(rel).stem])
-            for i, (rel, _) in enumerate(manifest.entries) if Path(rel).stem in phones]
 
 
 def main() -> None:
@@ -32,8 +23,11 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     phones = read_phones(args.corpus / "transcripts.tsv")
-    result = fit_probe(features(args.corpus, "train", phones), features(args.corpus, "valid", phones),
-                       phone_vocab(phones), steps=args.steps)
+    def featurize(wave):  # the MFCCs as one "layer": (1, frames, 39)
+        return mfcc_features(wave)[None]
+
+    train, valid = (utterance_features(featurize, args.corpus / f"{split}.tsv", phones) for split in ("train", "valid"))
+    result = fit_probe(train, valid, phone_vocab(phones), steps=args.steps)
     print(f"phone probe on MFCC + deltas ({args.corpus}, {args.steps} steps): "
           f"PER train {result['train_per']:.3f}, valid {result['valid_per']:.3f}")
 

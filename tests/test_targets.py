@@ -73,7 +73,7 @@ def test_kmeans_finds_separated_clusters():
 def test_cluster_targets_label_every_frame_and_round_trip():
     g = torch.Generator().manual_seed(0)
     waves = [torch.randn(int(n), generator=g) * 0.1 for n in (8000, 12000, 16000)]
-    targets = ClusterTargets.fit(waves, num_clusters=8, seed=0)
+    targets = ClusterTargets.fit([mfcc_features(w) for w in waves], num_clusters=8, seed=0)
     labels = targets.labels(waves[1])
     assert labels.shape == (num_frames(12000),) and labels.dtype == torch.int64
     assert 0 <= int(labels.min()) and int(labels.max()) < 8

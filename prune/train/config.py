@@ -165,6 +165,21 @@ def prepare_run_dir(cfg: DictConfig, run_dir: Path) -> None:
         config_file.write_text(OmegaConf.to_yaml(cfg))
 
 
+def check_manifests(d: DictConfig) -> None:
+    """The ``data`` section's manifests exist (the valid one may be null)."""
+    for key in ("train_manifest", "valid_manifest"):
+        if d[key] is not None and not Path(d[key]).is_file():
+            raise ConfigError(f"data.{key}: {d[key]} does not exist")
+
+
+def check_probe(probe: DictConfig) -> None:
+    """The ``probe`` section (``ProbeConfig``)."""
+    if probe.corpus is not None and not (Path(probe.corpus) / "transcripts.tsv").is_file():
+        raise ConfigError(f"probe.corpus: {probe.corpus} has no transcripts.tsv (see data/demo_corpus)")
+    if probe.steps < 1:
+        raise ConfigError(f"probe.steps: must be >= 1, got {probe.steps}")
+
+
 def check_optim(o: DictConfig, lrs: Tuple[str, ...]) -> None:
     """The ``optim`` section of any recipe: learning rates ``lrs``, AdamW's betas and weight decay,
     the warm-up, the gradient clip."""
@@ -203,10 +218,7 @@ def validate(cfg: DictConfig, run_dir: Optional[Path] = None) -> None:
         raise ConfigError(f"pruning.skip_min_closed: must be in [0, 1], got {p.skip_min_closed}")
     if not 0.0 < p.tolerance < 0.5:
         raise ConfigError(f"pruning.tolerance: must be in (0, 0.5), got {p.tolerance}")
-    for key in ("train_manifest", "valid_manifest"):
-        value = d[key]
-        if value is not None and not Path(value).is_file():
-            raise ConfigError(f"data.{key}: {value} does not exist")
+    check_manifests(d)
     if d.max_samples < d.min_samples:
         raise ConfigError(f"data.max_samples: {d.max_samples} is below data.min_samples ({d.min_samples})")
     if d.batch_size < 1:
@@ -244,10 +256,7 @@ def validate(cfg: DictConfig, run_dir: Optional[Path] = None) -> None:
     for key in ("grad_accum", "ckpt_every", "keep_last", "log_every", "max_nonfinite"):
         if tr[key] < 1:
             raise ConfigError(f"trainer.{key}: must be >= 1, got {tr[key]}")
-    if cfg.probe.corpus is not None and not (Path(cfg.probe.corpus) / "transcripts.tsv").is_file():
-        raise ConfigError(f"probe.corpus: {cfg.probe.corpus} has no transcripts.tsv (see data/demo_corpus)")
-    if cfg.probe.steps < 1:
-        raise ConfigError(f"probe.steps: must be >= 1, got {cfg.probe.steps}")
+    check_probe(cfg.probe)
     if run_dir is not None:
         check_run_dir(run_dir)
 

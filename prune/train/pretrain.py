@@ -26,13 +26,14 @@ from torch import Tensor
 from ..checkpoints import export_pruned
 from ..models import PRESETS, build_preset, preset_config
 from .checkpoint import load_latest, save_checkpoint
-from .config import ConfigError, check_optim, check_run_dir, prepare_run_dir, typed
+from .config import (ConfigError, ProbeConfig, check_manifests, check_optim, check_probe, check_run_dir,
+                     prepare_run_dir, typed)
 from .audio import AudioError, load_audio
 from .data import collate, format_skipped, validate_manifest
 from .faults import maybe_fail
 from .manifest import ManifestError, read_manifest
 from .masked_prediction import IGNORE, MaskedPrediction, masked_loss, span_mask
-from .targets import HOP_LENGTH, ClusterTargets, num_frames
+from .targets import HOP_LENGTH, ClusterTargets, mfcc_features, num_frames
 
 log = logging.getLogger(__name__)
 
@@ -93,12 +94,6 @@ class PretrainTrainerConfig:
 
 
 @dataclass
-class PretrainProbeConfig:
-    corpus: Optional[str] = None  # a folder laid out like data/demo_corpus: phone probe at the end
-    steps: int = 1000
-
-
-@dataclass
 class PretrainConfig:
     name: str = "pretrain"
     model: PretrainModelConfig = field(default_factory=PretrainModelConfig)
@@ -107,7 +102,7 @@ class PretrainConfig:
     data: PretrainDataConfig = field(default_factory=PretrainDataConfig)
     optim: PretrainOptimConfig = field(default_factory=PretrainOptimConfig)
     trainer: PretrainTrainerConfig = field(default_factory=PretrainTrainerConfig)
-    probe: PretrainProbeConfig = field(default_factory=PretrainProbeConfig)
+    probe: ProbeConfig = field(default_factory=ProbeConfig)  # phone probe of the result, and of a random init
 
 
 def validate_pretrain(cfg: DictConfig, run_dir: Optional[Path] = None) -> None:
@@ -119,18 +114,15 @@ def validate_pretrain(cfg: DictConfig, run_dir: Optional[Path] = None) -> None:
         preset_config(m.preset, **m.overrides)
     except (TypeError, ValueError) as e:
         raise ConfigError(f"model.overrides: {e}") from None
-    for key in ("train_manifest", "valid_manifest"):
-        if d[key] is not None and not Path(d[key]).is_file():
-            raise ConfigError(f"data.{key}: {d[key]} does not exist")
+    check_manifests(d)
     if d.max_samples < max(d.min_samples, 400):
         raise ConfigError(f"data.max_samples: {d.max_samples} is below one frame or data.min_samples")
-    if cfg.probe.corpus is not None and not (Path(cfg.probe.corpus) / "transcripts.tsv").is_file():
-        raise ConfigError(f"probe.corpus: {cfg.probe.corpus} has no transcripts.tsv")
+    check_probe(cfg.probe)
     checks = [("data.batch_size", d.batch_size, 1), ("targets.num_clusters", cfg.targets.num_clusters, 2),
               ("masking.length", cfg.masking.length, 1), ("trainer.steps", tr.steps, 1),
               ("trainer.log_every", tr.log_every, 1), ("trainer.ckpt_every", tr.ckpt_every, 1),
               ("trainer.keep_last", tr.keep_last, 1), ("trainer.valid_every", tr.valid_every, 0),
-              ("model.final_dim", m.final_dim, 1), ("probe.steps", cfg.probe.steps, 1)]
+              ("model.final_dim", m.final_dim, 1)]
     for key, value, low in checks:
         if value < low:
             raise ConfigError(f"{key}: must be >= {low}, got {value}")
@@ -206,15 +198,16 @@ class Pretrainer:
             if cfg.data.valid_manifest else []
 
         state = self._latest()
+        train_features = [mfcc_features(w) for w in self.train_waves]  # once: for k-means and the labels
         if state is not None:
             self.targets = ClusterTargets.from_state_dict(state["targets"])
         else:
             t0 = time.perf_counter()
-            self.targets = ClusterTargets.fit(self.train_waves, cfg.targets.num_clusters, cfg.targets.kmeans_iters,
+            self.targets = ClusterTargets.fit(train_features, cfg.targets.num_clusters, cfg.targets.kmeans_iters,
                                               cfg.trainer.seed)
             log.info("k-means: %d clusters of MFCC frames in %.1f s", cfg.targets.num_clusters,
                      time.perf_counter() - t0)
-        self.train_labels = [self.targets.labels(w) for w in self.train_waves]
+        self.train_labels = [self.targets.assign(f) for f in train_features]
         self.valid_labels = [self.targets.labels(w) for w in self.valid_waves]
 
         m = cfg.model
@@ -351,13 +344,11 @@ class Pretrainer:
     def probe_report(self, encoder) -> str:
         """PER of the trained encoder and of a random-init one of the same config, side by side."""
         from .probe import phone_probe
+        from .report import random_init_like
 
         corpus, steps = Path(self.cfg.probe.corpus), self.cfg.probe.steps
         trained = phone_probe(encoder, corpus, steps=steps)
-        with torch.random.fork_rng():
-            torch.manual_seed(self.cfg.trainer.seed)
-            random_init = build_preset(self.cfg.model.preset, **self.cfg.model.overrides)
-        floor = phone_probe(random_init, corpus, steps=steps)
+        floor = phone_probe(random_init_like(encoder, self.cfg.trainer.seed), corpus, steps=steps)
         text = (f"phone probe on {corpus} ({trained['valid_files']} valid files, {steps} steps): "
                 f"valid PER {trained['valid_per']:.3f} pre-trained vs {floor['valid_per']:.3f} random init")
         (self.run_dir / "probe.txt").write_text(text + "\n")

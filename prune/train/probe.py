@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import csv
 from pathlib import Path
-from typing import Dict, List, Sequence, Tuple
+from typing import Callable, Dict, List, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -77,20 +77,27 @@ class ProbeHead(nn.Module):
 
 
 @torch.no_grad()
-def _features(model: Wav2Vec2Model, manifest_path: Path, phones: Dict[str, List[str]]
-              ) -> List[Tuple[Tensor, List[str]]]:
-    """(layers, frames, dim) features and phone strings of every manifest file with a transcript."""
+def utterance_features(featurize: Callable[[Tensor], Tensor], manifest_path: Path, phones: Dict[str, List[str]]
+                       ) -> List[Tuple[Tensor, List[str]]]:
+    """``featurize(wave)`` -> (layers, frames, dim) and the phone string, for every manifest file
+    with a transcript."""
     manifest = read_manifest(manifest_path)
     out = []
     for i, (rel, _) in enumerate(manifest.entries):
         key = Path(rel).stem
-        if key not in phones:
-            continue
-        hiddens, _ = model(load_audio(manifest.path(i))[None])
-        out.append((torch.stack([h[0] for h in hiddens]), phones[key]))
+        if key in phones:
+            out.append((featurize(load_audio(manifest.path(i))), phones[key]))
     if not out:
         raise ValueError(f"{manifest_path}: no file has a transcript")
     return out
+
+
+def encoder_layers(model: Wav2Vec2Model) -> Callable[[Tensor], Tensor]:
+    """wave (samples,) -> every hidden state of ``model``, (layers, frames, dim)."""
+    def featurize(wave: Tensor) -> Tensor:
+        hiddens, _ = model(wave[None])
+        return torch.stack([h[0] for h in hiddens])
+    return featurize
 
 
 def fit_probe(train: List[Tuple[Tensor, List[str]]], valid: List[Tuple[Tensor, List[str]]], vocab: Dict[str, int],
@@ -131,7 +138,8 @@ def phone_probe(model: Wav2Vec2Model, corpus: Path, steps: int = 1000, lr: float
     corpus = Path(corpus)
     phones = read_phones(corpus / "transcripts.tsv")
     model = model.eval()
-    train = _features(model, corpus / "train.tsv", phones)
-    valid = _features(model, corpus / "valid.tsv", phones)
+    featurize = encoder_layers(model)
+    train = utterance_features(featurize, corpus / "train.tsv", phones)
+    valid = utterance_features(featurize, corpus / "valid.tsv", phones)
     return {**fit_probe(train, valid, phone_vocab(phones), steps, lr, seed), "train_files": len(train),
             "valid_files": len(valid)}

@@ -1,6 +1,6 @@
 """HuBERT's first-iteration targets: k-means cluster ids of MFCC frames.
 
-    targets = ClusterTargets.fit(waves, num_clusters=100)
+    targets = ClusterTargets.fit([mfcc_features(w) for w in waves], num_clusters=100)
     labels = targets.labels(wave)        # (frames,) int64, one per encoder frame
 
 The MFCCs are computed on the encoder's own frame grid (25 ms windows every 20 ms: the conv
@@ -133,9 +133,10 @@ class ClusterTargets:
     centroids: Tensor  # (num_clusters, 39)
 
     @classmethod
-    def fit(cls, waves: Sequence[Tensor], num_clusters: int = 100, iters: int = 50, seed: int = 0
+    def fit(cls, features: Sequence[Tensor], num_clusters: int = 100, iters: int = 50, seed: int = 0
             ) -> "ClusterTargets":
-        feats = torch.cat([mfcc_features(w) for w in waves])
+        """features: ``mfcc_features`` of each utterance, (frames, 39) each."""
+        feats = torch.cat(list(features))
         mean, std = feats.mean(0), feats.std(0).clamp(min=1e-5)
         return cls(mean, std, kmeans((feats - mean) / std, num_clusters, iters, seed))
 
@@ -143,10 +144,13 @@ class ClusterTargets:
     def num_clusters(self) -> int:
         return self.centroids.shape[0]
 
+    def assign(self, features: Tensor) -> Tensor:
+        """features: (frames, 39) from ``mfcc_features`` -> (frames,) int64 cluster ids."""
+        return torch.cdist((features - self.mean) / self.std, self.centroids).argmin(1)
+
     def labels(self, wave: Tensor) -> Tensor:
         """wave: (samples,) -> (frames,) int64 cluster ids."""
-        feats = (mfcc_features(wave) - self.mean) / self.std
-        return torch.cdist(feats, self.centroids).argmin(1)
+        return self.assign(mfcc_features(wave))
 
     def state_dict(self) -> Dict[str, Tensor]:
         return {"mean": self.mean, "std": self.std, "centroids": self.centroids}
