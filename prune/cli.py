@@ -215,15 +215,19 @@ def evaluate(args: argparse.Namespace) -> int:
         from .train.probe import phone_probe
 
         model = load_pretrained(args.model)
-        result = phone_probe(model, Path(args.probe), steps=args.probe_steps)
+        from .train.report import per_text
+
+        result = phone_probe(model, Path(args.probe), steps=args.probe_steps, seed=args.probe_seeds)
         print(f"phone probe on {args.probe} ({result['train_files']} train / {result['valid_files']} valid files, "
-              f"{args.probe_steps} steps): PER train {result['train_per']:.3f}, valid {result['valid_per']:.3f}")
+              f"{args.probe_steps} steps, seeds {args.probe_seeds}): PER train {result['train_per']:.3f}, "
+              f"valid {per_text(result)}")
         if args.probe_floor:
             from .train.report import random_init_like
 
-            floor = phone_probe(random_init_like(model, seed=0), Path(args.probe), steps=args.probe_steps)
+            floor = phone_probe(random_init_like(model, seed=0), Path(args.probe), steps=args.probe_steps,
+                                seed=args.probe_seeds)
             print(f"random-init floor (this architecture, random weights): PER train {floor['train_per']:.3f}, "
-                  f"valid {floor['valid_per']:.3f}")
+                  f"valid {per_text(floor)}")
     return 0
 
 
@@ -302,6 +306,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--probe", default=None, help="phone-recognition probe on a corpus folder laid out like "
                                                  "data/demo_corpus (train.tsv, valid.tsv, transcripts.tsv)")
     p.add_argument("--probe-steps", type=int, default=1000)
+    p.add_argument("--probe-seeds", type=int, nargs="+", default=[0, 1, 2],
+                   help="one probe per seed; the mean and spread are printed (default: 0 1 2, as the report)")
     p.add_argument("--probe-floor", action="store_true",
                    help="also probe a random-init model of the same architecture (the floor)")
     p.add_argument("--batch-size", type=int, default=4)

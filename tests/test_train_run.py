@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -56,7 +57,10 @@ def test_demo_recipe_report_has_the_probe_table(tmp_path):
     assert names == ["params", "MACs / s of audio", "CPU latency, 4 s, batch 1", "phone error rate (probe)"]
     report = json.loads((run / "report.json").read_text())
     probe = report["phone_probe"]
-    assert set(probe) == {"corpus", "steps", "teacher", "pruned", "random init"}
+    assert set(probe) == {"corpus", "steps", "seeds", "teacher", "pruned", "random init"}
+    assert probe["seeds"] == [0, 1, 2]  # fixed probe seeds, the mean reported
+    for k in ("teacher", "pruned", "random init"):
+        assert probe[k]["valid_per"] == pytest.approx(sum(probe[k]["valid_per_by_seed"]) / 3)
     per_row = rows[3].split()[-4:]
     assert [float(v) for v in per_row[:3]] == [round(probe[k]["valid_per"], 3)
                                               for k in ("teacher", "pruned", "random init")]
@@ -186,7 +190,8 @@ def test_evaluate_runs_the_phone_probe(tmp_path):
     out = prune.export_pruned(prune.build_preset("hubert_base_tiny"), tmp_path / "model")
     result = prune_cli(["evaluate", str(out), "--probe", str(DEMO_CORPUS), "--probe-steps", "30", "--probe-floor"])
     assert result.returncode == 0, result.stderr[-2000:]
-    assert "252 train / 28 valid files, 30 steps): PER train" in result.stdout
+    assert "252 train / 28 valid files, 30 steps, seeds [0, 1, 2]): PER train" in result.stdout
+    assert re.search(r"valid \d\.\d{3} \+- \d\.\d{3} \(\d\.\d{3} \d\.\d{3} \d\.\d{3}\)", result.stdout)
     assert "random-init floor (this architecture, random weights): PER train" in result.stdout
     neither = prune_cli(["evaluate", str(out)])
     assert neither.returncode != 0 and "give --manifest" in neither.stderr

@@ -14,10 +14,11 @@ from omegaconf.errors import OmegaConfBaseException
 
 from ..models import PRESETS, preset_config
 from ..structures import GateConfig
-from .distill import COS_TYPES, MODES
+from .distill import COS_TYPES, LAYER0, MODES, REDUCTIONS
 from .lagrangian import TARGET_KINDS
 
 PRECISIONS = ("fp32", "bf16", "fp16")
+GATE_LR_SCHEDULES = ("constant", "model")
 
 
 class ConfigError(ValueError):
@@ -50,6 +51,7 @@ class PruningConfig:
     warmup_steps: int = 5000  # the target rises linearly from 0
     macs_seconds: float = 1.0  # utterance length the MACs target is measured on
     tolerance: float = 0.005  # the exported size must land within this fraction of the target size
+    calibrate: bool = True  # shift the gates' thresholds at the cut until the size is within tolerance
     skip_closed: bool = True  # compute only the units whose gate sample is nonzero (same result, less work)
     skip_min_closed: float = 0.3  # ... in groups with at least this fraction closed (gathering costs too)
     gates: GateConfig = field(default_factory=GateConfig)  # which structures are gated, initial drop rates
@@ -61,6 +63,8 @@ class DistillConfig:
     mode: str = "layer2layer"  # layer2layer | prediction
     cos_weight: float = 1.0
     cos_type: str = "raw"  # raw | log_sig
+    reduction: str = "sum"  # sum | mean: how the per-layer losses combine (DPHuBERT: mean)
+    layer0: str = "hidden"  # hidden (transformers' hidden_states[0]) | projection (DPHuBERT: before the pos conv)
     student_layer_drop: float = 0.0
 
 
@@ -73,6 +77,9 @@ class OptimConfig:
     weight_decay: float = 0.0
     warmup_steps: int = 1000  # linear lr warm-up, then linear decay to 0 at the end of each stage
     clip_grad_norm: Optional[float] = 10.0
+    gate_lr_schedule: str = "constant"  # constant | model (gate and lambda lrs follow the model's warm-up/decay)
+    final_lr: Optional[float] = None  # the final distillation's lr (null: lr)
+    final_warmup_steps: Optional[int] = None  # the final distillation's warm-up (null: warmup_steps)
 
 
 @dataclass
@@ -102,6 +109,7 @@ class LoggingConfig:
 class ProbeConfig:
     corpus: Optional[str] = None  # folder like data/demo_corpus: the report gets phone error rates
     steps: int = 1000  # probe training steps (per model)
+    seeds: List[int] = field(default_factory=lambda: [0, 1, 2])  # one probe per seed; the report gives the mean
 
 
 @dataclass
@@ -178,6 +186,8 @@ def check_probe(probe: DictConfig) -> None:
         raise ConfigError(f"probe.corpus: {probe.corpus} has no transcripts.tsv (see data/demo_corpus)")
     if probe.steps < 1:
         raise ConfigError(f"probe.steps: must be >= 1, got {probe.steps}")
+    if "seeds" in probe and not probe.seeds:
+        raise ConfigError("probe.seeds: give at least one seed, e.g. probe.seeds=[0,1,2]")
 
 
 def check_optim(o: DictConfig, lrs: Tuple[str, ...]) -> None:
@@ -233,7 +243,17 @@ def validate(cfg: DictConfig, run_dir: Optional[Path] = None) -> None:
         raise ConfigError(f"distill.mode: must be one of {MODES}, got {cfg.distill.mode!r}")
     if cfg.distill.cos_type not in COS_TYPES:
         raise ConfigError(f"distill.cos_type: must be one of {COS_TYPES}, got {cfg.distill.cos_type!r}")
+    if cfg.distill.reduction not in REDUCTIONS:
+        raise ConfigError(f"distill.reduction: must be one of {REDUCTIONS}, got {cfg.distill.reduction!r}")
+    if cfg.distill.layer0 not in LAYER0:
+        raise ConfigError(f"distill.layer0: must be one of {LAYER0}, got {cfg.distill.layer0!r}")
     check_optim(o, ("lr", "gate_lr", "lambda_lr"))
+    if o.gate_lr_schedule not in GATE_LR_SCHEDULES:
+        raise ConfigError(f"optim.gate_lr_schedule: must be one of {GATE_LR_SCHEDULES}, got {o.gate_lr_schedule!r}")
+    if o.final_lr is not None and not (math.isfinite(o.final_lr) and o.final_lr >= 0):
+        raise ConfigError(f"optim.final_lr: must be a finite number >= 0 or null, got {o.final_lr}")
+    if o.final_warmup_steps is not None and o.final_warmup_steps < 0:
+        raise ConfigError(f"optim.final_warmup_steps: must be >= 0 or null, got {o.final_warmup_steps}")
     if p.warmup_steps < 0:
         raise ConfigError(f"pruning.warmup_steps: must be >= 0, got {p.warmup_steps}")
     g = p.gates

@@ -1,8 +1,10 @@
-"""Layer-to-layer distillation: prediction heads and the L1 + cosine loss (DPHuBERT)."""
+"""Layer-to-layer distillation: prediction heads and the L1 + cosine loss (DPHuBERT,
+Peng et al., Interspeech 2023)."""
 
 from __future__ import annotations
 
-from typing import Dict, List, Sequence, Tuple
+import contextlib
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -10,6 +12,11 @@ from torch import Tensor, nn
 
 COS_TYPES = ("raw", "log_sig")
 MODES = ("layer2layer", "prediction")
+REDUCTIONS = ("sum", "mean")  # over the distilled layers
+# what "layer 0" means as a target: transformers' hidden_states[0] (after the positional conv and,
+# post-norm, the LayerNorm), or the feature projection's output before the positional conv
+# (DPHuBERT: its Encoder.extract_features returns [x] + layer outputs, x = feature_projection(...))
+LAYER0 = ("hidden", "projection")
 
 
 class DistillHeads(nn.Module):
@@ -47,8 +54,9 @@ class DistillHeads(nn.Module):
 
 
 def distill_loss(predictions: List[Tensor], targets: List[Tensor], frame_mask: Tensor, cos_weight: float = 1.0,
-                 cos_type: str = "raw") -> Tuple[Tensor, Dict[str, float]]:
-    """Sum over layers of L1 + cos_weight * cosine term, averaged over valid frames.
+                 cos_type: str = "raw", reduction: str = "sum") -> Tuple[Tensor, Dict[str, float]]:
+    """L1 + cos_weight * cosine term per layer, averaged over valid frames, then summed
+    ("sum") or averaged ("mean", DPHuBERT's ``DistillLoss`` on the layers stacked) over layers.
 
     predictions, targets: (batch, frames, dim) each; frame_mask: (batch, frames), True = valid.
     cos term: ``-cos`` ("raw") or ``-log sigmoid(cos)`` ("log_sig").
@@ -56,6 +64,8 @@ def distill_loss(predictions: List[Tensor], targets: List[Tensor], frame_mask: T
     """
     if cos_type not in COS_TYPES:
         raise ValueError(f"cos_type must be one of {COS_TYPES}, got {cos_type!r}")
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
     valid = frame_mask.to(predictions[0].dtype)
     count = valid.sum().clamp(min=1)
     l1_total = predictions[0].new_zeros(())
@@ -66,6 +76,8 @@ def distill_loss(predictions: List[Tensor], targets: List[Tensor], frame_mask: T
         cos_term = -cos if cos_type == "raw" else -F.logsigmoid(cos)
         l1_total = l1_total + l1
         cos_total = cos_total + (cos_term * valid).sum() / count
+    if reduction == "mean":
+        l1_total, cos_total = l1_total / len(predictions), cos_total / len(predictions)
     loss = l1_total + cos_weight * cos_total
     return loss, {"l1": l1_total.detach(), "cos": cos_total.detach()}
 
@@ -73,3 +85,28 @@ def distill_loss(predictions: List[Tensor], targets: List[Tensor], frame_mask: T
 def frame_mask(lengths: Tensor, frames: int) -> Tensor:
     """lengths: (batch,) valid frames -> (batch, frames) bool, True = valid."""
     return torch.arange(frames, device=lengths.device)[None, :] < lengths[:, None]
+
+
+def _plain(model: nn.Module) -> nn.Module:
+    """The Wav2Vec2Model inside a gated encoder (or the model itself)."""
+    return getattr(model, "model", model)
+
+
+@contextlib.contextmanager
+def projection_as_layer0(model: nn.Module, enabled: bool = True) -> Iterator[None]:
+    """Within the block, ``model``'s hidden state 0 is its feature projection's output (the
+    transformer's input before the positional conv), as DPHuBERT distils it. Padded frames are
+    not zeroed in it; the loss masks them."""
+    if not enabled:
+        yield
+        return
+    taken: List[Optional[Tensor]] = [None]
+    projection = _plain(model).encoder.feature_projection
+    tap = projection.register_forward_hook(lambda module, args, out: taken.__setitem__(0, out))
+    encoder = _plain(model).encoder
+    swap = encoder.register_forward_hook(lambda module, args, hiddens: [taken[0], *hiddens[1:]])
+    try:
+        yield
+    finally:
+        tap.remove()
+        swap.remove()

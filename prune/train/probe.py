@@ -11,8 +11,9 @@ computed once; only the mixing weights and the Linear are trained.
 from __future__ import annotations
 
 import csv
+import statistics
 from pathlib import Path
-from typing import Callable, Dict, List, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -131,15 +132,27 @@ def fit_probe(train: List[Tuple[Tensor, List[str]]], valid: List[Tuple[Tensor, L
             "final_ctc_loss": losses[-1]}
 
 
-def phone_probe(model: Wav2Vec2Model, corpus: Path, steps: int = 1000, lr: float = 1e-2, seed: int = 0
-                ) -> Dict[str, float]:
+def phone_probe(model: Wav2Vec2Model, corpus: Path, steps: int = 1000, lr: float = 1e-2,
+                seed: Union[int, Sequence[int]] = 0) -> Dict[str, Any]:
     """Train the probe on ``corpus/train.tsv``, report phone error rates on train and
-    ``corpus/valid.tsv`` (the layout ``scripts/make_demo_corpus.py`` writes)."""
+    ``corpus/valid.tsv`` (the layout ``scripts/make_demo_corpus.py`` writes).
+
+    ``seed``: one probe seed, or several: the features are computed once, one probe is trained
+    per seed, and the rates are the means (``*_by_seed`` and ``valid_per_std`` give the spread).
+    Reports that share their seeds can be compared; the probe's own noise is of the size of the
+    differences pruning makes on the demo corpus."""
     corpus = Path(corpus)
     phones = read_phones(corpus / "transcripts.tsv")
     model = model.eval()
     featurize = encoder_layers(model)
     train = utterance_features(featurize, corpus / "train.tsv", phones)
     valid = utterance_features(featurize, corpus / "valid.tsv", phones)
-    return {**fit_probe(train, valid, phone_vocab(phones), steps, lr, seed), "train_files": len(train),
-            "valid_files": len(valid)}
+    vocab = phone_vocab(phones)
+    seeds = [seed] if isinstance(seed, int) else [int(s) for s in seed]
+    runs = [fit_probe(train, valid, vocab, steps, lr, s) for s in seeds]
+    out: Dict[str, Any] = {key: sum(r[key] for r in runs) / len(runs) for key in runs[0]}
+    if len(seeds) > 1:
+        valid_pers = [r["valid_per"] for r in runs]
+        out.update(seeds=seeds, valid_per_by_seed=valid_pers, train_per_by_seed=[r["train_per"] for r in runs],
+                   valid_per_std=statistics.stdev(valid_pers))
+    return {**out, "train_files": len(train), "valid_files": len(valid)}

@@ -34,7 +34,7 @@ from ..models.config import EncoderConfig
 from ..structures import GateConfig, GatedEncoder, count_macs, count_params
 from .checkpoint import load_latest, save_checkpoint
 from .data import AudioDataset, LengthBucketSampler, collate, format_skipped, validate_manifest
-from .distill import DistillHeads, distill_loss, frame_mask
+from .distill import DistillHeads, distill_loss, frame_mask, projection_as_layer0
 from .distributed import DistEnv, all_ranks, barrier, init_distributed
 from .faults import maybe_fail, nan_loss
 from .lagrangian import Lagrangian
@@ -174,18 +174,23 @@ class PruneRecipe:
             groups += [{"params": gates, "lr": o.gate_lr, "weight_decay": 0.0, "name": "gates"},
                        {"params": list(self.lagrangian.parameters()), "lr": o.lambda_lr, "weight_decay": 0.0,
                         "name": "lambdas"}]
+        if self.stage != PRUNE and o.final_lr is not None:
+            groups[0]["lr"] = o.final_lr  # DPHuBERT's final distillation: half the pruning stage's lr
         self.optimizer = torch.optim.AdamW(groups, betas=tuple(o.betas))
         stage_steps = cfg.trainer.prune_steps if self.stage == PRUNE else cfg.trainer.final_steps
         stage_start = 0 if self.stage == PRUNE else cfg.trainer.prune_steps
+        warmup = o.warmup_steps if self.stage == PRUNE or o.final_warmup_steps is None else o.final_warmup_steps
 
         def model_lr(step: int) -> float:  # linear warm-up, then linear decay to 0 at the stage's end
             s = step - stage_start + 1
-            if s <= o.warmup_steps:
-                return s / max(1, o.warmup_steps)
-            return max(0.0, (stage_steps - s) / max(1, stage_steps - o.warmup_steps))
+            if s <= warmup:
+                return s / max(1, warmup)
+            return max(0.0, (stage_steps - s) / max(1, stage_steps - warmup))
 
-        constant = [lambda step: 1.0] * (len(groups) - 1)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, [model_lr] + constant,
+        # the gates' and multipliers' lrs: constant, or on the model's schedule (DPHuBERT: one
+        # LinearDecayLRScheduler over every param group, lightning.py configure_optimizers)
+        gate_lr = model_lr if o.gate_lr_schedule == "model" else (lambda step: 1.0)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, [model_lr] + [gate_lr] * (len(groups) - 1),
                                                            last_epoch=-1)
         self._set_lr_for_step()
         use_cuda = env.device.type == "cuda"
@@ -238,15 +243,17 @@ class PruneRecipe:
 
     def _loss(self, waveforms: Tensor, lengths: Tensor) -> Tuple[Tensor, Dict[str, Tensor]]:
         waveforms, lengths = waveforms.to(self.env.device), lengths.to(self.env.device)
-        layers = self.student.heads.layers
+        layers, d = self.student.heads.layers, self.cfg.distill
+        projection = d.layer0 == "projection"
         with self._autocast():
-            with torch.no_grad():
+            with torch.no_grad(), projection_as_layer0(self.teacher, projection):
                 teacher_hiddens, _ = self.teacher(waveforms, lengths)
-            predictions, frames = self.model(waveforms, lengths)
+            with projection_as_layer0(self.student.encoder, projection):
+                predictions, frames = self.model(waveforms, lengths)
             mask = frame_mask(frames, predictions[0].shape[1])
             loss, parts = distill_loss([p.float() for p in predictions],
                                        [teacher_hiddens[i].float() for i in layers], mask,
-                                       self.cfg.distill.cos_weight, self.cfg.distill.cos_type)
+                                       d.cos_weight, d.cos_type, d.reduction)
         parts["distill"] = loss.detach()
         if self.stage == PRUNE:
             reg = self.lagrangian(self.student.encoder, self.step)
@@ -338,11 +345,14 @@ class PruneRecipe:
         size = lambda g: lag.expected_size(g)  # noqa: E731
         gated.eval()
         reached = size(gated).item()
-        if abs(reached - target_size) > self.cfg.pruning.tolerance * target_size:
+        if self.cfg.pruning.calibrate and abs(reached - target_size) > self.cfg.pruning.tolerance * target_size:
             calibrated = calibrate(gated, size, target_size, self.cfg.pruning.tolerance)
             if self.env.is_main:
                 log.warning("the gates ended at %.0f (%s) for a target of %.0f: thresholds shifted together "
                             "to %.0f", reached, lag.kind, target_size, calibrated)
+        elif self.env.is_main:
+            log.info("the gates ended at %.0f (%s) for a target of %.0f; cut as they are%s", reached, lag.kind,
+                     target_size, "" if self.cfg.pruning.calibrate else " (pruning.calibrate=false)")
         compiled = compile_encoder(gated)
         self.stage = FINAL
         self._set_student(Student(compiled, self.student.heads))
