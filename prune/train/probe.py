@@ -132,22 +132,30 @@ def fit_probe(train: List[Tuple[Tensor, List[str]]], valid: List[Tuple[Tensor, L
             "final_ctc_loss": losses[-1]}
 
 
+Features = List[Tuple[Tensor, List[str]]]
+
+
+def corpus_features(featurize: Callable[[Tensor], Tensor], corpus: Path) -> Tuple[Features, Features, Dict[str, int]]:
+    """``featurize`` over ``corpus/train.tsv`` and ``corpus/valid.tsv`` (the layout
+    ``scripts/make_demo_corpus.py`` writes) -> (train, valid, phone vocabulary), for ``fit_probe``:
+    computed once, they serve several probe seeds."""
+    corpus = Path(corpus)
+    phones = read_phones(corpus / "transcripts.tsv")
+    train = utterance_features(featurize, corpus / "train.tsv", phones)
+    valid = utterance_features(featurize, corpus / "valid.tsv", phones)
+    return train, valid, phone_vocab(phones)
+
+
 def phone_probe(model: Wav2Vec2Model, corpus: Path, steps: int = 1000, lr: float = 1e-2,
                 seed: Union[int, Sequence[int]] = 0) -> Dict[str, Any]:
     """Train the probe on ``corpus/train.tsv``, report phone error rates on train and
-    ``corpus/valid.tsv`` (the layout ``scripts/make_demo_corpus.py`` writes).
+    ``corpus/valid.tsv``.
 
     ``seed``: one probe seed, or several: the features are computed once, one probe is trained
     per seed, and the rates are the means (``*_by_seed`` and ``valid_per_std`` give the spread).
     Reports that share their seeds can be compared; the probe's own noise is of the size of the
     differences pruning makes on the demo corpus."""
-    corpus = Path(corpus)
-    phones = read_phones(corpus / "transcripts.tsv")
-    model = model.eval()
-    featurize = encoder_layers(model)
-    train = utterance_features(featurize, corpus / "train.tsv", phones)
-    valid = utterance_features(featurize, corpus / "valid.tsv", phones)
-    vocab = phone_vocab(phones)
+    train, valid, vocab = corpus_features(encoder_layers(model.eval()), corpus)
     seeds = [seed] if isinstance(seed, int) else [int(s) for s in seed]
     runs = [fit_probe(train, valid, vocab, steps, lr, s) for s in seeds]
     out: Dict[str, Any] = {key: sum(r[key] for r in runs) / len(runs) for key in runs[0]}
