@@ -9,7 +9,9 @@ weight scales with the channels kept on both sides; a block's cost with its laye
 i.e. expectations under independent gates.
 
 MACs count multiply-accumulates of matrix products (convs, linears, attention scores and
-values) for one utterance of ``seconds`` of 16 kHz audio, with exact frame counts.
+values) for one utterance of ``seconds`` of 16 kHz audio, with exact frame counts. Element-wise
+work is not counted: norms, activations, the waveform normalisation (``normalize_waveform``, no
+parameters, a few operations per sample: under 1e-5 of the MACs).
 """
 
 from __future__ import annotations

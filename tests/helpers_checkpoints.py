@@ -15,6 +15,7 @@ import types
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 FAMILIES = ("hubert", "wav2vec2", "wavlm")
@@ -67,6 +68,35 @@ def waveforms(padded: bool) -> Tuple[Tensor, Optional[Tensor]]:
     lengths = torch.tensor([16000, 11000])
     x[1, 11000:] = 0.0
     return x, lengths
+
+
+def recordings() -> List[Tensor]:
+    """Three utterances of different lengths, levels and DC offsets (as recordings differ), far from
+    zero mean / unit variance so that a missing or wrong normalisation shows. Levels of 1.5 or more
+    keep the two conventions' eps (fairseq 1e-5, transformers 1e-7) below 3e-6 relative."""
+    gen = torch.Generator().manual_seed(99)
+    return [level * torch.randn(n, generator=gen) + offset
+            for n, level, offset in ((16000, 2.0, 0.5), (11000, 3.0, -1.0), (7321, 1.5, 2.0))]
+
+
+def pad(utterances: Sequence[Tensor], fill: float = 0.0) -> Tuple[Tensor, Tensor]:
+    """-> (batch, longest) padded with ``fill``, lengths (batch,)."""
+    lengths = torch.tensor([len(u) for u in utterances])
+    x = torch.full((len(utterances), int(lengths.max())), fill)
+    for row, u in zip(x, utterances):
+        row[:len(u)] = u
+    return x, lengths
+
+
+def fairseq_normalized(x: Tensor, lengths: Optional[Tensor]) -> Tensor:
+    """The reference: fairseq's dataset (``F.layer_norm(wav, wav.shape)`` on each utterance before
+    collating, as DPHuBERT's ``normalize_waveform`` too), re-padded with zeros."""
+    if lengths is None:
+        return torch.stack([F.layer_norm(row, row.shape) for row in x])
+    out = torch.zeros_like(x)
+    for row, n in enumerate(lengths.tolist()):
+        out[row, :n] = F.layer_norm(x[row, :n], (n,))
+    return out
 
 
 def hf_hiddens(model: nn.Module, x: Tensor, lengths: Optional[Tensor]) -> List[Tensor]:
@@ -244,13 +274,16 @@ def _unregister_fake_fairseq() -> None:
             del sys.modules[name]
 
 
-def save_fairseq(path, model_cfg: Dict[str, Any], state: Dict[str, Tensor], style: str) -> None:
+def save_fairseq(path, model_cfg: Dict[str, Any], state: Dict[str, Tensor], style: str,
+                 normalize: bool = False) -> None:
     """Write a fairseq-style checkpoint.
 
     style: "hydra" (``{"cfg": {"model": ...}, "model": ...}`` with plain dicts, as newer fairseq
     saves), "omegaconf" (the same cfg as an omegaconf DictConfig, plus HuBERT-style task_state
     label dictionaries and numpy training statistics, as older fairseq saves), "args" (an
     ``argparse.Namespace``, oldest fairseq), "wavlm" (the official WavLM release: a flat cfg dict).
+    normalize: the task's ``normalize`` (hydra: ``cfg.task.normalize``; argparse: ``args.normalize``,
+    task arguments sit beside the model's there; WavLM keeps it in its model cfg, see fairseq_model_cfg).
     """
     import numpy as np
     cfg = {k: v for k, v in model_cfg.items()}
@@ -259,11 +292,12 @@ def save_fairseq(path, model_cfg: Dict[str, Any], state: Dict[str, Tensor], styl
         return
     if style == "args":
         arch = cfg.pop("_name", "wav2vec2")
-        torch.save({"args": argparse.Namespace(arch=arch, task="audio_pretraining", **cfg), "model": state,
+        torch.save({"args": argparse.Namespace(arch=arch, task="audio_pretraining", normalize=normalize, **cfg),
+                    "model": state,
                     "optimizer_history": [{"criterion_name": "Wav2vecCriterion", "num_updates": 400000}]}, path)
         return
     full = {"_name": None, "common": {"fp16": True, "seed": 1},
-            "task": {"_name": f"{cfg.get('_name', 'audio')}_pretraining", "labels": ["km"], "normalize": False},
+            "task": {"_name": f"{cfg.get('_name', 'audio')}_pretraining", "labels": ["km"], "normalize": normalize},
             "model": cfg}
     ckpt: Dict[str, Any] = {"args": None, "cfg": full, "model": state,
                             "optimizer_history": [{"criterion_name": "hubert", "num_updates": 400000}]}

@@ -56,7 +56,9 @@ def test_torchaudio_parity(family, stable, tmp_path):
             p.add_(0.1 * torch.randn_like(p))
     reference.eval()
     torch.save(reference.state_dict(), tmp_path / "model.pt")
-    model, report = load_pretrained(tmp_path / "model.pt", config=params, return_report=True)
+    # torchaudio's Wav2Vec2Model never normalises (its bundles do, outside the model)
+    model, report = load_pretrained(tmp_path / "model.pt", config=dict(params, normalize_waveform=False),
+                                    return_report=True)
     assert report.format == "torchaudio" and not report.notes
     for padded in (False, True):
         x, lengths = waveforms(padded)
@@ -94,9 +96,10 @@ def check(model, hf):
 
 @pytest.mark.parametrize("family,stable", VARIANTS, ids=VARIANT_IDS)
 def test_layout_with_bundle_params(family, stable, tmp_path):
-    """A state dict plus the wav2vec2_model / wavlm_model arguments (a bundle's ``_params``)."""
+    """A state dict plus the wav2vec2_model / wavlm_model arguments (a bundle's ``_params``, and
+    its ``_normalize_waveform``, kept outside ``_params``)."""
     hf, path, _ = layout_fixture(family, stable, tmp_path)
-    params = torchaudio_params(hf.config, family)
+    params = dict(torchaudio_params(hf.config, family), normalize_waveform=False)
     model, report = load_pretrained(path, config=params, return_report=True)
     assert report.format == "torchaudio" and not report.notes and not report.ignored
     assert model.config.encoder_layer_norm_first is stable
@@ -109,6 +112,7 @@ def test_layout_with_inferred_config(family, stable, tmp_path):
     differing from the published 800) is passed, and the assumptions are reported."""
     hf, path, _ = layout_fixture(family, stable, tmp_path, "model.safetensors")
     partial = {"encoder_max_distance": 32} if family == "wavlm" else {"encoder_num_heads": 4}
+    partial["normalize_waveform"] = False  # the transformers reference takes raw waveforms
     model, report = load_pretrained(path, config=partial, return_report=True)
     assert model.config.encoder_layer_norm_first is stable
     assert model.config.encoder_num_heads == [4, 4]

@@ -9,6 +9,9 @@ A checkpoint is a dict with the weights in ``model`` and the config in one of:
 
 Fine-tuned CTC checkpoints (``w2v_encoder.w2v_model.*`` keys) are read too: their encoder
 config is the pretraining config stored in ``w2v_args``.
+
+Waveform normalisation is a task setting in fairseq: ``cfg["task"]["normalize"]`` (hydra),
+``args.normalize`` (argparse), ``cfg["normalize"]`` (WavLM); fairseq's own default is false.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ import torch
 
 from ..models import EncoderConfig, Wav2Vec2Model, build_encoder
 from ..models.config import ConvSpec
-from .keymap import CheckpointError, Ignore, LoadReport, Rule, load_mapped, map_keys, pos_conv_rules
+from .keymap import CheckpointError, Ignore, LoadReport, Rule, as_flag, load_mapped, map_keys, pos_conv_rules
 from .safe_load import to_plain
 
 # fairseq / WavLM state-dict keys -> prune keys. The conv blocks are nn.Sequential:
@@ -158,6 +161,19 @@ def _resolve(cfg: Dict[str, Any], root: Dict[str, Any], key: str, where: str) ->
     return value
 
 
+def read_normalize(cfg: Dict[str, Any], root: Dict[str, Any], where: str) -> bool:
+    """fairseq's ``normalize``: the model section's own (WavLM's flat cfg, fine-tuning configs, an
+    argparse namespace), else the task's; fairseq's default (false) if neither records it."""
+    task = root.get("task")
+    if "normalize" in cfg:
+        value = _resolve(cfg, root, "normalize", where)
+    elif isinstance(task, dict) and "normalize" in task:
+        value = _resolve(task, root, "normalize", where)
+    else:
+        return False
+    return as_flag(value, where, "normalize")
+
+
 def config_from_fairseq(cfg: Dict[str, Any], keys: List[str], where: str, root: Optional[Dict[str, Any]] = None
                         ) -> EncoderConfig:
     """A fairseq / WavLM model config (plain dict) -> EncoderConfig, the architecture told by the
@@ -198,6 +214,7 @@ def config_from_fairseq(cfg: Dict[str, Any], keys: List[str], where: str, root: 
     if unsupported:
         raise CheckpointError(f"{where} uses settings the in-house encoder does not implement: "
                               f"{', '.join(unsupported)}")
+    normalize = read_normalize(cfg, root, where)
     try:
         return EncoderConfig(
             architecture=architecture,
@@ -218,6 +235,7 @@ def config_from_fairseq(cfg: Dict[str, Any], keys: List[str], where: str, root: 
             encoder_layer_drop=float(get("encoder_layerdrop")),
             encoder_num_buckets=int(get("num_buckets")),
             encoder_max_distance=int(get("max_distance")),
+            normalize_waveform=normalize,
         )
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"{where} has an invalid model config: {e}") from e

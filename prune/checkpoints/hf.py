@@ -3,25 +3,29 @@ their ``*ForCTC`` / ``*ForPreTraining`` / ``*ForSequenceClassification`` wrapper
 taken), read without ``transformers``.
 
 A folder holds ``config.json`` and the weights in ``model.safetensors``, ``pytorch_model.bin``, or
-shards of either listed in an ``*.index.json``.
+shards of either listed in an ``*.index.json``. Whether the model takes normalised waveforms is
+the feature extractor's ``do_normalize``, in ``preprocessor_config.json`` (or, as transformers 5
+saves a processor, under ``feature_extractor`` in ``processor_config.json``); a folder without
+either is taken as not normalising, and the report says so.
 """
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Dict, List, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
 from ..models import EncoderConfig, Wav2Vec2Model, build_encoder
-from .keymap import CheckpointError, Ignore, LoadReport, Rule, load_mapped, map_keys, pos_conv_rules
+from .keymap import CheckpointError, Ignore, LoadReport, Rule, as_flag, load_mapped, map_keys, pos_conv_rules
 from .safe_load import read_safetensors, torch_load
 
 # model_type in config.json -> architecture; the wrappers keep the encoder under this prefix
 MODEL_TYPES = {"hubert": "hubert", "wav2vec2": "wav2vec2", "wavlm": "wavlm"}
 WRAPPER_PREFIX = {"hubert": "hubert.", "wav2vec2": "wav2vec2.", "wavlm": "wavlm."}
 
+PREPROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json")
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
                 "pytorch_model.bin.index.json")
 
@@ -80,8 +84,8 @@ HF_DEFAULTS: Dict[str, Any] = dict(
 )
 
 
-def read_hf_config(folder: Path) -> Dict[str, Any]:
-    file = folder / "config.json"
+def read_hf_config(folder: Path, name: str = "config.json") -> Dict[str, Any]:
+    file = folder / name
     try:
         cfg = json.loads(file.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
@@ -150,6 +154,23 @@ def config_from_hf(cfg: Dict[str, Any], where: str) -> EncoderConfig:
         raise CheckpointError(f"{where} has an invalid encoder config: {e}") from e
 
 
+def read_do_normalize(folder: Path) -> Tuple[bool, Optional[str]]:
+    """The feature extractor's ``do_normalize`` -> (value, a note when it is not in the folder)."""
+    for name in PREPROCESSOR_FILES:
+        if not (folder / name).is_file():
+            continue
+        cfg = read_hf_config(folder, name)
+        if name == "processor_config.json":
+            cfg = cfg.get("feature_extractor")
+            if not isinstance(cfg, dict):
+                continue  # a processor without an audio feature extractor
+        # absent from the file: Wav2Vec2FeatureExtractor's default, true
+        return as_flag(cfg.get("do_normalize", True), str(folder / name), "do_normalize"), None
+    return False, (f"no {' or '.join(PREPROCESSOR_FILES)}: waveforms are not normalised (do_normalize "
+                   f"false); if the model was trained on normalised audio, save its feature extractor "
+                   f"in the folder")
+
+
 def read_hf_weights(folder: Path, trust_pickle: bool = False) -> Tuple[Dict[str, torch.Tensor], List[Path]]:
     """All tensors of a ``save_pretrained`` folder (safetensors preferred), and the files read."""
     for name in WEIGHT_FILES:
@@ -183,6 +204,8 @@ def load_hf(folder: Path, trust_pickle: bool = False) -> Tuple[Wav2Vec2Model, Lo
     folder = Path(folder)
     cfg = read_hf_config(folder)
     config = config_from_hf(cfg, str(folder / "config.json"))
+    normalize, normalize_note = read_do_normalize(folder)
+    config = config.replace(normalize_waveform=normalize)
     state, files = read_hf_weights(folder, trust_pickle)
     where = ", ".join(str(f) for f in files)
 
@@ -201,5 +224,6 @@ def load_hf(folder: Path, trust_pickle: bool = False) -> Tuple[Wav2Vec2Model, Lo
     model = load_mapped(build_encoder(config), mapped, origin, where, HF_KEY_MAP, key_prefix)
     architectures = cfg.get("architectures") or []
     detail = architectures[0] if architectures else cfg["model_type"]
-    report = LoadReport("huggingface", str(folder), config, str(detail), ignored)
+    notes = [normalize_note] if normalize_note else []
+    report = LoadReport("huggingface", str(folder), config, str(detail), ignored, notes)
     return model.eval(), report

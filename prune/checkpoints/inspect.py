@@ -26,6 +26,7 @@ def inspect_checkpoint(path: Union[str, os.PathLike], trust_pickle: bool = False
         f"checkpoint:     {path}",
         f"format:         {FORMAT_NAMES[report.format]} ({report.detail})",
         f"architecture:   {config.architecture} ({norm} transformer, {config.extractor_mode} conv extractor)",
+        f"input:          {_input(config.normalize_waveform)}",
         f"parameters:     {info['params']:,} ({_si(info['params'])})",
         f"MACs:           {_si(info['macs_per_second'])} per second of 16 kHz audio",
     ]
@@ -60,6 +61,12 @@ def inspect_checkpoint(path: Union[str, os.PathLike], trust_pickle: bool = False
     for note in report.notes:
         lines.append(f"note: {note}")
     return "\n".join(lines)
+
+
+def _input(normalize_waveform: bool) -> str:
+    if normalize_waveform:
+        return "waveforms normalised per utterance (zero mean, unit variance; normalize_waveform)"
+    return "raw waveforms (not normalised)"
 
 
 def _si(n: float) -> str:

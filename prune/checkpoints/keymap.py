@@ -73,6 +73,15 @@ class LoadReport:
     notes: List[str] = field(default_factory=list)
 
 
+def as_flag(value: object, where: str, key: str) -> bool:
+    """A true/false setting read from a checkpoint's config (JSON, omegaconf or argparse values)."""
+    if isinstance(value, bool):
+        return value
+    if type(value) is int and value in (0, 1):  # argparse-era configs store some flags as 0/1
+        return bool(value)
+    raise CheckpointError(f"{where}: {key} must be true or false, got {value!r}")
+
+
 def format_keys(keys: Iterable[str], limit: int = MAX_LISTED) -> str:
     keys = list(keys)
     shown = ", ".join(keys[:limit])

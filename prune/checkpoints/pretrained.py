@@ -4,7 +4,8 @@
 * a folder with a Hugging Face ``config.json`` (``model_type``) and its weights (or one of those
   files): a ``save_pretrained`` folder;
 * a torch file holding ``model`` plus ``cfg`` or ``args``: a fairseq / official WavLM checkpoint;
-* a torch or safetensors file holding a state dict with torchaudio's key names.
+* a torch or safetensors file holding a state dict with torchaudio's key names (alone, or under
+  ``state_dict`` beside its ``wav2vec2_model`` arguments in ``config``, as DPHuBERT saves it).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from typing import Any, Dict, Tuple, Union
 
 import torch
 
-from ..models import Wav2Vec2Model
+from ..models import EncoderConfig, Wav2Vec2Model
 from .export import CONFIG as EXPORT_CONFIG
 from .export import FORMAT as EXPORT_FORMAT
 from .export import ExportError, load_pruned
@@ -24,7 +25,7 @@ from .fairseq import is_fairseq_checkpoint, load_fairseq
 from .hf import WEIGHT_FILES, WRAPPER_PREFIX, load_hf, read_hf_config
 from .keymap import CheckpointError, LoadReport, format_keys
 from .safe_load import read_safetensors, torch_load
-from .torchaudio import ConfigLike, is_torchaudio_state, load_torchaudio
+from .torchaudio import ConfigLike, is_torchaudio_state, load_torchaudio, params_from_file
 
 __all__ = ["CheckpointError", "LoadReport", "load_pretrained"]
 
@@ -81,7 +82,10 @@ def _load(path: Path, trust_pickle: bool, config: ConfigLike) -> Tuple[Wav2Vec2M
     if isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
         return _load_state(obj, str(path), config)
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
-        return _load_state(obj["state_dict"], f"{path} (state_dict)", config)
+        where = f"{path} (state_dict)"
+        if isinstance(obj.get("config"), dict) and not isinstance(config, EncoderConfig):
+            config = {**params_from_file(obj["config"], f"{path} (config)"), **(config or {})}
+        return _load_state(obj["state_dict"], where, config)
     if isinstance(obj, dict) and isinstance(obj.get("model"), dict):
         return _load_state(obj["model"], f"{path} (model)", config)
     keys = format_keys(map(str, obj)) if isinstance(obj, dict) else ""

@@ -7,6 +7,12 @@ bundle's ``_params``; a partial dict overrides single values), else the tensor s
 convention of every published model for what shapes cannot tell (listed in the report's notes).
 HuBERT and wav2vec 2.0 share one architecture, so a state dict of either is labelled "wav2vec2"
 unless ``config`` says ``architecture="hubert"``; the label changes no computation.
+
+A file may carry its arguments beside the weights, as DPHuBERT saves them
+(``{"state_dict": ..., "config": {...}}``, with ``normalize_waveform`` and DPHuBERT's names for the
+kept blocks): they are read as if passed as ``config``, and a ``config`` given by the caller
+overrides them. torchaudio's bundles keep the waveform normalisation outside the model
+(``bundle._normalize_waveform``); without it, it is assumed on exactly for ``layer_norm`` extractors.
 """
 
 from __future__ import annotations
@@ -18,7 +24,7 @@ import torch
 
 from ..models import EncoderConfig, Wav2Vec2Model, build_encoder
 from ..models.config import BASE_CONV
-from .keymap import CheckpointError, Ignore, LoadReport, Rule, load_mapped, map_keys, pos_conv_rules
+from .keymap import CheckpointError, Ignore, LoadReport, Rule, as_flag, load_mapped, map_keys, pos_conv_rules
 
 # torchaudio keys -> prune keys. The in-house encoder uses torchaudio's names, so most rows are
 # the identity; WavLM differs: torchaudio keeps q/k/v in a torch.nn.MultiheadAttention
@@ -68,6 +74,13 @@ HEADS_BY_EMBED_DIM = {768: 12, 1024: 16, 1280: 16, 1920: 16}  # base, large, XLS
 STANDARD_MAX_DISTANCE = 800  # WavLM base / base+ / large
 
 TORCHAUDIO_ONLY_ARGS = ("aux_num_out",)  # wav2vec2_model arguments outside the encoder: accepted, unused
+# DPHuBERT's wav2vec2_model: its names for EncoderConfig fields, its training-only arguments, and the
+# flags that say the state dict still holds HardConcrete gates (a checkpoint saved while pruning)
+DPHUBERT_NAMES = {"encoder_use_attention": "encoder_attention_kept", "encoder_use_feed_forward": "encoder_ff_kept"}
+DPHUBERT_TRAINING_ARGS = ("mask_prob", "mask_channel_prob")
+DPHUBERT_PRUNE_FLAGS = ("extractor_prune_conv_channels", "encoder_prune_attention_heads",
+                        "encoder_prune_attention_layer", "encoder_prune_feed_forward_intermediate",
+                        "encoder_prune_feed_forward_layer")
 ConfigLike = Union[EncoderConfig, Dict[str, Any], None]
 
 
@@ -109,8 +122,11 @@ def infer_config(mapped: Dict[str, torch.Tensor], where: str) -> Tuple[Dict[str,
         encoder_ff_interm_features=shape("encoder.transformer.layers.0.feed_forward.intermediate_dense.weight")[0],
         encoder_layer_norm_first=layer_norm,
     )
+    params["normalize_waveform"] = layer_norm
     assumed = {"encoder_layer_norm_first": "pre-norm exactly when the conv extractor uses layer_norm, as in every "
-                                           "published model"}
+                                           "published model",
+               "normalize_waveform": "normalised waveforms exactly when the conv extractor uses layer_norm, as in "
+                                     "every published model (torchaudio keeps it in bundle._normalize_waveform)"}
     if [k for _, k in convs] == STANDARD_KERNELS:
         params["extractor_conv_layer_config"] = [(c, k, s) for (c, k), s in zip(convs, STANDARD_STRIDES)]
         assumed["extractor_conv_layer_config"] = "strides of the standard extractor (5, 2, 2, 2, 2, 2, 2)"
@@ -122,6 +138,20 @@ def infer_config(mapped: Dict[str, torch.Tensor], where: str) -> Tuple[Dict[str,
         params["encoder_num_heads"] = HEADS_BY_EMBED_DIM[embed]
         assumed["encoder_num_heads"] = f"{HEADS_BY_EMBED_DIM[embed]} heads, as in the published models of width {embed}"
     return params, assumed
+
+
+def params_from_file(config: Dict[str, Any], where: str) -> Dict[str, Any]:
+    """The ``config`` saved beside a state dict (torchaudio / DPHuBERT ``wav2vec2_model`` arguments)
+    -> arguments in prune's names."""
+    gated = [k for k in DPHUBERT_PRUNE_FLAGS if config.get(k)]
+    if gated:
+        raise CheckpointError(f"{where} was saved while pruning ({', '.join(f'{k}=True' for k in gated)}): its "
+                              f"state dict holds the gates; load the checkpoint written after DPHuBERT's prune.py")
+    params = {DPHUBERT_NAMES.get(k, k): v for k, v in config.items()
+              if k not in DPHUBERT_PRUNE_FLAGS + DPHUBERT_TRAINING_ARGS}
+    if "normalize_waveform" in params:
+        params["normalize_waveform"] = as_flag(params["normalize_waveform"], where, "normalize_waveform")
+    return params
 
 
 def config_from_params(params: Dict[str, Any], where: str) -> EncoderConfig:

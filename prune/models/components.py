@@ -109,6 +109,35 @@ class PhantomLayerNorm(nn.Module):
         return f"{self.num_features}, total_features={self.total_features}, eps={self.eps}"
 
 
+WAVEFORM_NORM_EPS = 1e-5  # fairseq's F.layer_norm (and DPHuBERT's); transformers' feature extractor adds 1e-7
+
+
+def normalize_waveforms(waveforms: Tensor, lengths: Optional[Tensor] = None, eps: float = WAVEFORM_NORM_EPS
+                        ) -> Tensor:
+    """Each row to zero mean and unit variance over its valid samples, as fairseq's
+    ``task.normalize`` (``F.layer_norm`` over the utterance) does before batching.
+
+    waveforms: (batch, samples); lengths: (batch,) valid samples (None: all) -> (batch, samples),
+    padded samples zero whatever they held. Statistics in float32 at least (16k-sample sums in half
+    precision lose the mean). No data-dependent branch: the same graph for any lengths (torch.export).
+    """
+    dtype = torch.promote_types(waveforms.dtype, torch.float32)
+    x = waveforms.to(dtype)
+    if lengths is None:
+        return F.layer_norm(x, x.shape[-1:], eps=eps).to(waveforms.dtype)
+    padding = torch.arange(x.shape[-1], device=x.device)[None, :] >= lengths[:, None]  # (batch, samples)
+    count = lengths.clamp(min=1).to(dtype)[:, None]  # an empty row stays all zeros
+    x = x.masked_fill(padding, 0.0)
+    centered = (x - x.sum(-1, keepdim=True) / count).masked_fill(padding, 0.0)
+    var = centered.square().sum(-1, keepdim=True) / count  # biased, as layer_norm's
+    return (centered * torch.rsqrt(var + eps)).to(waveforms.dtype)
+
+
+def check_waveforms(x: Tensor) -> None:
+    if x.ndim != 2:
+        raise ValueError(f"expected waveforms of shape (batch, samples), got {tuple(x.shape)}")
+
+
 class ConvLayerBlock(nn.Module):
     """Conv1d -> [GroupNorm | LayerNorm over channels] -> GELU."""
 
@@ -166,8 +195,7 @@ class FeatureExtractor(nn.Module):
                 active: Optional[List[Optional[Tensor]]] = None) -> Tuple[Tensor, Optional[Tensor]]:
         """x: (batch, samples), length: (batch,) -> (batch, frames, channels), (batch,).
         With ``active``, only the open channels of each layer are computed and returned."""
-        if x.ndim != 2:
-            raise ValueError(f"expected waveforms of shape (batch, samples), got {tuple(x.shape)}")
+        check_waveforms(x)
         x = x.unsqueeze(1)
         active_in = None
         for i, layer in enumerate(self.conv_layers):
@@ -543,6 +571,15 @@ class Wav2Vec2Model(nn.Module):
         self.feature_extractor = feature_extractor
         self.encoder = encoder
 
+    def prepare_waveforms(self, waveforms: Tensor, lengths: Optional[Tensor] = None) -> Tensor:
+        """What the conv extractor takes: waveforms (batch, samples) normalised per utterance when
+        ``config.normalize_waveform`` (the model was pre-trained on such input), else as given.
+        Call it before ``feature_extractor`` wherever that is called directly."""
+        check_waveforms(waveforms)
+        if self.config.normalize_waveform:
+            return normalize_waveforms(waveforms, lengths)
+        return waveforms
+
     def forward(self, waveforms: Tensor, lengths: Optional[Tensor] = None, gates: Optional[Gates] = None
                 ) -> Tuple[List[Tensor], Optional[Tensor]]:
         """waveforms: (batch, samples) at 16 kHz; lengths: (batch,) valid samples per row.
@@ -550,6 +587,7 @@ class Wav2Vec2Model(nn.Module):
         Returns (hiddens, lengths): ``num_layers + 1`` tensors of shape
         (batch, frames, embed_dim) and the valid frames per row (None if lengths is None).
         """
+        waveforms = self.prepare_waveforms(waveforms, lengths)
         x, lengths = self.feature_extractor(waveforms, lengths, None if gates is None else gates.conv,
                                             None if gates is None or gates.active is None else gates.active.conv)
         return self.encoder(x, lengths, gates), lengths

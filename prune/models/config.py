@@ -11,6 +11,13 @@ compiled (pruned) model needs to stay exact:
   attention / feed-forward block at all (a removed block is a plain residual path).
 * ``encoder_head_index``: WavLM only. The original index of each kept head; the
   relative-position bias and its gate are indexed by it.
+
+``normalize_waveform`` (torchaudio / DPHuBERT's name) is fairseq's ``task.normalize`` and
+transformers' feature-extractor ``do_normalize``: each utterance is scaled to zero mean and unit
+variance over its valid samples before the conv extractor (wav2vec 2.0 Large LV-60k, HuBERT Large
+and WavLM Large were pre-trained so; the base models were not). The variance gets fairseq's eps,
+1e-5, as in training; transformers' feature extractor adds 1e-7 instead, which scales a waveform at
+speech level (RMS 0.05) differently by about 2e-3 relative (``components.normalize_waveforms``).
 """
 
 from __future__ import annotations
@@ -57,9 +64,12 @@ class EncoderConfig:
     encoder_ff_kept: Optional[List[bool]] = None
     encoder_head_index: Optional[List[List[int]]] = None
     layer_norm_eps: float = 1e-5
+    normalize_waveform: bool = False
 
     def __post_init__(self) -> None:
         n = self.encoder_num_layers
+        if not isinstance(self.normalize_waveform, bool):
+            raise ValueError(f"normalize_waveform must be true or false, got {self.normalize_waveform!r}")
         if self.architecture not in ARCHITECTURES:
             raise ValueError(f"architecture must be one of {ARCHITECTURES}, got {self.architecture!r}")
         if self.extractor_mode not in EXTRACTOR_MODES:

@@ -71,8 +71,9 @@ def wav2vec2_model(**kwargs: Any) -> Wav2Vec2Model:
 
 
 # ---------------------------------------------------------------------------------- presets
+# The Large models were pre-trained on per-utterance normalised waveforms (fairseq task.normalize)
 _LARGE = dict(extractor_mode="layer_norm", encoder_embed_dim=1024, encoder_num_layers=24, encoder_num_heads=16,
-              encoder_ff_interm_features=4096, encoder_layer_norm_first=True)
+              encoder_ff_interm_features=4096, encoder_layer_norm_first=True, normalize_waveform=True)
 
 PRESETS: Dict[str, Dict[str, Any]] = {
     "hubert_base": dict(architecture="hubert", encoder_layer_drop=0.05),

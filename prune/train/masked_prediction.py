@@ -66,6 +66,7 @@ class MaskedPrediction(nn.Module):
         """waveforms: (batch, samples), lengths: (batch,) samples, mask: (batch, frames) or None ->
         logits (batch, frames, num_clusters), feature penalty (scalar: mean square of the conv
         features, which HuBERT adds to the loss), valid frames per row (batch,)."""
+        waveforms = self.encoder.prepare_waveforms(waveforms, lengths)  # as the encoder's own forward does
         feats, frames = self.encoder.feature_extractor(waveforms, lengths)
         penalty = feats.float().pow(2).mean()
         if self.feature_grad_mult != 1.0:  # same value, scaled gradient
