@@ -234,7 +234,7 @@ def dphubert_config(config: EncoderConfig) -> Dict[str, Any]:
         "encoder_layer_norm_first": config.encoder_layer_norm_first,
         "encoder_layer_drop": config.encoder_layer_drop,
         "aux_num_out": None,
-        "normalize_waveform": False,  # prune's encoder takes the waveform as it is
+        "normalize_waveform": config.normalize_waveform,  # both normalise as fairseq does (eps 1e-5)
         **{flag: False for flag in PRUNE_FLAGS},
     }
 
