@@ -1,16 +1,16 @@
 """The ``prune`` command line.
 
-    prune train [RECIPE] [key=value ...] [--multirun]   prune -> final distillation -> export
-    prune pretrain [RECIPE] [key=value ...]             pre-train a small HuBERT from scratch (the demo teacher)
+    prune train RECIPE [key=value ...] [--multirun]     prune -> final distillation -> export
+    prune pretrain RECIPE [key=value ...]               pre-train a small HuBERT from scratch (the demo teacher)
     prune resume RUN_DIR                                continue a stopped run where it stopped
     prune export CHECKPOINT OUT                         export the student of a training checkpoint
     prune evaluate MODEL [--manifest M] [--probe DIR]   hidden states vs the teacher; phone-recognition PER
     prune inspect PATH                                  size and structure of any supported checkpoint
     prune preview [--preset P] [--sparsity S]           gate a preset with seeded random gates, cut, export
+    prune manifest FOLDER OUT_DIR                       train.tsv + valid.tsv for a folder of audio
 
-RECIPE is a file name from recipes/ (demo, tiny_demo, dphubert_hubert_base, wavlm_base_plus, default);
-without one, `default` (configs/train.yaml as it is) is used. Every config key can be overridden:
-trainer.prune_steps=1000. Pre-training recipes are in recipes/pretrain/ (demo_teacher).
+`prune train` alone lists the recipes; `prune train RECIPE --help` lists every config key with the
+recipe's value and meaning. Every key can be overridden: trainer.prune_steps=1000.
 """
 
 from __future__ import annotations
@@ -54,24 +54,59 @@ def run_training(cfg, run_dir: Path) -> Path:
     return export
 
 
-RECIPE_PACKAGES = {"train": "prune.recipes", "pretrain": "prune.recipes.pretrain"}  # command -> its recipes
+# Hydra's flags that take a value (``--cfg job``): not overrides, and not a recipe name
+HYDRA_VALUE_FLAGS = ("--cfg", "-c", "--package", "-p", "--config-path", "-cp", "--config-name", "-cn",
+                     "--config-dir", "-cd", "--experimental-rerun")
+HYDRA_INFO = ("all", "config", "defaults", "defaults-tree", "plugins", "searchpath")  # --info [WHAT]
 
 
-def _pick_recipe(command: str, argv: List[str], default: str) -> Tuple[str, List[str]]:
-    """The recipe named first on the command line (or ``default``), checked against the command's
-    recipes; a recipe of the other command is named as such."""
+def _split_args(argv: List[str]) -> Tuple[List[str], List[str]]:
+    """(Hydra flags with their values, everything else) in the order given."""
+    flags, rest, i = [], [], 0
+    while i < len(argv):
+        arg = argv[i]
+        takes_value = arg in HYDRA_VALUE_FLAGS or (arg in ("--info", "-i") and i + 1 < len(argv)
+                                                   and argv[i + 1] in HYDRA_INFO)
+        if arg.startswith("-"):
+            flags += argv[i:i + 2] if takes_value else [arg]
+            i += 2 if takes_value else 1
+        else:
+            rest.append(arg)
+            i += 1
+    return flags, rest
+
+
+def _pick_recipe(command: str, argv: List[str]) -> Tuple[Optional[str], List[str], List[str]]:
+    """(recipe or None, Hydra flags, overrides): the recipe is the first argument that is not a flag
+    or an override, checked against the command's recipes (one of the other command's is named as such)."""
     from importlib.resources import files
 
-    recipe = default
-    if argv and not argv[0].startswith("-") and "=" not in argv[0]:
-        recipe, argv = argv[0], argv[1:]
+    from .train.usage import RECIPE_PACKAGES
+
+    flags, rest = _split_args(argv)
+    recipe = None
+    if rest and "=" not in rest[0]:
+        recipe, rest = rest[0], rest[1:]
     available = sorted(p.name[:-5] for p in files(RECIPE_PACKAGES[command]).iterdir() if p.name.endswith(".yaml"))
-    if recipe not in available:
+    if recipe is not None and recipe not in available:
         owners = [other for other, package in RECIPE_PACKAGES.items()
                   if other != command and files(package).joinpath(f"{recipe}.yaml").is_file()]
         hint = f" ({recipe} is a `prune {owners[0]}` recipe)" if owners else ""
         raise SystemExit(f"prune {command}: unknown recipe {recipe!r}{hint}; choose from {', '.join(available)}")
-    return recipe, argv
+    return recipe, flags, rest
+
+
+def _help_or_recipe_list(command: str, recipe: Optional[str], flags: List[str]) -> None:
+    """``--help``: the recipes, groups and keys (exit 0); no recipe: the recipes and how to run one
+    (exit 2, nothing started)."""
+    from .train.usage import pretrain_help, recipe_list, train_help
+
+    if "--help" in flags or "-h" in flags:
+        print(train_help(recipe) if command == "train" else pretrain_help(recipe))
+        raise SystemExit(0)
+    if recipe is None:
+        print(recipe_list(command), file=sys.stderr)
+        raise SystemExit(2)
 
 
 def _run_dir_arg(command: str, argv: List[str]) -> Optional[str]:
@@ -89,18 +124,52 @@ def _run_dir_arg(command: str, argv: List[str]) -> Optional[str]:
     return run_dirs[-1]
 
 
+def _check_command_line(command: str, recipe: str, overrides: List[str], multirun: bool) -> List[str]:
+    """Every override's key (and, for a sweep, every job's config) checked before Hydra starts;
+    returns the extra overrides a sweep needs (job folders named by the swept values)."""
+    from .train.config import ConfigError, TrainConfig
+    from .train.overrides import check_overrides, config_groups
+
+    try:
+        if command == "pretrain":
+            from .train.pretrain import PretrainConfig
+
+            check_overrides(overrides, PretrainConfig, command="pretrain")
+            return []
+        check_overrides(overrides, TrainConfig, config_groups())
+        if not multirun:
+            return []
+        from .train.multirun import check_sweep, dirname_override
+
+        check_sweep(recipe, overrides)
+        return [dirname_override(overrides)]
+    except ConfigError as e:
+        raise _fail(command, e)
+
+
 def train(argv: List[str]) -> None:
     """Hand the command line to Hydra, with recipes/ as the primary config path."""
     import hydra
     from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
 
     from .train.config import ConfigError, typed
+    from .train.multirun import Sweep
 
-    recipe, argv = _pick_recipe("train", argv, "default")
+    recipe, flags, overrides = _pick_recipe("train", argv)
+    _help_or_recipe_list("train", recipe, flags)
+    multirun = "--multirun" in flags or "-m" in flags
+    extra = _check_command_line("train", recipe, overrides, multirun)
+    sweep = Sweep()
 
     @hydra.main(version_base="1.3", config_path="pkg://prune.recipes", config_name=recipe)
     def entry(cfg) -> None:
-        run_dir = Path(HydraConfig.get().runtime.output_dir)
+        hydra_cfg = HydraConfig.get()
+        run_dir = Path(hydra_cfg.runtime.output_dir)
+        if hydra_cfg.mode == RunMode.MULTIRUN:  # a failed job is recorded, and the sweep goes on
+            sweep.run(lambda: run_training(typed(cfg), run_dir), run_dir, hydra_cfg.job.override_dirname,
+                      Path(hydra_cfg.sweep.dir))
+            return
         try:
             run_training(typed(cfg), run_dir)
         except (ConfigError, ValueError, OSError, FloatingPointError) as e:
@@ -108,15 +177,15 @@ def train(argv: List[str]) -> None:
 
     import os
 
-    run_dir = _run_dir_arg("train", argv)
+    run_dir = _run_dir_arg("train", overrides)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and run_dir is None:
         raise SystemExit("prune train: under torchrun, give hydra.run.dir=PATH so that every process "
                          "works in the same run directory")
-    # Hydra's parser wants flags before overrides; let --multirun stand anywhere
-    flags = [a for a in argv if a in ("--multirun", "-m")]
-    argv = flags + [a for a in argv if a not in flags]
-    sys.argv = ["prune train", *argv, "hydra.searchpath=[pkg://prune.configs]"]
+    # Hydra's parser wants flags before overrides
+    sys.argv = ["prune train", *flags, *overrides, "hydra.searchpath=[pkg://prune.configs]", *extra]
     entry()
+    if multirun:
+        raise SystemExit(sweep.finish())
 
 
 # --------------------------------------------------------------------------------- pretrain
@@ -128,8 +197,10 @@ def pretrain(argv: List[str]) -> None:
     from .train.config import ConfigError
     from .train.pretrain import run_pretraining, typed_pretrain
 
-    recipe, argv = _pick_recipe("pretrain", argv, "demo_teacher")
-    _run_dir_arg("pretrain", argv)
+    recipe, flags, overrides = _pick_recipe("pretrain", argv)
+    _help_or_recipe_list("pretrain", recipe, flags)
+    _check_command_line("pretrain", recipe, overrides, multirun=False)
+    _run_dir_arg("pretrain", overrides)
 
     @hydra.main(version_base="1.3", config_path="pkg://prune.recipes.pretrain", config_name=recipe)
     def entry(cfg) -> None:
@@ -145,7 +216,7 @@ def pretrain(argv: List[str]) -> None:
         print(f"tensorboard : tensorboard --logdir {run_dir / 'tensorboard'}")
         print(f"checkpoints : {run_dir / 'checkpoints'}   (run the same command again to resume)")
 
-    sys.argv = ["prune pretrain", *argv]
+    sys.argv = ["prune pretrain", *flags, *overrides]
     entry()
 
 
@@ -280,24 +351,44 @@ def preview(args: argparse.Namespace) -> int:
     return 0
 
 
+def manifest(args: argparse.Namespace) -> int:
+    """``prune manifest FOLDER OUT_DIR``: OUT_DIR/train.tsv and OUT_DIR/valid.tsv for the audio under FOLDER."""
+    from .train.manifest import AUDIO_EXTENSIONS, make_manifests
+
+    made = make_manifests(args.folder, args.out_dir, args.valid_fraction, args.seed, args.ext or AUDIO_EXTENSIONS,
+                          args.absolute)
+    for path, reason in made.skipped:
+        print(f"skipped {path}: {reason}", file=sys.stderr)
+    train, valid = made.entries
+    print(f"wrote {made.train}: {len(train)} files; "
+          f"{f'{made.valid}: {len(valid)} files' if made.valid else 'no valid split (--valid-fraction 0)'}; "
+          f"{made.hours:.2f} h at 16 kHz in all, {len(made.skipped)} skipped")
+    print(f"train on it: prune train RECIPE data.train_manifest={made.train}"
+          + (f" data.valid_manifest={made.valid}" if made.valid else " data.valid_manifest=null"))
+    return 0
+
+
 def _layers(values: List[Optional[int]]) -> str:
     return " ".join("-" if v is None else str(v) for v in values)
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .train.manifest import AUDIO_EXTENSIONS
+
     parser = argparse.ArgumentParser(prog="prune", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("train", help="run a recipe (Hydra: prune train RECIPE key=value ...)", add_help=False)
+    sub.add_parser("train", help="run a recipe (Hydra: prune train RECIPE key=value ...; "
+                                 "prune train --help lists recipes and keys)", add_help=False)
     sub.add_parser("pretrain", help="pre-train a small HuBERT from scratch (Hydra: prune pretrain RECIPE ...)",
                    add_help=False)
     p = sub.add_parser("resume", help="continue a stopped run where it stopped")
-    p.add_argument("run_dir")
+    p.add_argument("run_dir", help="the run directory (holds config.yaml and checkpoints/)")
     p.set_defaults(func=resume)
     p = sub.add_parser("export", help="export the student of a training checkpoint")
-    p.add_argument("checkpoint")
-    p.add_argument("out")
-    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("checkpoint", help="a training checkpoint, RUN_DIR/checkpoints/step_*.pt")
+    p.add_argument("out", help="export folder to write (model.safetensors + config.json)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing export folder")
     p.set_defaults(func=export)
     p = sub.add_parser("evaluate", help="compare a model's hidden states with its teacher's on a manifest")
     p.add_argument("model", help="an export folder or any checkpoint prune inspect reads")
@@ -305,26 +396,44 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--manifest", default=None, help="compare hidden states with the teacher's on this manifest")
     p.add_argument("--probe", default=None, help="phone-recognition probe on a corpus folder laid out like "
                                                  "data/demo_corpus (train.tsv, valid.tsv, transcripts.tsv)")
-    p.add_argument("--probe-steps", type=int, default=1000)
+    p.add_argument("--probe-steps", type=int, default=1000, help="probe training steps (default: 1000)")
     p.add_argument("--probe-seeds", type=int, nargs="+", default=[0, 1, 2],
                    help="one probe per seed; the mean and spread are printed (default: 0 1 2, as the report)")
     p.add_argument("--probe-floor", action="store_true",
                    help="also probe a random-init model of the same architecture (the floor)")
-    p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--max-samples", type=int, default=160000)
+    p.add_argument("--batch-size", type=int, default=4, help="utterances per batch for --manifest (default: 4)")
+    p.add_argument("--max-samples", type=int, default=160000,
+                   help="crop each --manifest file to this many samples at 16 kHz (default: 160000, 10 s)")
     p.set_defaults(func=evaluate)
     p = sub.add_parser("inspect", help="architecture, size and per-layer structure of a checkpoint")
-    p.add_argument("path")
+    p.add_argument("path", help="an export folder, a Hugging Face folder, a fairseq / torchaudio .pt, ...")
     p.set_defaults(func=inspect)
     p = sub.add_parser("preview", help="gate a preset with seeded random gates, cut and export it")
     p.add_argument("--preset", default="hubert_base", help="a name from prune.models.PRESETS")
     p.add_argument("--sparsity", type=float, default=0.75, help="fraction of parameters to remove, in [0, 1)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the weights and the gates")
     p.add_argument("--seconds", type=float, default=2.0, help="length of the check utterances")
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     p.add_argument("--out", default="outputs/preview", help="export folder")
     p.add_argument("--overwrite", action="store_true", help="replace an existing export folder")
     p.set_defaults(func=preview)
+    p = sub.add_parser("manifest", help="make train.tsv and valid.tsv for a folder of audio",
+                       description="Write OUT_DIR/train.tsv and OUT_DIR/valid.tsv listing every readable audio "
+                                   "file under FOLDER (recursively) with its length at 16 kHz, split at random "
+                                   "by file. Files soundfile cannot read are listed and left out.")
+    p.add_argument("folder", help="folder of audio files (searched recursively)")
+    p.add_argument("out_dir", help="folder to write train.tsv and valid.tsv into")
+    p.add_argument("--valid-fraction", type=float, default=0.01,
+                   help="fraction of the files held out in valid.tsv (default: 0.01, at least one file; "
+                        "0: train.tsv only)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the train/valid split (default: 0)")
+    p.add_argument("--ext", nargs="+", default=None, metavar="EXT",
+                   help=f"file extensions to include (default: every format soundfile reads here: "
+                        f"{' '.join(AUDIO_EXTENSIONS)})")
+    p.add_argument("--absolute", action="store_true",
+                   help="write the root as an absolute path (default: relative to OUT_DIR, so the corpus and "
+                        "its manifests can move together)")
+    p.set_defaults(func=manifest)
     return parser
 
 

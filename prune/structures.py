@@ -172,14 +172,14 @@ def _feed_forward_macs(config: EncoderConfig, layer: int, frames: int, units: Co
 class GateConfig:
     """Which structures get gates, and their initial drop rates (GUIDE §1)."""
 
-    conv_channels: bool = True
-    attention_heads: bool = True
-    attention_layers: bool = True
-    ffn_units: bool = True
-    ffn_layers: bool = True
-    init_mean: float = 0.01
-    ffn_units_init_mean: float = 0.5
-    init_std: float = 0.01
+    conv_channels: bool = True  # each conv layer's output channels
+    attention_heads: bool = True  # each layer's heads
+    attention_layers: bool = True  # whole attention blocks
+    ffn_units: bool = True  # each FFN's intermediate units
+    ffn_layers: bool = True  # whole FFN blocks
+    init_mean: float = 0.01  # initial drop rate of every gate but the FFN units'
+    ffn_units_init_mean: float = 0.5  # initial drop rate of the FFN unit gates
+    init_std: float = 0.01  # std of the initial log_alpha
 
 
 def _gate(n: int, enabled: bool, init_mean: float, init_std: float) -> Optional[HardConcrete]:

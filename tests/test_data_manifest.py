@@ -1,7 +1,6 @@
 """Manifests: parse errors name the file and line; write/read round-trips; build_manifest skips
-what soundfile cannot read; the make_manifest CLI."""
+what soundfile cannot read; `prune manifest` (train/valid split, every soundfile format)."""
 
-import importlib.util
 from pathlib import Path
 
 import numpy as np
@@ -10,7 +9,9 @@ import soundfile as sf
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from prune.train.manifest import Manifest, ManifestError, build_manifest, read_manifest, write_manifest
+from prune.cli import main as prune_main
+from prune.train.manifest import (AUDIO_EXTENSIONS, Manifest, ManifestError, build_manifest, read_manifest,
+                                   split_entries, write_manifest)
 
 HYPOTHESIS = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 
@@ -189,24 +190,66 @@ def test_build_manifest(tmp_path):
         build_manifest(tmp_path / "missing")
 
 
-def load_script(name):
-    path = Path(__file__).resolve().parent.parent / "scripts" / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def prune_manifest(args):
+    with pytest.raises(SystemExit) as e:
+        prune_main(["manifest", *map(str, args)])
+    return e.value.code
 
 
-def test_make_manifest_cli(tmp_path, capsys):
-    cli = load_script("make_manifest")
+def test_prune_manifest_writes_a_seeded_train_valid_split(tmp_path, capsys):
     folder = make_folder(tmp_path / "corpus")
-    assert cli.main([str(folder), str(tmp_path / "out" / "train.tsv")]) == 0
+    assert prune_manifest([folder, tmp_path / "out", "--valid-fraction", "0.25"]) == 0
     out, err = capsys.readouterr()
-    assert "4 files" in out and "2 skipped" in out
+    assert "3 files" in out and "1 files" in out and "2 skipped" in out
     assert "skipped b_sub/text.wav" in err and "skipped zero.wav" in err
-    m = read_manifest(tmp_path / "out" / "train.tsv")
+    train, valid = read_manifest(tmp_path / "out" / "train.tsv"), read_manifest(tmp_path / "out" / "valid.tsv")
     assert (tmp_path / "out" / "train.tsv").read_text().startswith("../corpus\n")  # relocatable
-    assert m.root.resolve() == folder.resolve() and len(m) == 4
+    assert train.root.resolve() == folder.resolve() == valid.root.resolve()
+    assert sorted(train.entries + valid.entries) == sorted(build_manifest(folder)[0])  # split by file, disjoint
+    assert train.entries == sorted(train.entries)
+    assert prune_manifest([folder, tmp_path / "again", "--valid-fraction", "0.25"]) == 0  # seeded: the same split
+    assert (tmp_path / "again" / "valid.tsv").read_text() == (tmp_path / "out" / "valid.tsv").read_text()
+    assert prune_manifest([folder, tmp_path / "out", "--valid-fraction", "0"]) == 0
+    assert not (tmp_path / "out" / "valid.tsv").exists()  # the earlier split's valid.tsv would overlap train
+
+
+def test_split_entries():
+    entries = [(f"{i}.wav", i + 1) for i in range(200)]
+    train, valid = split_entries(entries, 0.01, seed=3)
+    assert len(valid) == 2 and len(train) == 198 and not set(train) & set(valid)
+    assert split_entries(entries, 0.01, seed=3) == (train, valid) != split_entries(entries, 0.01, seed=4)
+    assert split_entries(entries[:5], 0.01) != (entries[:5], [])  # a positive fraction holds out one file at least
+    with pytest.raises(ManifestError, match="valid fraction"):
+        split_entries(entries, 1.0)
+
+
+def test_every_format_soundfile_reads_is_found_by_default(tmp_path):
+    """`.mp3` (and AIFF, ...) were left out of the defaults."""
+    for fmt, ext in (("MP3", ".mp3"), ("AIFF", ".aiff"), ("FLAC", ".flac"), ("WAV", ".wav")):
+        assert fmt not in sf.available_formats() or ext in AUDIO_EXTENSIONS
+    t = np.sin(np.arange(16000) * 0.05).astype(np.float32) * 0.3
+    (tmp_path / "c").mkdir()
+    sf.write(tmp_path / "c" / "a.mp3", t, 16000, format="MP3")
+    sf.write(tmp_path / "c" / "b.aiff", t, 16000)
+    entries, skipped = build_manifest(tmp_path / "c")
+    assert [p for p, _ in entries] == ["a.mp3", "b.aiff"] and not skipped
+
+
+def test_prune_manifest_without_audio_names_the_extensions_and_ext(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
-    assert cli.main([str(tmp_path / "empty"), str(tmp_path / "e.tsv")]) == 1
-    assert "no readable" in capsys.readouterr().err
+    (tmp_path / "empty" / "a.m4a").write_bytes(b"not read by soundfile")
+    with pytest.raises(SystemExit) as e:
+        prune_main(["manifest", str(tmp_path / "empty"), str(tmp_path / "out")])
+    message = str(e.value.code)
+    assert message.startswith(f"prune manifest: {tmp_path / 'empty'}: no readable audio file; looked for ")
+    assert ".mp3" in message and "give other extensions with --ext" in message and "\n" not in message
+    assert not (tmp_path / "out").exists()  # nothing written
+    with pytest.raises(SystemExit) as e:
+        prune_main(["manifest", str(tmp_path / "empty"), str(tmp_path / "out"), "--ext", "m4a"])
+    assert "1 found, none readable" in str(e.value.code) and "looked for .m4a" in str(e.value.code)
+
+
+def test_a_folder_read_as_a_manifest_says_how_to_make_one(tmp_path):
+    with pytest.raises(ManifestError, match=f"^{tmp_path} is a folder, not a manifest; make one with: "
+                                            f"prune manifest {tmp_path} OUT_DIR$"):
+        read_manifest(tmp_path)

@@ -130,9 +130,14 @@ def test_multirun_sweeps_the_target(tmp_path):
     args = [a for a in args if not a.startswith("hydra.run.dir")]
     result = prune_cli([*args, "--multirun", "pruning.target=0.3,0.6", f"hydra.sweep.dir={sweep}"])
     assert result.returncode == 0, result.stderr[-3000:]
-    sizes = [read_export_info(sweep / str(i) / "export")["pruned"]["params"] for i in (0, 1)]
+    jobs = ["pruning.target=0.3", "pruning.target=0.6"]  # job folders named by the swept values
+    sizes = [read_export_info(sweep / job / "export")["pruned"]["params"] for job in jobs]
     for size, target in zip(sizes, (0.3, 0.6)):
         assert abs(size - _target_params(target)) <= 0.005 * _target_params(target)
+    summary = (sweep / "summary.txt").read_text()  # one table across the jobs, also printed
+    assert summary.strip() in result.stdout
+    rows = summary.splitlines()[2:]
+    assert [r.split()[0] for r in rows] == jobs and [r.split()[1] for r in rows] == [f"{n:,}" for n in sizes]
 
 
 def test_torchrun_two_cpu_processes(tmp_path):

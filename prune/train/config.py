@@ -25,23 +25,47 @@ class ConfigError(ValueError):
     """A config value that cannot work; the message starts with the key."""
 
 
+DEMO_DATA_PACKAGE = "prune.demo_data"  # the repository's data/ folder, shipped inside the package
+
+
+def demo_data(name: str) -> str:
+    """``${prune.data:NAME}`` in a config: the absolute path of ``data/NAME`` (the demo corpus and
+    teacher). The demo data ships inside the package (11 MB: corpus 7.5, teacher 3.6) rather than
+    being looked up next to it, so `prune train demo` runs from any directory after a plain
+    `pip install .`, not only from a source checkout."""
+    from importlib.resources import files
+
+    try:
+        path = Path(str(files(DEMO_DATA_PACKAGE).joinpath(name)))
+    except ModuleNotFoundError:  # an editable install made before data/ shipped: the checkout's own
+        path = Path(__file__).resolve().parents[2] / "data" / name
+    if not path.exists():
+        raise ConfigError(f"${{prune.data:{name}}}: the demo data {name} is not installed with prune "
+                          f"(it ships as {DEMO_DATA_PACKAGE}; reinstall with `pip install .` from the repository)")
+    return str(path)
+
+
+OmegaConf.register_new_resolver("prune.data", demo_data, replace=True)
+
+
 @dataclass
 class TeacherConfig:
-    preset: Optional[str] = "hubert_base"  # used when checkpoint is null: random weights (tests, benchmarks)
+    preset: Optional[str] = "hubert_base"  # built with seeded random weights when checkpoint is null
     checkpoint: Optional[str] = None  # HF folder, fairseq .pt, torchaudio state dict or a prune export
+    random_init: bool = False  # a random-weight teacher (no checkpoint) beyond the *_tiny presets: benchmarks
     overrides: Dict[str, Any] = field(default_factory=dict)  # EncoderConfig overrides for a preset
-    seed: int = 0
+    seed: int = 0  # seed of a random-weight teacher
 
 
 @dataclass
 class DataConfig:
-    train_manifest: str = MISSING
-    valid_manifest: Optional[str] = None
+    train_manifest: str = MISSING  # TSV: root folder, then path<TAB>samples (make one: prune manifest FOLDER OUT)
+    valid_manifest: Optional[str] = None  # validated at the end of each stage; null: none
     max_samples: int = 64000  # random crop, 4 s
     min_samples: int = 400  # the conv stack's receptive field
-    batch_size: int = 8
+    batch_size: int = 8  # utterances per batch (per process)
     max_batch_samples: Optional[int] = None  # if set, batches are filled up to this many padded samples instead
-    num_workers: int = 0
+    num_workers: int = 0  # DataLoader worker processes
 
 
 @dataclass
@@ -59,13 +83,13 @@ class PruningConfig:
 
 @dataclass
 class DistillConfig:
-    layers: List[List[int]] = field(default_factory=lambda: [[0], [4, 8, 12]])  # groups sharing a head
+    layers: List[List[int]] = field(default_factory=lambda: [[0], [4, 8, 12]])  # teacher layers; groups share a head
     mode: str = "layer2layer"  # layer2layer | prediction
-    cos_weight: float = 1.0
+    cos_weight: float = 1.0  # loss = L1 + cos_weight x cosine term
     cos_type: str = "raw"  # raw | log_sig
     reduction: str = "sum"  # sum | mean: how the per-layer losses combine (DPHuBERT: mean)
     layer0: str = "hidden"  # hidden (transformers' hidden_states[0]) | projection (DPHuBERT: before the pos conv)
-    student_layer_drop: float = 0.0
+    student_layer_drop: float = 0.0  # LayerDrop in the student
 
 
 @dataclass
@@ -73,10 +97,10 @@ class OptimConfig:
     lr: float = 2e-4  # model and distillation heads
     gate_lr: float = 0.02  # log_alpha
     lambda_lr: float = 0.02  # Lagrange multipliers (ascent)
-    betas: List[float] = field(default_factory=lambda: [0.9, 0.98])
-    weight_decay: float = 0.0
+    betas: List[float] = field(default_factory=lambda: [0.9, 0.98])  # AdamW
+    weight_decay: float = 0.0  # AdamW, model weights only
     warmup_steps: int = 1000  # linear lr warm-up, then linear decay to 0 at the end of each stage
-    clip_grad_norm: Optional[float] = 10.0
+    clip_grad_norm: Optional[float] = 10.0  # null: no clipping
     gate_lr_schedule: str = "constant"  # constant | model (gate and lambda lrs follow the model's warm-up/decay)
     final_lr: Optional[float] = None  # the final distillation's lr (null: lr)
     final_warmup_steps: Optional[int] = None  # the final distillation's warm-up (null: warmup_steps)
@@ -84,25 +108,25 @@ class OptimConfig:
 
 @dataclass
 class TrainerConfig:
-    prune_steps: int = 50000
-    final_steps: int = 25000
-    grad_accum: int = 1
+    prune_steps: int = 50000  # steps under the size target, then the cut
+    final_steps: int = 25000  # steps distilling the cut model
+    grad_accum: int = 1  # batches per optimizer step
     precision: str = "fp32"  # fp32 | bf16 | fp16 (mixed precision autocast; fp16 on CUDA only)
     device: str = "auto"  # auto | cpu | cuda
-    seed: int = 0
+    seed: int = 0  # data order, crops, gate noise
     threads: Optional[int] = None  # torch CPU threads
-    log_every: int = 50
+    log_every: int = 50  # a log line (and TensorBoard scalars) every this many steps
     valid_every: int = 0  # 0: only at the end of each stage
-    ckpt_every: int = 1000
-    keep_last: int = 3
+    ckpt_every: int = 1000  # checkpoint every this many steps
+    keep_last: int = 3  # checkpoints kept
     max_nonfinite: int = 10  # stop after this many non-finite steps in a row
     latency_seconds: float = 4.0  # utterance length for the report's CPU latency
 
 
 @dataclass
 class LoggingConfig:
-    tensorboard: bool = True
-    progress: bool = True
+    tensorboard: bool = True  # event files in RUN_DIR/tensorboard
+    progress: bool = True  # a progress bar when the output is a terminal
 
 
 @dataclass
@@ -114,7 +138,7 @@ class ProbeConfig:
 
 @dataclass
 class TrainConfig:
-    name: str = "run"
+    name: str = "run"  # the run directory is outputs/NAME/DATE_TIME (or hydra.run.dir=PATH)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     data: DataConfig = field(default_factory=DataConfig)
     pruning: PruningConfig = field(default_factory=PruningConfig)
@@ -128,6 +152,8 @@ class TrainConfig:
 def typed(cfg: Any, schema_class: type = None) -> DictConfig:
     """Merge a composed config onto the schema (``TrainConfig`` unless another is given):
     unknown keys and wrong types raise ConfigError."""
+    if isinstance(cfg, DictConfig):  # without the hydra node: its run-time values are unset outside a run
+        cfg = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])
     plain = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg
     plain = {k: v for k, v in plain.items() if k != "hydra"}
     plain.pop("recipe", None)
@@ -174,9 +200,15 @@ def prepare_run_dir(cfg: DictConfig, run_dir: Path) -> None:
 
 
 def check_manifests(d: DictConfig) -> None:
-    """The ``data`` section's manifests exist (the valid one may be null)."""
+    """The ``data`` section's manifests exist (the valid one may be null) and are files."""
+    from .manifest import folder_not_manifest
+
     for key in ("train_manifest", "valid_manifest"):
-        if d[key] is not None and not Path(d[key]).is_file():
+        if d[key] is None:
+            continue
+        if Path(d[key]).is_dir():
+            raise ConfigError(f"data.{key}: {folder_not_manifest(d[key])}")
+        if not Path(d[key]).is_file():
             raise ConfigError(f"data.{key}: {d[key]} does not exist")
 
 
@@ -210,6 +242,7 @@ def validate(cfg: DictConfig, run_dir: Optional[Path] = None) -> None:
     if t.checkpoint is None:
         if t.preset not in PRESETS:
             raise ConfigError(f"teacher.preset: unknown preset {t.preset!r}; choose from {sorted(PRESETS)}")
+        check_random_teacher(t)
         try:
             num_layers = preset_config(t.preset, **t.overrides).encoder_num_layers
         except (TypeError, ValueError) as e:  # an unknown or invalid EncoderConfig field
@@ -217,6 +250,9 @@ def validate(cfg: DictConfig, run_dir: Optional[Path] = None) -> None:
     else:
         if not Path(t.checkpoint).exists():
             raise ConfigError(f"teacher.checkpoint: {t.checkpoint} does not exist")
+        if t.random_init:
+            raise ConfigError(f"teacher.random_init: true, but teacher.checkpoint={t.checkpoint} is given; "
+                              f"drop one of them")
         num_layers = None  # known once loaded
     if p.target_kind not in TARGET_KINDS:
         raise ConfigError(f"pruning.target_kind: must be one of {TARGET_KINDS}, got {p.target_kind!r}")
@@ -281,12 +317,35 @@ def validate(cfg: DictConfig, run_dir: Optional[Path] = None) -> None:
         check_run_dir(run_dir)
 
 
-def compose(recipe: str = "default", overrides: Optional[List[str]] = None) -> DictConfig:
-    """The typed config ``prune train RECIPE OVERRIDES...`` would run (Hydra's compose API)."""
+def check_random_teacher(t: DictConfig) -> None:
+    """A teacher with random weights prunes noise into noise: fine for the tiny test presets, but a
+    full-size one (hours of compute for nothing) must be asked for with teacher.random_init=true."""
+    if t.checkpoint is None and not t.random_init and not t.preset.endswith("_tiny"):
+        raise ConfigError(f"teacher.checkpoint: not given, so the teacher would be teacher.preset={t.preset} with "
+                          f"random weights; give teacher.checkpoint=PATH (a Hugging Face folder, fairseq .pt, "
+                          f"torchaudio state dict or prune export), or teacher.random_init=true to prune a "
+                          f"random-weight teacher on purpose")
+
+
+def compose_raw(recipe: str, overrides: Optional[List[str]] = None, hydra_config: bool = False,
+                package: str = "prune.recipes", schema: Optional[type] = None) -> DictConfig:
+    """Hydra's composition of ``prune train RECIPE OVERRIDES...`` (the recipes of ``package``;
+    ``prune.recipes.pretrain`` with ``PretrainConfig`` for ``prune pretrain``), untyped, with the
+    ``hydra`` node when ``hydra_config``. Overrides are checked against the schema first."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_module
 
-    with initialize_config_module(config_module="prune.recipes", version_base="1.3"):
-        cfg = hydra_compose(config_name=recipe,
-                            overrides=["hydra.searchpath=[pkg://prune.configs]", *(overrides or [])])
-    return typed(cfg)
+    from .overrides import check_overrides, config_groups
+
+    train = package == "prune.recipes"  # only the training recipes compose config groups
+    check_overrides(overrides or [], schema or TrainConfig, config_groups() if train else None,
+                    command="train" if train else "pretrain")
+    searchpath = ["hydra.searchpath=[pkg://prune.configs]"] if train else []
+    with initialize_config_module(config_module=package, version_base="1.3"):
+        return hydra_compose(config_name=recipe, return_hydra_config=hydra_config,
+                             overrides=[*searchpath, *(overrides or [])])
+
+
+def compose(recipe: str = "default", overrides: Optional[List[str]] = None) -> DictConfig:
+    """The typed config ``prune train RECIPE OVERRIDES...`` would run (Hydra's compose API)."""
+    return typed(compose_raw(recipe, overrides))

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import numbers
 import os
+import random
 import re
 import tempfile
 from dataclasses import dataclass, field
@@ -26,7 +27,20 @@ import soundfile as sf
 from .audio import SAMPLE_RATE, resampled_length
 
 PathLike = Union[str, Path]
-AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg")
+# file extensions of soundfile's formats whose names are not the extension itself; RAW has no
+# header to read a length from, so it is left out
+_FORMAT_EXTENSIONS = {"AIFF": (".aiff", ".aif", ".aifc"), "OGG": (".ogg", ".oga", ".opus"), "MP3": (".mp3",),
+                      "IRCAM": (".sf",), "MAT4": (".mat",), "MAT5": (".mat",), "NIST": (".nist", ".sph"),
+                      "SVX": (".svx", ".8svx", ".iff"), "WAVEX": (".wav",), "RAW": ()}
+
+
+def soundfile_extensions() -> Tuple[str, ...]:
+    """The extensions of every format this soundfile (libsndfile) build reads, sorted."""
+    exts = {e for name in sf.available_formats() for e in _FORMAT_EXTENSIONS.get(name, (f".{name.lower()}",))}
+    return tuple(sorted(exts))
+
+
+AUDIO_EXTENSIONS = soundfile_extensions()
 _COUNT = re.compile(r"[0-9]+")  # int() would also take "1_000", " 12" and non-ASCII digits
 
 
@@ -79,9 +93,16 @@ def _parse_entry(line: str, where: str) -> Tuple[str, int]:
     return rel, int(count)
 
 
+def folder_not_manifest(folder: PathLike) -> str:
+    """What to say when a folder is given where a manifest file is expected."""
+    return f"{folder} is a folder, not a manifest; make one with: prune manifest {folder} OUT_DIR"
+
+
 def read_manifest(path: PathLike) -> Manifest:
     """Parse a manifest; every problem is a ``ManifestError`` naming the file and 1-based line."""
     path = Path(path)
+    if path.is_dir():
+        raise ManifestError(folder_not_manifest(path))
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
@@ -177,3 +198,55 @@ def build_manifest(folder: PathLike, extensions: Sequence[str] = AUDIO_EXTENSION
             continue
         entries.append((rel, n))
     return entries, skipped
+
+
+def split_entries(entries: Sequence[Tuple[str, int]], valid_fraction: float, seed: int = 0,
+                  ) -> Tuple[List[Tuple[str, int]], List[Tuple[str, int]]]:
+    """(train, valid): a seeded random ``valid_fraction`` of the files (at least one when the
+    fraction is positive and there are two files or more), both kept in path order."""
+    if not 0.0 <= valid_fraction < 1.0:
+        raise ManifestError(f"valid fraction must be in [0, 1), got {valid_fraction}")
+    n_valid = 0 if valid_fraction == 0 or len(entries) < 2 else max(1, round(valid_fraction * len(entries)))
+    valid = set(random.Random(seed).sample(range(len(entries)), n_valid))
+    return ([e for i, e in enumerate(entries) if i not in valid], [e for i, e in enumerate(entries) if i in valid])
+
+
+@dataclass
+class MadeManifests:
+    """What ``make_manifests`` wrote: the manifest files, entries per split, skipped files."""
+
+    train: Path
+    valid: Optional[Path]
+    entries: Tuple[List[Tuple[str, int]], List[Tuple[str, int]]]
+    skipped: List[Tuple[str, str]]
+
+    @property
+    def hours(self) -> float:
+        return sum(n for split in self.entries for _, n in split) / SAMPLE_RATE / 3600
+
+
+def make_manifests(folder: PathLike, out_dir: PathLike, valid_fraction: float = 0.01, seed: int = 0,
+                   extensions: Sequence[str] = AUDIO_EXTENSIONS, absolute: bool = False) -> MadeManifests:
+    """``out_dir/train.tsv`` and ``out_dir/valid.tsv`` for every readable audio file under ``folder``,
+    split by file (``split_entries``). The root line is ``folder`` relative to ``out_dir`` (absolute
+    with ``absolute``), so a corpus and its manifests can move together. Nothing is written when
+    no file is usable (``ManifestError``, naming the extensions looked for)."""
+    folder, out_dir = Path(folder), Path(out_dir)
+    exts = tuple(e if e.startswith(".") else f".{e}" for e in extensions)
+    if out_dir.is_file():
+        raise ManifestError(f"{out_dir}: is a file; give the folder to write train.tsv and valid.tsv into")
+    entries, skipped = build_manifest(folder, exts)
+    if not entries:
+        unreadable = f" ({len(skipped)} found, none readable)" if skipped else ""
+        raise ManifestError(f"{folder}: no readable audio file{unreadable}; looked for {' '.join(exts)} "
+                            f"(recursively); give other extensions with --ext")
+    train, valid = split_entries(entries, valid_fraction, seed)
+    root = folder.resolve() if absolute else Path(os.path.relpath(folder.resolve(), out_dir.resolve()))
+    write_manifest(out_dir / "train.tsv", root.as_posix(), train)
+    valid_path = out_dir / "valid.tsv"
+    if valid:
+        write_manifest(valid_path, root.as_posix(), valid)
+    else:  # a valid.tsv of an earlier split would overlap the new train.tsv
+        valid_path.unlink(missing_ok=True)
+        valid_path = None
+    return MadeManifests(out_dir / "train.tsv", valid_path, (train, valid), skipped)

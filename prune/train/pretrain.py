@@ -27,7 +27,7 @@ from ..checkpoints import export_pruned
 from ..models import PRESETS, build_preset, preset_config
 from .checkpoint import load_latest, save_checkpoint
 from .config import (ConfigError, ProbeConfig, check_manifests, check_optim, check_probe, check_run_dir,
-                     prepare_run_dir, typed)
+                     compose_raw, prepare_run_dir, typed)
 from .audio import AudioError, load_audio
 from .data import collate, format_skipped, validate_manifest
 from .faults import maybe_fail
@@ -43,59 +43,59 @@ REQUIRED = ("step", "config", "model", "optimizer", "targets", "rng", "history")
 # ------------------------------------------------------------------------------------ config
 @dataclass
 class PretrainModelConfig:
-    preset: str = "hubert_base_tiny"
+    preset: str = "hubert_base_tiny"  # the architecture (prune.models.PRESETS), random init
     overrides: Dict[str, Any] = field(default_factory=dict)  # EncoderConfig fields
-    final_dim: int = 256
-    logit_temp: float = 0.1
-    feature_grad_mult: float = 0.1
+    final_dim: int = 256  # projection of the last layer scored against the cluster embeddings
+    logit_temp: float = 0.1  # cosine similarity / logit_temp
+    feature_grad_mult: float = 0.1  # scales the conv extractor's gradient (HuBERT Base)
     feature_pen: float = 10.0  # weight of the conv features' mean square in the loss
 
 
 @dataclass
 class PretrainTargetsConfig:
-    num_clusters: int = 100
-    kmeans_iters: int = 50
+    num_clusters: int = 100  # k-means clusters of MFCC frames: the classes predicted
+    kmeans_iters: int = 50  # Lloyd iterations
 
 
 @dataclass
 class MaskingConfig:
     prob: float = 0.8  # HuBERT: 0.8 with spans of 10 frames (~50% of frames masked)
-    length: int = 10
+    length: int = 10  # frames per masked span
     unmasked_weight: float = 0.0  # HuBERT's pred_nomask_weight: loss on the unmasked frames too
 
 
 @dataclass
 class PretrainDataConfig:
-    train_manifest: str = MISSING
-    valid_manifest: Optional[str] = None
+    train_manifest: str = MISSING  # TSV: root folder, then path<TAB>samples (make one: prune manifest FOLDER OUT)
+    valid_manifest: Optional[str] = None  # masked-prediction loss every trainer.valid_every steps; null: none
     max_samples: int = 48000  # random crop
-    min_samples: int = 400
-    batch_size: int = 8
+    min_samples: int = 400  # shorter files are skipped
+    batch_size: int = 8  # utterances per step
 
 
 @dataclass
 class PretrainOptimConfig:
-    lr: float = 5e-4
-    betas: List[float] = field(default_factory=lambda: [0.9, 0.98])
-    weight_decay: float = 0.01
+    lr: float = 5e-4  # peak learning rate
+    betas: List[float] = field(default_factory=lambda: [0.9, 0.98])  # AdamW
+    weight_decay: float = 0.01  # AdamW
     warmup_steps: int = 500  # linear warm-up, then linear decay to 0
-    clip_grad_norm: Optional[float] = 10.0
+    clip_grad_norm: Optional[float] = 10.0  # null: no clipping
 
 
 @dataclass
 class PretrainTrainerConfig:
-    steps: int = 10000
-    seed: int = 0
-    threads: Optional[int] = None
-    log_every: int = 50
-    valid_every: int = 500
-    ckpt_every: int = 500
-    keep_last: int = 2
+    steps: int = 10000  # training steps
+    seed: int = 0  # k-means, batches, crops, masks
+    threads: Optional[int] = None  # torch CPU threads
+    log_every: int = 50  # a log line every this many steps
+    valid_every: int = 500  # 0: never
+    ckpt_every: int = 500  # checkpoint every this many steps
+    keep_last: int = 2  # checkpoints kept
 
 
 @dataclass
 class PretrainConfig:
-    name: str = "pretrain"
+    name: str = "pretrain"  # the run directory is outputs/NAME/DATE_TIME (or hydra.run.dir=PATH)
     model: PretrainModelConfig = field(default_factory=PretrainModelConfig)
     targets: PretrainTargetsConfig = field(default_factory=PretrainTargetsConfig)
     masking: MaskingConfig = field(default_factory=MaskingConfig)
@@ -103,6 +103,18 @@ class PretrainConfig:
     optim: PretrainOptimConfig = field(default_factory=PretrainOptimConfig)
     trainer: PretrainTrainerConfig = field(default_factory=PretrainTrainerConfig)
     probe: ProbeConfig = field(default_factory=ProbeConfig)  # phone probe of the result, and of a random init
+
+
+def _register_base() -> None:
+    """Every key with its default, as ``pretrain_base`` in Hydra's config store: each pre-training
+    recipe starts from it (``defaults: [pretrain_base, _self_]``), since Hydra refuses to override a
+    key the recipe does not set. A plain dict, not the dataclass: ``typed`` checks the types, in one line."""
+    from hydra.core.config_store import ConfigStore
+
+    ConfigStore.instance().store(name="pretrain_base", node=OmegaConf.to_container(OmegaConf.structured(PretrainConfig)))
+
+
+_register_base()
 
 
 def validate_pretrain(cfg: DictConfig, run_dir: Optional[Path] = None) -> None:
@@ -373,3 +385,8 @@ def run_pretraining(cfg: DictConfig, run_dir: Path) -> Path:
 
 def typed_pretrain(cfg: Any) -> DictConfig:
     return typed(cfg, PretrainConfig)
+
+
+def compose_pretrain(recipe: str = "demo_teacher", overrides: Optional[List[str]] = None) -> DictConfig:
+    """The typed config ``prune pretrain RECIPE OVERRIDES...`` would run."""
+    return typed_pretrain(compose_raw(recipe, overrides, package="prune.recipes.pretrain", schema=PretrainConfig))

@@ -16,6 +16,7 @@ import contextlib
 import logging
 import random
 import shutil
+import sys
 import time
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Tuple
@@ -24,6 +25,8 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from ..calibrate import calibrate
 from ..checkpoints import export_pruned
@@ -262,10 +265,16 @@ class PruneRecipe:
         return loss, parts
 
     def train(self) -> Path:
+        tr = self.cfg.trainer
+        progress = self._progress(tr.prune_steps + tr.final_steps)
+        # with a bar on the terminal, log lines are written above it instead of through it
+        with logging_redirect_tqdm() if progress is not None else contextlib.nullcontext():
+            return self._train_steps(progress)
+
+    def _train_steps(self, progress) -> Path:
         cfg, tr = self.cfg, self.cfg.trainer
         total = tr.prune_steps + tr.final_steps
         batches = self._batches()
-        progress = self._progress(total)
         t_last = time.perf_counter()
         while self.stage != DONE:
             if self.stage == PRUNE and self.step >= tr.prune_steps:
@@ -314,6 +323,10 @@ class PruneRecipe:
             if self.step % tr.log_every == 0 or self.step == total:
                 now = time.perf_counter()
                 self._log(parts, (now - t_last) / tr.log_every)
+                if self.env.is_main:
+                    target = self.lagrangian.target_at(self.step) if self.stage == PRUNE else None
+                    log.info("%s", progress_line(self.step, total, self.stage, parts, target,
+                                                 (now - t_last) / tr.log_every))
                 t_last = now
             if progress is not None:
                 progress.update(1)
@@ -507,11 +520,7 @@ class PruneRecipe:
                         w.add_histogram(f"keep_prob/{name}", gate.keep_prob(), self.step)
 
     def _progress(self, total: int):
-        if not (self.env.is_main and self.cfg.logging.progress):
-            return None
-        from tqdm import tqdm
-
-        return tqdm(total=total, initial=self.step, desc="prune", unit="step", dynamic_ncols=True)
+        return progress_bar(total, self.step, self.env.is_main and self.cfg.logging.progress)
 
     def cleanup(self) -> None:
         if self.writer is not None:
@@ -519,6 +528,27 @@ class PruneRecipe:
         from .distributed import shutdown_distributed
 
         shutdown_distributed()
+
+
+def progress_bar(total: int, initial: int, enabled: bool, stream=None):
+    """A tqdm bar, on a terminal only: written to a file or pipe its redraws flood the log (the
+    loop logs a ``progress_line`` every trainer.log_every steps either way)."""
+    stream = sys.stderr if stream is None else stream
+    if not (enabled and stream.isatty()):
+        return None
+    return tqdm(total=total, initial=initial, desc="prune", unit="step", dynamic_ncols=True, file=stream)
+
+
+def progress_line(step: int, total: int, stage: str, parts: Dict[str, Tensor], target: Optional[float],
+                  seconds_per_step: float) -> str:
+    """``step 120/2000 (prune)  loss -1.2345  expected sparsity 0.412 (target 0.300)  0.52 s/step``:
+    ``parts`` are the step's loss terms, ``target`` the warmed-up target sparsity while pruning."""
+    line = f"step {step}/{total} ({stage})  loss {float(parts['distill']):.4f}"
+    if "expected_sparsity" in parts:
+        line += f"  expected sparsity {float(parts['expected_sparsity']):.3f}"
+        if target is not None:
+            line += f" (target {target:.3f})"
+    return f"{line}  {seconds_per_step:.2f} s/step"
 
 
 def _diff(a: Any, b: Any, ignore: Tuple[str, ...], prefix: str = "") -> List[str]:
