@@ -34,3 +34,109 @@ def test_demo_command_runs_on_a_tiny_preset(tmp_path):
                          capture_output=True, text=True, timeout=60)
     assert bad.returncode != 0 and "unknown --preset 'hubert_bsae'" in bad.stderr
     assert "Traceback" not in bad.stderr
+
+
+# ------------------------------------------------------------------ the command-line section
+# Every `prune` command in the README, run in README order from a temporary directory with the
+# installed console script, as a user types it. What is added is only what makes it cheap (a few
+# steps, short crops, a smaller probe corpus) or stands for the user's own files (/path/to/...).
+FAST = ["trainer.prune_steps=4", "trainer.final_steps=2", "pruning.warmup_steps=1", "optim.warmup_steps=1",
+        "trainer.log_every=1", "data.batch_size=2", "data.max_samples=8000", "trainer.latency_seconds=0.1",
+        "trainer.threads=1", "logging.tensorboard=false"]
+STOPPED_RUN = "outputs/tiny_demo/2026-11-25_13-30-00"  # the README's resume example, made here by a killed run
+# README commands that need the user's own checkpoints or stand for a pattern ("...", RUN, OUT)
+PLACEHOLDERS = {
+    "prune train tiny_demo ... hydra.run.dir=RUN",
+    "prune export RUN/checkpoints/step_00000500.pt OUT",
+    "prune inspect checkpoints/wavlm-base-plus",
+    "prune inspect checkpoints/hubert_base_ls960.pt",
+    "prune inspect outputs/my_export",
+}
+
+
+def _readme_commands():
+    """(command, section) for every line starting with `prune ` in the README's bash blocks."""
+    commands = []
+    for block in re.findall(r"```bash\n(.*?)```", README.read_text(), flags=re.S):
+        for line in block.splitlines():
+            command = line.split("  #", 1)[0].strip()
+            if command.startswith("prune "):
+                commands.append(command)
+    return commands
+
+
+def _runs(probe_corpus: Path):
+    """README command -> (words to add, expected exit status, environment)."""
+    repo = README.parent
+    train = FAST
+    return {
+        "prune train": ([], 2, {}),
+        "prune train tiny_demo --help": ([], 0, {}),
+        "prune train demo hydra.run.dir=outputs/demo": ([*train, f"probe.corpus={probe_corpus}", "probe.steps=2"], 0,
+                                                        {}),
+        "prune train tiny_demo pruning.target=0.6 trainer.prune_steps=3000": (
+            [*train, "trainer.ckpt_every=1", "trainer.keep_last=10", f"hydra.run.dir={STOPPED_RUN}"], -9,
+            {"PRUNE_FAULT": "mid_step:3"}),  # killed at step 3
+        "prune train tiny_demo --multirun pruning.target=0.5,0.75": (train, 0, {}),
+        "prune train tiny_demo pruning.target_kind=macs pruning.target=0.6": (
+            [*train, "hydra.run.dir=outputs/tiny_demo_macs"], 0, {}),
+        f"prune resume {STOPPED_RUN}": ([], 0, {}),
+        "prune export outputs/.../checkpoints/step_00000500.pt outputs/step500": ([], 0, {}),
+        "prune manifest /path/to/audio data/my_corpus": ([], 0, {}),
+        ("prune train default teacher.checkpoint=/path/to/hubert data.train_manifest=data/my_corpus/train.tsv "
+         "data.valid_manifest=data/my_corpus/valid.tsv"): (
+            [*train, "distill.layers=[[0],[2,4]]", "hydra.run.dir=outputs/mine"], 0, {}),  # a 4-layer teacher
+        "prune inspect outputs/demo/export": ([], 0, {}),
+        "prune evaluate outputs/demo/export --manifest data/my_corpus/valid.tsv": (["--max-samples", "8000"], 0, {}),
+        "prune evaluate outputs/demo/export --probe data/demo_corpus --probe-floor": (["--probe-steps", "2"], 0, {}),
+        "prune preview --preset wavlm_base_plus --sparsity 0.5": (["--preset", "wavlm_base_plus_tiny"], 0, {}),
+        "prune pretrain demo_teacher hydra.run.dir=outputs/demo_teacher": (
+            ["trainer.steps=2", "targets.kmeans_iters=2", "trainer.valid_every=0", "trainer.threads=1",
+             "data.max_samples=8000", f"data.train_manifest={probe_corpus / 'train.tsv'}",
+             f"data.valid_manifest={probe_corpus / 'valid.tsv'}", f"probe.corpus={probe_corpus}", "probe.steps=2"],
+            0, {}),
+    }, {"/path/to/audio": str(repo / "data" / "demo_corpus" / "audio"),  # the user's own files
+        "/path/to/hubert": str(repo / "data" / "demo_teacher"),
+        "--probe data/demo_corpus": f"--probe {probe_corpus}",
+        "outputs/.../checkpoints/step_00000500.pt": f"{STOPPED_RUN}/checkpoints/step_00000002.pt"}
+
+
+def test_readme_commands_work_from_another_directory(tmp_path):
+    """15 processes, each importing torch (~4 s) and most training a few steps: ~125 s of CPU."""
+    import os
+
+    from helpers_train import demo_corpus_split
+
+    probe_corpus = demo_corpus_split(tmp_path / "probe_corpus", n_train=8)
+    runs, substitutions = _runs(probe_corpus)
+    readme = _readme_commands()
+    unknown = [c for c in readme if c not in runs and c not in PLACEHOLDERS]
+    assert not unknown, f"README commands this test does not run: {unknown}"
+    assert not [c for c in runs if c not in readme], "commands no longer in the README"
+    user = tmp_path / "user"
+    user.mkdir()
+    prune = Path(sys.executable).parent / "prune"  # the console script
+    outputs = {}
+    for command in dict.fromkeys(c for c in readme if c in runs):  # README order, each once
+        extra, status, env = runs[command]
+        typed = command
+        for placeholder, value in substitutions.items():
+            typed = typed.replace(placeholder, value)
+        result = subprocess.run([str(prune), *typed.split()[1:], *extra], cwd=user, capture_output=True, text=True,
+                                timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1", **env})
+        assert result.returncode == status, f"{command}\n{result.stdout[-2000:]}\n{result.stderr[-3000:]}"
+        assert "Traceback" not in result.stderr, f"{command}\n{result.stderr[-3000:]}"
+        outputs[command] = result
+    assert not (user / "data" / "demo_corpus").exists()  # the demo found its data without it here
+    assert "tiny_demo" in outputs["prune train"].stderr and "pruning.target = 0.5" in \
+        outputs["prune train tiny_demo --help"].stdout
+    demo = outputs["prune train demo hydra.run.dir=outputs/demo"]
+    assert (user / "outputs" / "demo" / "export" / "model.safetensors").is_file()
+    assert "phone error rate (probe)" in demo.stdout
+    # no progress bar off a terminal: a log line every trainer.log_every steps instead
+    assert "\r" not in demo.stderr and "step 3/6 (prune)  loss" in demo.stdout + demo.stderr
+    sweeps = list((user / "multirun" / "tiny_demo").glob("*/summary.txt"))
+    assert len(sweeps) == 1 and (sweeps[0].parent / "pruning.target=0.75" / "export").is_dir()
+    assert (user / STOPPED_RUN / "export").is_dir() and (user / "outputs" / "step500" / "config.json").is_file()
+    assert (user / "data" / "my_corpus" / "valid.tsv").is_file() and (user / "outputs" / "mine" / "export").is_dir()
+    assert (user / "outputs" / "demo_teacher" / "export").is_dir() and (user / "outputs" / "preview").is_dir()

@@ -63,6 +63,7 @@ def test_typos_and_wrong_types_name_the_key(override, message):
     ("optim.weight_decay=-0.1", "optim.weight_decay"),
     ("optim.betas=[0.9,1.5]", "optim.betas: must be two numbers in \\[0, 1\\)"),
     ("optim.betas=[0.9]", "optim.betas"),
+    ("optim.betas=[[],[]]", "optim.betas: must be two numbers"),  # was a TypeError (found by the fuzz test)
     ("optim.warmup_steps=-5", "optim.warmup_steps: must be >= 0"),
     ("pruning.warmup_steps=-1", "pruning.warmup_steps: must be >= 0"),
     ("optim.clip_grad_norm=0", "optim.clip_grad_norm"),

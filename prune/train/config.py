@@ -228,7 +228,7 @@ def check_optim(o: DictConfig, lrs: Tuple[str, ...]) -> None:
     for key in (*lrs, "weight_decay"):
         if not (math.isfinite(o[key]) and o[key] >= 0):
             raise ConfigError(f"optim.{key}: must be a finite number >= 0, got {o[key]}")
-    if len(o.betas) != 2 or not all(0.0 <= b < 1.0 for b in o.betas):
+    if len(o.betas) != 2 or not all(isinstance(b, (int, float)) and 0.0 <= b < 1.0 for b in o.betas):
         raise ConfigError(f"optim.betas: must be two numbers in [0, 1), got {list(o.betas)}")
     if o.warmup_steps < 0:
         raise ConfigError(f"optim.warmup_steps: must be >= 0, got {o.warmup_steps}")
