@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import List, Optional, Tuple
@@ -31,19 +32,31 @@ def _fail(command: str, error: BaseException) -> "SystemExit":
 
 
 # ------------------------------------------------------------------------------------ train
-def run_training(cfg, run_dir: Path) -> Path:
-    """Validate, then run the recipe in ``run_dir`` (resuming if it holds checkpoints)."""
-    from .train.config import prepare_run_dir, validate
+def run_training(cfg, run_dir: Path, command: str = "train") -> Path:
+    """Validate, then run the recipe in ``run_dir`` (resuming if it holds checkpoints). The run
+    directory is locked for this process; a start that fails leaves it as it was. Ctrl-C: one
+    line (where it stopped, how to go on) and exit status 130."""
+    from .train.config import absolute_paths, validate
     from .train.recipe import PruneRecipe
+    from .train.rundir import claim_run_dir, is_rank_zero
 
-    validate(cfg, run_dir)
-    prepare_run_dir(cfg, run_dir)
-    recipe = PruneRecipe(cfg, run_dir)
+    cfg = absolute_paths(cfg)
+    recipe = run = None
     try:
-        recipe.setup()
-        export = recipe.train()
-    finally:
-        recipe.cleanup()
+        with claim_run_dir(run_dir, main=is_rank_zero()) as run:
+            validate(cfg, run_dir)
+            run.lock()
+            recipe = PruneRecipe(cfg, run_dir)
+            try:
+                recipe.setup()
+                run.started(cfg)
+                export = recipe.train()
+            finally:
+                recipe.cleanup()
+    except KeyboardInterrupt:
+        if is_rank_zero():
+            print(_stopped(command, run_dir, recipe if run is not None and run.is_started else None), file=sys.stderr)
+        raise SystemExit(130) from None
     if recipe.env.is_main:
         report = (run_dir / "report.txt").read_text() if (run_dir / "report.txt").exists() else ""
         print(report)
@@ -52,6 +65,19 @@ def run_training(cfg, run_dir: Path) -> Path:
         print(f"tensorboard : tensorboard --logdir {run_dir / 'tensorboard'}")
         print(f"checkpoints : {run_dir / 'checkpoints'}   (prune resume {run_dir})")
     return export
+
+
+def _stopped(command: str, run_dir: Path, recipe) -> str:
+    """The one line a Ctrl-C prints: where the run stopped and how to continue it."""
+    from .train.checkpoint import checkpoint_files
+
+    if recipe is None:
+        return f"prune {command}: interrupted before training started; {run_dir} is as it was"
+    saved = checkpoint_files(recipe.ckpt_dir)
+    last = str(saved[0][1]) if saved else "none yet (a resume starts from step 0)"
+    return f"prune {command}: stopped at step {recipe.step}; last checkpoint: {last}; " \
+           f"continue with: prune resume {run_dir}"
+
 
 
 # Hydra's flags that take a value (``--cfg job``): not overrides, and not a recipe name
@@ -221,57 +247,76 @@ def pretrain(argv: List[str]) -> None:
 
 
 def resume(args: argparse.Namespace) -> int:
+    """Continue the run in RUN_DIR with its recorded config; ``KEY=PATH`` gives a moved file's new
+    place (path keys only). A finished run is left alone."""
     from omegaconf import OmegaConf
 
-    from .train.config import typed
+    from .train.config import PATH_KEYS, ConfigError, typed
+    from .train.recipe import finished_export
 
     run_dir = Path(args.run_dir)
     config_file = run_dir / "config.yaml"
     if not config_file.is_file():
         raise ValueError(f"{run_dir} is not a run directory (no config.yaml)")
+    export = finished_export(run_dir)
+    if export is not None:
+        print(f"{run_dir} is finished (export at {export}); nothing to resume")
+        return 0
+    cfg = _moved(typed(OmegaConf.load(config_file)), args.paths)
     _console_logging(run_dir)
-    run_training(typed(OmegaConf.load(config_file)), run_dir)
+    try:
+        run_training(cfg, run_dir, "resume")
+    except ConfigError as e:
+        key = str(e).split(":", 1)[0]
+        if key in PATH_KEYS:  # a file the run was made with is gone: say how to point to its new place
+            raise ConfigError(f"{e}; if it moved, give its new place: prune resume {run_dir} {key}=NEW_PATH") from None
+        raise
     return 0
 
 
+def _moved(cfg, paths: List[str]):
+    """``cfg`` with the ``KEY=PATH`` items of ``prune resume`` applied; only path keys may change."""
+    from omegaconf import OmegaConf
+
+    from .train.config import PATH_KEYS, ConfigError, typed
+
+    plain = OmegaConf.to_container(cfg, resolve=True)
+    for item in paths:
+        key, sep, value = item.partition("=")
+        if not sep or key not in PATH_KEYS or not value:
+            raise ConfigError(f"{item}: a resume continues the recorded config and takes only the new place of a "
+                              f"moved file ({', '.join(k + '=PATH' for k in PATH_KEYS)}); to change anything "
+                              f"else, start a new run directory")
+        section, name = key.split(".")
+        plain[section][name] = value
+    return typed(plain)
+
+
 def _console_logging(run_dir: Path) -> None:
+    # delay: the log file opens at its first line (a resume that fails before starting leaves none)
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s",
-                        handlers=[logging.StreamHandler(), logging.FileHandler(run_dir / "resume.log")])
+                        handlers=[logging.StreamHandler(), logging.FileHandler(run_dir / "resume.log", delay=True)])
 
 
 # ------------------------------------------------------------------------------- utilities
 def export(args: argparse.Namespace) -> int:
     """Export the student held by a training checkpoint (cut first if it is still gated)."""
-    from .checkpoints import export_pruned
+    from .checkpoints import check_export_path, export_pruned
     from .compile import compile_encoder
-    from .models import EncoderConfig, build_encoder
-    from .structures import GateConfig, GatedEncoder
+    from .structures import GatedEncoder
     from .train.checkpoint import load_checkpoint
-    from .train.recipe import PRUNE, load_teacher
-    from .train.config import typed
+    from .train.student import student_from_checkpoint
 
+    check_export_path(args.out, args.overwrite, flag="--overwrite")  # before any loading
     state = load_checkpoint(Path(args.checkpoint))
-    cfg = typed(state["config"])
-    if state["stage"] == PRUNE:
-        teacher = load_teacher(cfg.teacher)
-        source = teacher.config
-        gated = GatedEncoder(build_encoder(source.replace(encoder_layer_drop=cfg.distill.student_layer_drop)),
-                             GateConfig(**cfg.pruning.gates))
-        gated.load_state_dict(_submodule(state["student"], "encoder."))
-        model = compile_encoder(gated)
-    else:
-        model = build_encoder(EncoderConfig.from_dict(state["student_config"]))
-        model.load_state_dict(_submodule(state["student"], "encoder."))
-        source = load_teacher(cfg.teacher).config
+    model, source = student_from_checkpoint(state, Path(args.checkpoint))
+    if isinstance(model, GatedEncoder):
+        model = compile_encoder(model.eval())
     path = export_pruned(model.eval(), args.out, source=source, overwrite=args.overwrite,
                          metadata={"from_checkpoint": str(args.checkpoint), "step": state["step"],
                                    "stage": state["stage"]})
     print(f"exported step {state['step']} ({state['stage']} stage) to {path}")
     return 0
-
-
-def _submodule(state: dict, prefix: str) -> dict:
-    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
 
 
 def evaluate(args: argparse.Namespace) -> int:
@@ -304,8 +349,10 @@ def evaluate(args: argparse.Namespace) -> int:
 
 def inspect(args: argparse.Namespace) -> int:
     from .checkpoints.inspect import inspect_checkpoint
+    from .train.student import inspect_training_checkpoint, read_training_checkpoint
 
-    print(inspect_checkpoint(args.path))
+    state = read_training_checkpoint(Path(args.path))  # prune's own checkpoints/step_*.pt
+    print(inspect_checkpoint(args.path) if state is None else inspect_training_checkpoint(Path(args.path), state))
     return 0
 
 
@@ -322,7 +369,7 @@ def preview(args: argparse.Namespace) -> int:
 
     torch.manual_seed(args.seed)
     torch.set_num_threads(args.threads)
-    out = check_export_path(args.out, args.overwrite)  # fail before any compute
+    out = check_export_path(args.out, args.overwrite, flag="--overwrite")  # fail before any compute
     print(f"building {args.preset} (random weights) and gating it ...")
     gated = GatedEncoder(build_preset(args.preset))
     reached = set_random_gates(gated, args.sparsity, seed=args.seed)
@@ -384,6 +431,8 @@ def build_parser() -> argparse.ArgumentParser:
                    add_help=False)
     p = sub.add_parser("resume", help="continue a stopped run where it stopped")
     p.add_argument("run_dir", help="the run directory (holds config.yaml and checkpoints/)")
+    p.add_argument("paths", nargs="*", metavar="KEY=PATH",
+                   help="the new place of a file the run was made with that has moved, e.g. teacher.checkpoint=PATH")
     p.set_defaults(func=resume)
     p = sub.add_parser("export", help="export the student of a training checkpoint")
     p.add_argument("checkpoint", help="a training checkpoint, RUN_DIR/checkpoints/step_*.pt")
@@ -454,9 +503,14 @@ def main(argv: Optional[List[str]] = None) -> None:
         if not 0.0 <= args.sparsity < 1.0:
             raise SystemExit(f"prune preview: --sparsity must be in [0, 1), got {args.sparsity}")
     try:
-        raise SystemExit(args.func(args))
+        code = args.func(args)
+        sys.stdout.flush()  # a reader gone away (`| head`) shows here, not at exit
+    except BrokenPipeError:  # Python's recipe: stop quietly, and keep the exit-time flush quiet too
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        raise SystemExit(1) from None
     except (ValueError, OSError, ExportError, FloatingPointError) as e:  # bad input: one line, no traceback
         raise _fail(args.command, e)
+    raise SystemExit(code)
 
 
 if __name__ == "__main__":

@@ -74,7 +74,7 @@ def test_bad_files_are_skipped_counted_and_named(tmp_path):
     log = (run / "cli.log").read_text()
     assert all(str(audio / name) in log[log.rindex(f"skipped {len(bad)} files:"):] for name in bad)
 
-    # a finished run resumed (re-exported) still reports what was skipped during training
+    # a finished run resumed is left alone: its report still lists what was skipped during training
     again = prune_cli(["resume", str(run)])
     assert again.returncode == 0, again.stderr[-3000:]
     assert json.loads((run / "report.json").read_text())["skipped_files"] == skipped

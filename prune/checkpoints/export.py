@@ -44,13 +44,14 @@ def describe(config: EncoderConfig) -> Dict[str, Any]:
     }
 
 
-def check_export_path(path: PathLike, overwrite: bool = False) -> Path:
-    """Raise ``ExportError`` now if ``path`` cannot take an export (call it before spending compute)."""
+def check_export_path(path: PathLike, overwrite: bool = False, flag: str = "overwrite=True") -> Path:
+    """Raise ``ExportError`` now if ``path`` cannot take an export (call it before spending compute).
+    ``flag``: how the caller asks to replace an export (the CLI's is ``--overwrite``)."""
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise ExportError(f"cannot export to {path}: it exists and is not a folder")
     if path.exists() and any(path.iterdir()) and not overwrite:
-        raise ExportError(f"cannot export to {path}: the folder is not empty (pass overwrite=True to replace it)")
+        raise ExportError(f"cannot export to {path}: the folder is not empty (pass {flag} to replace it)")
     ancestor = path.parent
     while not ancestor.exists():  # missing parents are created at export time
         ancestor = ancestor.parent

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import os
 from itertools import groupby
-from typing import List, Optional, Sequence, Union
+from typing import Any, Dict, List, Optional, Sequence, Union
 
+from ..models import Wav2Vec2Model
 from .export import describe, read_export_info
 from .pretrained import load_pretrained
 
@@ -19,24 +20,38 @@ def inspect_checkpoint(path: Union[str, os.PathLike], trust_pickle: bool = False
     (original or pruned), as multi-line text. Loads the checkpoint, so every check of
     ``load_pretrained`` applies."""
     model, report = load_pretrained(path, trust_pickle=trust_pickle, return_report=True)
-    config = report.config
+    source = read_export_info(report.path).get("source") if report.format == "pruned" else None
+    lines = [f"checkpoint:     {path}",
+             f"format:         {FORMAT_NAMES[report.format]} ({report.detail})",
+             *structure_lines(model, source)]
+    if report.ignored:
+        lines.append("")
+        lines.append(f"ignored (not part of the encoder): {len(report.ignored)} key(s)")
+        for reason, keys in groupby(sorted(report.ignored, key=lambda k: (report.ignored[k], k)),
+                                    key=lambda k: report.ignored[k]):
+            lines.append(f"  {reason}: {', '.join(keys)}")
+    for note in report.notes:
+        lines.append(f"note: {note}")
+    return "\n".join(lines)
+
+
+def structure_lines(model: Wav2Vec2Model, source: Optional[Dict[str, Any]] = None) -> List[str]:
+    """Architecture, size and the per-layer table of ``model``; ``source``: ``describe()`` of the
+    model it was pruned from, if any."""
+    config = model.config
     info = describe(config)
     norm = "pre-norm" if config.encoder_layer_norm_first else "post-norm"
     lines = [
-        f"checkpoint:     {path}",
-        f"format:         {FORMAT_NAMES[report.format]} ({report.detail})",
         f"architecture:   {config.architecture} ({norm} transformer, {config.extractor_mode} conv extractor)",
         f"input:          {_input(config.normalize_waveform)}",
         f"parameters:     {info['params']:,} ({_si(info['params'])})",
         f"MACs:           {_si(info['macs_per_second'])} per second of 16 kHz audio",
     ]
-    if report.format == "pruned":
-        source = read_export_info(report.path).get("source")
-        if source:
-            lines.append(f"pruned from:    {source['architecture']}, {_si(source['params'])} parameters, "
-                         f"{_si(source['macs_per_second'])} MACs/s: {_share(info['params'], source['params'])} of "
-                         f"the parameters and {_share(info['macs_per_second'], source['macs_per_second'])} of the "
-                         f"MACs kept")
+    if source:
+        lines.append(f"pruned from:    {source['architecture']}, {_si(source['params'])} parameters, "
+                     f"{_si(source['macs_per_second'])} MACs/s: {_share(info['params'], source['params'])} of "
+                     f"the parameters and {_share(info['macs_per_second'], source['macs_per_second'])} of the "
+                     f"MACs kept")
     convs = config.extractor_conv_layer_config
     lines.append(f"conv extractor: {len(convs)} layers; channels {_runs([c for c, _, _ in convs])}; kernels "
                  f"{_runs([k for _, k, _ in convs])}; strides {_runs([s for _, _, s in convs])}; "
@@ -52,15 +67,7 @@ def inspect_checkpoint(path: Union[str, os.PathLike], trust_pickle: bool = False
     for i, (heads, units) in enumerate(zip(info["heads"], info["ffn_units"])):
         params = sum(p.numel() for p in model.encoder.transformer.layers[i].parameters())
         lines.append(f"{i:>5}  {_cell(heads):>5}  {_cell(units):>9}  {params:>12,}")
-    if report.ignored:
-        lines.append("")
-        lines.append(f"ignored (not part of the encoder): {len(report.ignored)} key(s)")
-        for reason, keys in groupby(sorted(report.ignored, key=lambda k: (report.ignored[k], k)),
-                                    key=lambda k: report.ignored[k]):
-            lines.append(f"  {reason}: {', '.join(keys)}")
-    for note in report.notes:
-        lines.append(f"note: {note}")
-    return "\n".join(lines)
+    return lines
 
 
 def _input(normalize_waveform: bool) -> str:

@@ -58,12 +58,20 @@ def save_checkpoint(folder: Path, step: int, state: Dict[str, Any], keep_last: i
     return path
 
 
-def load_checkpoint(path: Path, required: Tuple[str, ...] = REQUIRED, kind: str = "training") -> Dict[str, Any]:
-    """Load one checkpoint safely (no code runs on unpickling); it must hold the ``required`` keys."""
+def load_checkpoint(path: Path, required: Tuple[str, ...] = REQUIRED, kind: str = "training",
+                    mmap: bool = False) -> Dict[str, Any]:
+    """Load one checkpoint safely (no code runs on unpickling); it must hold the ``required`` keys.
+    ``mmap``: tensors are mapped from the file, not read (to look at the small entries only)."""
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as e:  # truncated zip, bad pickle, disallowed global: all mean "not usable"
         raise CheckpointError(f"{path} cannot be loaded safely: {_reason(e)}") from e
+    return check_keys(state, path, required, kind)
+
+
+def check_keys(state: Any, path: Path, required: Tuple[str, ...] = REQUIRED, kind: str = "training"
+               ) -> Dict[str, Any]:
+    """``state`` if it is a dict holding the ``required`` keys, else CheckpointError."""
     if not isinstance(state, dict):
         raise CheckpointError(f"{path} is not a prune {kind} checkpoint (a {type(state).__name__}, not a dict)")
     missing = [key for key in required if key not in state]
@@ -85,14 +93,14 @@ def _reason(error: Exception) -> str:
     return f"{type(error).__name__}: {lines[0] if lines else 'no detail'}"
 
 
-def load_latest(folder: Path, required: Tuple[str, ...] = REQUIRED, kind: str = "training"
-                ) -> Optional[Dict[str, Any]]:
+def load_latest(folder: Path, required: Tuple[str, ...] = REQUIRED, kind: str = "training",
+                mmap: bool = False) -> Optional[Dict[str, Any]]:
     """The newest loadable checkpoint in ``folder`` (None if there is none at all); damaged
     ones are skipped with a warning."""
     files = checkpoint_files(folder)
     for step, path in files:
         try:
-            return load_checkpoint(path, required, kind)
+            return load_checkpoint(path, required, kind, mmap)
         except CheckpointError as e:
             log.warning("skipping damaged checkpoint: %s", e)
     if files:

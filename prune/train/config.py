@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import os
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
@@ -183,20 +184,43 @@ def _failing_key(schema: DictConfig, plain: Dict[str, Any]) -> Optional[str]:
 
 
 def check_run_dir(run_dir: Path) -> None:
-    """The run directory, or the nearest folder above it that exists, must be a writable folder."""
+    """The run directory, or the nearest folder above it that exists, must be a folder that
+    takes new folders: tried with a temporary one (root passes ``os.access`` everywhere, and
+    pseudo-filesystems such as /proc and /sys refuse ``mkdir`` whatever the permissions say)."""
     ancestor = Path(run_dir)
     while not ancestor.exists():
         ancestor = ancestor.parent
     if not ancestor.is_dir() or not os.access(ancestor, os.W_OK):
         raise ConfigError(f"run directory: {run_dir} is not writable ({ancestor} is not a writable folder)")
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".prune-write-check-", dir=ancestor))
+    except OSError as e:
+        raise ConfigError(f"run directory: {run_dir} cannot be made: {ancestor} does not take new folders "
+                          f"({e.strerror}); choose a folder on a regular disk with hydra.run.dir=PATH") from None
 
 
-def prepare_run_dir(cfg: DictConfig, run_dir: Path) -> None:
-    """Make the run directory and record the config a new run starts with (a resume keeps it)."""
-    run_dir.mkdir(parents=True, exist_ok=True)
-    config_file = run_dir / "config.yaml"
-    if not config_file.exists():
-        config_file.write_text(OmegaConf.to_yaml(cfg))
+PATH_KEYS = ("teacher.checkpoint", "data.train_manifest", "data.valid_manifest", "probe.corpus")
+
+
+def absolute_paths(cfg: DictConfig, keys: Tuple[str, ...] = PATH_KEYS) -> DictConfig:
+    """``cfg`` with every path key made absolute (against the current directory), so that the
+    config recorded in config.yaml, the checkpoints and the export works from any folder."""
+    plain = OmegaConf.to_container(cfg, resolve=True)
+    for key, value in path_values(plain, keys).items():
+        section, name = key.split(".")
+        plain[section][name] = os.path.abspath(os.path.expanduser(value))
+    return typed(plain, OmegaConf.get_type(cfg))
+
+
+def path_values(plain: Dict[str, Any], keys: Tuple[str, ...] = PATH_KEYS) -> Dict[str, str]:
+    """The set (non-null) path keys of a plain config: dotted key -> path."""
+    found = {}
+    for key in keys:
+        section, name = key.split(".")
+        value = (plain.get(section) or {}).get(name)
+        if value is not None:
+            found[key] = str(value)
+    return found
 
 
 def check_manifests(d: DictConfig) -> None:

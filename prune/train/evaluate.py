@@ -25,6 +25,10 @@ def _teacher_for(model_path: str, teacher: Optional[str]) -> Wav2Vec2Model:
         train_cfg = info["metadata"]["config"]["teacher"]
     except Exception:
         raise ValueError(f"{model_path} does not record its teacher: pass --teacher PATH") from None
+    recorded = train_cfg.get("checkpoint")
+    if recorded is not None and not Path(recorded).exists():
+        raise ValueError(f"{model_path} was distilled from {recorded} (the teacher.checkpoint recorded in its "
+                         f"config.json), which does not exist here: pass --teacher PATH")
     from omegaconf import OmegaConf
 
     from .recipe import load_teacher

@@ -11,6 +11,7 @@ makes it 7):
     between_stages  gates cut, the stage-2 checkpoint not yet written          (SIGKILL)
     during_export   weights written to the export's temp folder, not yet renamed; no STEP (SIGKILL)
     nan_loss        the loss of step STEP is multiplied by NaN                 (see ``nan_loss``)
+    stall           after step STEP and its checkpoint, if any: sleeps until interrupted or killed
 
 Unset (the normal case) every call is one dictionary lookup. The variable is read here only.
 """
@@ -19,10 +20,11 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 from typing import Optional
 
 ENV = "PRUNE_FAULT"
-POINTS = ("mid_step", "mid_checkpoint", "between_stages", "during_export", "nan_loss")
+POINTS = ("mid_step", "mid_checkpoint", "between_stages", "during_export", "nan_loss", "stall")
 
 
 def _matches(point: str, step: Optional[int]) -> bool:
@@ -54,3 +56,11 @@ def maybe_fail(point: str, step: Optional[int] = None) -> None:
 def nan_loss(step: int) -> bool:
     """Whether ``PRUNE_FAULT`` asks for the loss of ``step`` to be NaN."""
     return _matches("nan_loss", step)
+
+
+def maybe_stall(step: int) -> None:
+    """Sleep until interrupted (Ctrl-C) or killed if ``PRUNE_FAULT`` names ``stall`` at ``step``:
+    a run held at a known step, for the tests of what a second process or a Ctrl-C does."""
+    if _matches("stall", step):
+        while True:
+            time.sleep(3600)

@@ -27,12 +27,13 @@ from ..checkpoints import export_pruned
 from ..models import PRESETS, build_preset, preset_config
 from .checkpoint import load_latest, save_checkpoint
 from .config import (ConfigError, ProbeConfig, check_manifests, check_optim, check_probe, check_run_dir,
-                     compose_raw, prepare_run_dir, typed)
+                     compose_raw, typed)
 from .audio import AudioError, load_audio
 from .data import collate, format_skipped, validate_manifest
 from .faults import maybe_fail
 from .manifest import ManifestError, read_manifest
 from .masked_prediction import IGNORE, MaskedPrediction, masked_loss, span_mask
+from .rundir import claim_run_dir
 from .targets import HOP_LENGTH, ClusterTargets, mfcc_features, num_frames
 
 log = logging.getLogger(__name__)
@@ -373,14 +374,18 @@ class Pretrainer:
 
 
 def run_pretraining(cfg: DictConfig, run_dir: Path) -> Path:
-    validate_pretrain(cfg, run_dir)
-    prepare_run_dir(cfg, run_dir)
-    trainer = Pretrainer(cfg, run_dir)
-    try:
-        trainer.setup()
-        return trainer.train()
-    finally:
-        trainer.cleanup()
+    """Validate, then pre-train in ``run_dir`` (resuming from its checkpoints): locked for this
+    process, and left as it was by a start that fails (``rundir.claim_run_dir``)."""
+    with claim_run_dir(run_dir) as run:
+        validate_pretrain(cfg, run_dir)
+        run.lock()
+        trainer = Pretrainer(cfg, run_dir)
+        try:
+            trainer.setup()
+            run.started(cfg)
+            return trainer.train()
+        finally:
+            trainer.cleanup()
 
 
 def typed_pretrain(cfg: Any) -> DictConfig:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import random
 import shutil
 import sys
@@ -36,10 +37,11 @@ from ..models import Wav2Vec2Model, build_encoder, build_preset
 from ..models.config import EncoderConfig
 from ..structures import GateConfig, GatedEncoder, count_macs, count_params
 from .checkpoint import load_latest, save_checkpoint
+from .config import PATH_KEYS, path_values
 from .data import AudioDataset, LengthBucketSampler, collate, format_skipped, validate_manifest
 from .distill import DistillHeads, distill_loss, frame_mask, projection_as_layer0
 from .distributed import DistEnv, all_ranks, barrier, init_distributed
-from .faults import maybe_fail, nan_loss
+from .faults import maybe_fail, maybe_stall, nan_loss
 from .lagrangian import Lagrangian
 from .manifest import ManifestError, read_manifest
 
@@ -125,10 +127,6 @@ class PruneRecipe:
                 log.info("resumed from step %d (stage %s)", self.step, self.stage)
         else:
             torch.manual_seed(cfg.trainer.seed + 1000 * self.env.rank)  # per-rank gate noise and dropout
-        if self.env.is_main and cfg.logging.tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.writer = SummaryWriter(str(self.run_dir / "tensorboard"))
 
     def _setup_data(self) -> None:
         """Check every file up front (a manifest with nothing usable stops here, before any
@@ -266,7 +264,8 @@ class PruneRecipe:
 
     def train(self) -> Path:
         tr = self.cfg.trainer
-        progress = self._progress(tr.prune_steps + tr.final_steps)
+        # held: cleanup closes it on Ctrl-C, before the one line the CLI prints
+        self.progress = progress = self._progress(tr.prune_steps + tr.final_steps)
         # with a bar on the terminal, log lines are written above it instead of through it
         with logging_redirect_tqdm() if progress is not None else contextlib.nullcontext():
             return self._train_steps(progress)
@@ -274,6 +273,10 @@ class PruneRecipe:
     def _train_steps(self, progress) -> Path:
         cfg, tr = self.cfg, self.cfg.trainer
         total = tr.prune_steps + tr.final_steps
+        if self.env.is_main and cfg.logging.tensorboard:  # here, not in setup: a failed setup writes nothing
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(str(self.run_dir / "tensorboard"))
         batches = self._batches()
         t_last = time.perf_counter()
         while self.stage != DONE:
@@ -338,6 +341,7 @@ class PruneRecipe:
                 self._validate()
             if self.step % tr.ckpt_every == 0:
                 self.save_checkpoint()
+            maybe_stall(self.step)  # PRUNE_FAULT=stall:STEP (tests)
         if progress is not None:
             progress.close()
         if self.step % tr.ckpt_every != 0:
@@ -391,6 +395,7 @@ class PruneRecipe:
         return {
             "step": self.step, "stage": self.stage, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
             "config": OmegaConf.to_container(self.cfg, resolve=True),
+            "source_config": self.source_config.to_dict(),  # the unpruned architecture: export/inspect need no teacher
             "student_config": self.student.encoder.config.to_dict() if self.stage != PRUNE else None,
             "student": self.student.state_dict(),
             "lagrangian": self.lagrangian.state_dict(),
@@ -420,9 +425,7 @@ class PruneRecipe:
         return path
 
     def _restore(self, state: Dict[str, Any]) -> None:
-        saved = state["config"]
-        now = OmegaConf.to_container(self.cfg, resolve=True)
-        changed = _diff(saved, now, ignore=("logging", "trainer.log_every", "trainer.threads"))
+        changed = config_changes(state["config"], OmegaConf.to_container(self.cfg, resolve=True))
         if changed:
             raise ValueError(f"{self.run_dir} was started with a different config ({', '.join(changed)}); "
                              f"resume with the same config or use a new run directory")
@@ -523,6 +526,8 @@ class PruneRecipe:
         return progress_bar(total, self.step, self.env.is_main and self.cfg.logging.progress)
 
     def cleanup(self) -> None:
+        if getattr(self, "progress", None) is not None:
+            self.progress.close()
         if self.writer is not None:
             self.writer.close()
         from .distributed import shutdown_distributed
@@ -549,6 +554,43 @@ def progress_line(step: int, total: int, stage: str, parts: Dict[str, Tensor], t
         if target is not None:
             line += f" (target {target:.3f})"
     return f"{line}  {seconds_per_step:.2f} s/step"
+
+
+def finished_export(run_dir: Path) -> Optional[Path]:
+    """The export of a run that has nothing left to do (its newest checkpoint is past the last
+    step, its export and report are written), else None."""
+    run_dir = Path(run_dir)
+    export = run_dir / "export"
+    if not ((export / "config.json").is_file() and (run_dir / "report.json").is_file()):
+        return None
+    state = load_latest(run_dir / "checkpoints", mmap=True)  # the stage alone: tensors stay on disk
+    if state is None:
+        return None
+    tr = state["config"]["trainer"]
+    last = state["stage"] == DONE or (state["stage"] == FINAL and state["step"] >= tr["prune_steps"] + tr["final_steps"])
+    return export if last else None
+
+
+def config_changes(saved: Dict[str, Any], now: Dict[str, Any]) -> List[str]:
+    """The keys by which a run's config differs from the one its checkpoint was made with.
+    Logging and speed settings may change; a path key may be written another way (relative,
+    absolute, through a link) for the same file, or point to the new place of a file that moved
+    (the recorded one no longer exists: logged)."""
+    changed = _diff(saved, now, ignore=("logging", "trainer.log_every", "trainer.threads"))
+    old, new = path_values(saved), path_values(now)
+    moved = [k for k in changed if k in PATH_KEYS and k in old and k in new and not os.path.exists(old[k])]
+    for key in moved:
+        log.warning("%s: the run was made with %s, which no longer exists; going on with %s", key, old[key], new[key])
+    return [k for k in changed if k not in moved and not (k in old and k in new and _same_file(old[k], new[k]))]
+
+
+def _same_file(a: str, b: str) -> bool:
+    if os.path.abspath(a) == os.path.abspath(b):  # a recorded relative path: relative to here, as before
+        return True
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
 
 
 def _diff(a: Any, b: Any, ignore: Tuple[str, ...], prefix: str = "") -> List[str]:
