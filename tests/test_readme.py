@@ -48,6 +48,8 @@ STOPPED_RUN = "outputs/tiny_demo/2026-11-25_13-30-00"  # the README's resume exa
 PLACEHOLDERS = {
     "prune train tiny_demo ... hydra.run.dir=RUN",
     "prune export RUN/checkpoints/step_00000500.pt OUT",
+    "prune inspect RUN/checkpoints/step_00000500.pt",  # run in test_reliability_rundir.py
+    "prune resume RUN data.train_manifest=NEW_PATH",  # run in test_reliability_rundir.py
     "prune inspect checkpoints/wavlm-base-plus",
     "prune inspect checkpoints/hubert_base_ls960.pt",
     "prune inspect outputs/my_export",
