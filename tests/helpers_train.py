@@ -37,10 +37,13 @@ def prune_cli(args: List[str], cwd: Path = REPO, timeout: int = 600, env=None) -
 
 def short_run_args(train: Path, valid: Path, run_dir: Path, prune_steps: int = 30, final_steps: int = 10,
                    extra: List[str] = ()) -> List[str]:
+    """tiny_demo shortened, its warm-ups scaled to fit the steps (the config check asks for it)."""
+    lr_warmup = min(steps // 2 for steps in (prune_steps, final_steps) if steps > 0)
     return ["train", "tiny_demo", f"data.train_manifest={train}", f"data.valid_manifest={valid}",
             f"trainer.prune_steps={prune_steps}", f"trainer.final_steps={final_steps}",
-            f"pruning.warmup_steps={max(1, prune_steps // 2)}", "trainer.log_every=5", "trainer.ckpt_every=10",
-            "logging.progress=false", f"hydra.run.dir={run_dir}", *extra]
+            f"pruning.warmup_steps={max(1, prune_steps // 2)}", f"optim.warmup_steps={lr_warmup}",
+            "trainer.log_every=5", "trainer.ckpt_every=10", "logging.progress=false", f"hydra.run.dir={run_dir}",
+            *extra]
 
 
 def demo_corpus_split(folder: Path, n_train: int) -> Path:

@@ -102,7 +102,7 @@ def recipe(tmp_path, *overrides):
     train, valid = noise_corpus(tmp_path / "corpus", n_train=8, n_valid=2)
     cfg = compose("tiny_demo", [f"data.train_manifest={train}", f"data.valid_manifest={valid}",
                                 "trainer.prune_steps=4", "trainer.final_steps=0", "pruning.warmup_steps=2",
-                                "trainer.ckpt_every=1", "trainer.keep_last=10", "logging.progress=false",
+                                "optim.warmup_steps=2", "trainer.ckpt_every=1", "trainer.keep_last=10", "logging.progress=false",
                                 "logging.tensorboard=false", *overrides])
     run = tmp_path / "run"
     validate(cfg, run)

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 from helpers_train import REPO, noise_corpus
 
-from prune.train.config import ConfigError, compose, validate
+from prune.train.config import ConfigError, check_warmups, compose, validate
 
 
 @pytest.mark.parametrize("recipe", ["default", "demo", "tiny_demo", "dphubert_hubert_base", "wavlm_base_plus"])
@@ -164,3 +164,82 @@ def test_every_schema_key_can_be_overridden_in_every_recipe():
             absent = [k.name for k in schema_keys(schema) if OmegaConf.select(raw, k.name, default=KeyError) is KeyError]
             assert not absent, f"{command} {recipe}: {absent}"
     assert compose_pretrain("demo_teacher", ["masking.prob=0.5", "trainer.keep_last=4"]).masking.prob == 0.5
+
+
+@pytest.mark.parametrize("recipe", ["default", "demo", "tiny_demo", "dphubert_hubert_base", "wavlm_base_plus",
+                                    "demo_dphubert"])
+def test_every_recipe_has_warmups_that_fit_its_steps(recipe):
+    check_warmups(compose(recipe))
+
+
+@pytest.mark.parametrize("overrides,message,fixed", [
+    # the README's old example: the target would rise over 600 of 300 steps
+    (["trainer.prune_steps=300"], r"^pruning\.warmup_steps=600 is too long for trainer\.prune_steps=300: the size "
+     r"target would only rise to 50% .*use pruning\.warmup_steps<=200 or trainer\.prune_steps>=900$",
+     ["pruning.warmup_steps=200"]),
+    (["pruning.warmup_steps=1400"], r"only 100 steps would be at the full target.*pruning\.warmup_steps<=1000",
+     ["pruning.warmup_steps=1000"]),
+    (["optim.warmup_steps=800"], r"^optim\.warmup_steps=800 is more than half of trainer\.prune_steps=1500.*"
+     r"optim\.warmup_steps<=750", ["optim.warmup_steps=750", "optim.final_warmup_steps=150"]),
+    (["trainer.final_steps=30"], r"^optim\.warmup_steps=20 \(optim\.final_warmup_steps=null takes it\) is more than "
+     r"half of trainer\.final_steps=30.*optim\.final_warmup_steps<=15", ["optim.final_warmup_steps=15"]),
+    (["optim.final_warmup_steps=200"], r"^optim\.final_warmup_steps=200 is more than half of trainer\.final_steps=300",
+     ["optim.final_warmup_steps=150"]),
+])
+def test_warmups_longer_than_the_steps_fail_before_compute(tmp_path, overrides, message, fixed):
+    train, valid = noise_corpus(tmp_path)
+    base = [f"data.train_manifest={train}", f"data.valid_manifest={valid}", *overrides]
+    with pytest.raises(ConfigError, match=message):
+        validate(compose("tiny_demo", base), tmp_path / "run")
+    validate(compose("tiny_demo", [*base, *fixed]), tmp_path / "run")  # the values the message suggests work
+
+
+def test_the_default_warmups_on_a_short_run_are_named_in_one_line(tmp_path):
+    train, valid = noise_corpus(tmp_path)
+    cfg = compose("default", [f"data.train_manifest={train}", f"data.valid_manifest={valid}",
+                              "teacher.preset=hubert_base_tiny", "distill.layers=[[0],[1,2]]",
+                              "trainer.prune_steps=300", "trainer.final_steps=0"])
+    with pytest.raises(ConfigError) as error:
+        validate(cfg)
+    assert "\n" not in str(error.value)
+    assert "pruning.warmup_steps=5000 is too long for trainer.prune_steps=300" in str(error.value)
+    assert "optim.warmup_steps=1000 is more than half of trainer.prune_steps=300" in str(error.value)
+    # a stage without steps has no warm-up to fit
+    validate(compose("default", [f"data.train_manifest={train}", f"data.valid_manifest={valid}",
+                                 "teacher.preset=hubert_base_tiny", "distill.layers=[[0],[1,2]]",
+                                 "trainer.prune_steps=0", "trainer.final_steps=0"]))
+
+
+@pytest.mark.parametrize("teacher", ["preset", "checkpoint"])
+def test_a_negative_distill_layer_is_rejected(tmp_path, teacher):
+    train, valid = noise_corpus(tmp_path)
+    # a checkpoint teacher's depth is known only once loaded: the sign is checked before that
+    source = [f"teacher.checkpoint={tmp_path}"] if teacher == "checkpoint" else []
+    cfg = compose("tiny_demo", [f"data.train_manifest={train}", f"data.valid_manifest={valid}", *source,
+                                "distill.layers=[[0],[-1]]"])
+    with pytest.raises(ConfigError, match=r"^distill\.layers: \[\[0\], \[-1\]\] has the negative layer -1; "
+                                          r"give hidden-state indices from 0"):
+        validate(cfg)
+
+
+@pytest.mark.parametrize("target,message", [
+    ("0.5", r"^pruning\.target: with pruning\.target_kind=param_count it is the number of parameters to keep, a "
+            r"whole number such as 23585946, got 0\.5 \(for a fraction removed use pruning\.target_kind=params\)$"),
+    ("12000.5", "a whole number"),
+    ("0", "a whole number"),
+    ("24080", r"pruning\.target: 24080 parameters to keep is not below the teacher's 24,080"),
+])
+def test_a_param_count_target_asks_for_a_whole_number(tmp_path, target, message):
+    train, valid = noise_corpus(tmp_path)
+    base = [f"data.train_manifest={train}", f"data.valid_manifest={valid}", "pruning.target_kind=param_count"]
+    with pytest.raises(ConfigError, match=message):
+        validate(compose("tiny_demo", [*base, f"pruning.target={target}"]))
+    validate(compose("tiny_demo", [*base, "pruning.target=12000"]))
+
+
+def test_max_cut_shift_is_checked(tmp_path):
+    train, valid = noise_corpus(tmp_path)
+    base = [f"data.train_manifest={train}", f"data.valid_manifest={valid}"]
+    assert compose("tiny_demo").pruning.max_cut_shift == 0.05
+    with pytest.raises(ConfigError, match=r"pruning\.max_cut_shift: must be in \[pruning\.tolerance=0\.005, 1\]"):
+        validate(compose("tiny_demo", [*base, "pruning.max_cut_shift=0.001"]))

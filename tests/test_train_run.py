@@ -26,7 +26,8 @@ def _target_params(sparsity=0.5):
 def test_demo_recipe_shortened_end_to_end(tmp_path):
     run = tmp_path / "run"
     result = prune_cli(["train", "tiny_demo", "trainer.prune_steps=40", "trainer.final_steps=10",
-                        "pruning.warmup_steps=20", "logging.progress=false", f"hydra.run.dir={run}"])
+                        "pruning.warmup_steps=20", "optim.warmup_steps=5", "logging.progress=false",
+                        f"hydra.run.dir={run}"])
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"export      : {run / 'export'}" in result.stdout
     layers, params = load_with_torch_only(run / "export").split()
@@ -46,7 +47,7 @@ def test_demo_recipe_report_has_the_probe_table(tmp_path):
     and phone error rate for the teacher, the pruned model and a random-init floor."""
     run, corpus = tmp_path / "run", demo_corpus_split(tmp_path / "corpus", n_train=24)
     result = prune_cli(["train", "demo", "trainer.prune_steps=30", "trainer.final_steps=10",
-                        "pruning.warmup_steps=15", f"probe.corpus={corpus}", "probe.steps=30",
+                        "pruning.warmup_steps=15", "optim.warmup_steps=5", f"probe.corpus={corpus}", "probe.steps=30",
                         "logging.progress=false", f"hydra.run.dir={run}"])
     assert result.returncode == 0, result.stderr[-3000:]
     text = (run / "report.txt").read_text()

@@ -14,7 +14,7 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from ..models import PRESETS, preset_config
-from ..structures import GateConfig
+from ..structures import GateConfig, count_params
 from .distill import COS_TYPES, LAYER0, MODES, REDUCTIONS
 from .lagrangian import TARGET_KINDS
 
@@ -76,6 +76,7 @@ class PruningConfig:
     warmup_steps: int = 5000  # the target rises linearly from 0
     macs_seconds: float = 1.0  # utterance length the MACs target is measured on
     tolerance: float = 0.005  # the exported size must land within this fraction of the target size
+    max_cut_shift: float = 0.05  # a cut that moves the size more than this fraction of the target: training missed it
     calibrate: bool = True  # shift the gates' thresholds at the cut until the size is within tolerance
     skip_closed: bool = True  # compute only the units whose gate sample is nonzero (same result, less work)
     skip_min_closed: float = 0.3  # ... in groups with at least this fraction closed (gathering costs too)
@@ -260,6 +261,52 @@ def check_optim(o: DictConfig, lrs: Tuple[str, ...]) -> None:
         raise ConfigError(f"optim.clip_grad_norm: must be a positive number or null, got {o.clip_grad_norm}")
 
 
+def check_param_count(target: float, full: Optional[int]) -> None:
+    """``pruning.target`` with ``target_kind=param_count``: a whole number of parameters to keep,
+    below the teacher's ``full`` count (None: not known before the checkpoint is loaded)."""
+    if not (math.isfinite(target) and target >= 1 and float(target).is_integer()):
+        raise ConfigError(f"pruning.target: with pruning.target_kind=param_count it is the number of parameters to "
+                          f"keep, a whole number such as 23585946, got {target} (for a fraction removed use "
+                          f"pruning.target_kind=params)")
+    if full is not None and target >= full:
+        raise ConfigError(f"pruning.target: {int(target)} parameters to keep is not below the teacher's {full:,}")
+
+
+# The Lagrangian raises the size target over pruning.warmup_steps and needs about a third of the
+# pruning stage at the full target to settle on it; otherwise the cut, not the training, sets the
+# size (a short run with the default 5000-step warm-up kept 1 head per layer). An lr warm-up longer
+# than half its stage leaves the schedule mostly warming up.
+PRUNE_WARMUP_FRACTION = 2 / 3  # of trainer.prune_steps
+LR_WARMUP_FRACTION = 1 / 2  # of the stage's steps
+
+
+def check_warmups(cfg: DictConfig) -> None:
+    """The warm-ups fit the steps of each stage that has steps: pruning.warmup_steps leaves a third
+    of trainer.prune_steps at the full target, each lr warm-up takes at most half of its stage.
+    Every mismatch goes into the one error, so one fix of the command line is enough."""
+    p, o, tr = cfg.pruning, cfg.optim, cfg.trainer
+    problems: List[str] = []
+    n, w = tr.prune_steps, p.warmup_steps
+    if n > 0 and w > n * PRUNE_WARMUP_FRACTION:
+        reach = (f"the size target would only rise to {n / w:.0%} of its final value" if w > n
+                 else f"only {n - w} steps would be at the full target")
+        problems.append(f"pruning.warmup_steps={w} is too long for trainer.prune_steps={n}: {reach}, and the cut "
+                        f"would have to make up the rest; use pruning.warmup_steps<={int(n * PRUNE_WARMUP_FRACTION)}"
+                        f" or trainer.prune_steps>={math.ceil(w / PRUNE_WARMUP_FRACTION)}")
+    if n > 0 and o.warmup_steps > n * LR_WARMUP_FRACTION:
+        problems.append(f"optim.warmup_steps={o.warmup_steps} is more than half of trainer.prune_steps={n}: the lr "
+                        f"would spend the pruning stage warming up; use optim.warmup_steps<={n // 2}")
+    m, own = tr.final_steps, o.get("final_warmup_steps")
+    final_warmup = o.warmup_steps if own is None else own
+    if m > 0 and final_warmup > m * LR_WARMUP_FRACTION:
+        which = (f"optim.final_warmup_steps={own}" if own is not None else
+                 f"optim.warmup_steps={final_warmup} (optim.final_warmup_steps=null takes it)")
+        problems.append(f"{which} is more than half of trainer.final_steps={m}: the final stage's lr would spend "
+                        f"it warming up; use optim.final_warmup_steps<={m // 2}")
+    if problems:
+        raise ConfigError("; ".join(problems))
+
+
 def validate(cfg: DictConfig, run_dir: Optional[Path] = None) -> None:
     """Checks that need no compute: ranges, names, paths."""
     t, p, d, o, tr = cfg.teacher, cfg.pruning, cfg.data, cfg.optim, cfg.trainer
@@ -282,12 +329,16 @@ def validate(cfg: DictConfig, run_dir: Optional[Path] = None) -> None:
         raise ConfigError(f"pruning.target_kind: must be one of {TARGET_KINDS}, got {p.target_kind!r}")
     if p.target_kind in ("params", "macs") and not 0.0 < p.target < 1.0:
         raise ConfigError(f"pruning.target: a sparsity must be in (0, 1), got {p.target}")
-    if p.target_kind == "param_count" and p.target < 1:
-        raise ConfigError(f"pruning.target: a parameter count must be positive, got {p.target}")
+    if p.target_kind == "param_count":
+        check_param_count(p.target, count_params(preset_config(t.preset, **t.overrides))
+                          if t.checkpoint is None else None)
     if not 0.0 <= p.skip_min_closed <= 1.0:
         raise ConfigError(f"pruning.skip_min_closed: must be in [0, 1], got {p.skip_min_closed}")
     if not 0.0 < p.tolerance < 0.5:
         raise ConfigError(f"pruning.tolerance: must be in (0, 0.5), got {p.tolerance}")
+    if not (math.isfinite(p.max_cut_shift) and p.tolerance <= p.max_cut_shift <= 1.0):
+        raise ConfigError(f"pruning.max_cut_shift: must be in [pruning.tolerance={p.tolerance}, 1], "
+                          f"got {p.max_cut_shift}")
     check_manifests(d)
     if d.max_samples < d.min_samples:
         raise ConfigError(f"data.max_samples: {d.max_samples} is below data.min_samples ({d.min_samples})")
@@ -296,6 +347,10 @@ def validate(cfg: DictConfig, run_dir: Optional[Path] = None) -> None:
     layers = [layer for group in cfg.distill.layers for layer in group]
     if not layers:
         raise ConfigError("distill.layers: no layer to distill")
+    if min(layers) < 0:  # hiddens[-1] would silently mean the last layer
+        raise ConfigError(f"distill.layers: {list(map(list, cfg.distill.layers))} has the negative layer "
+                          f"{min(layers)}; give hidden-state indices from 0 (before the first transformer layer) "
+                          f"to the teacher's number of layers (the last one), not counted from the end")
     if num_layers is not None and not all(0 <= layer <= num_layers for layer in layers):
         raise ConfigError(f"distill.layers: {list(map(list, cfg.distill.layers))} must lie in [0, {num_layers}] "
                           f"for a {num_layers}-layer teacher")
@@ -336,6 +391,7 @@ def validate(cfg: DictConfig, run_dir: Optional[Path] = None) -> None:
     for key in ("grad_accum", "ckpt_every", "keep_last", "log_every", "max_nonfinite"):
         if tr[key] < 1:
             raise ConfigError(f"trainer.{key}: must be >= 1, got {tr[key]}")
+    check_warmups(cfg)
     check_probe(cfg.probe)
     if run_dir is not None:
         check_run_dir(run_dir)
