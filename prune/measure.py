@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import statistics
 import time
+from typing import Callable, Dict, List, Sequence
 
 import torch
 from torch import nn
@@ -39,13 +41,34 @@ def measured_macs(model: nn.Module, seconds: float = 1.0) -> int:
     return counter.get_total_flops() // 2
 
 
+def interleaved(fns: Dict[str, Callable[[], object]], repeats: int, warmup: int = 1) -> Dict[str, List[float]]:
+    """Seconds of each call, ``repeats`` times round-robin after ``warmup`` calls each, so drift
+    and other load on the machine hit every function alike."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times: Dict[str, List[float]] = {k: [] for k in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    return times
+
+
+def fastest(times: Sequence[float]) -> float:
+    """The figure a timing is reported by: the fastest repeat. On a shared machine noise only ever
+    adds time, so the minimum is the least disturbed measurement (as timeit)."""
+    return min(times)
+
+
+def spread(times: Sequence[float]) -> str:
+    """The median and the max above the fastest, in percent ("+3/+12%"): how noisy the repeats were."""
+    m = min(times)
+    return f"+{(statistics.median(times) - m) / m * 100:.0f}/+{(max(times) - m) / m * 100:.0f}%"
+
+
 @torch.no_grad()
 def latency(model: nn.Module, *inputs: torch.Tensor, repeats: int = 5) -> float:
     """Median seconds of ``model(*inputs)`` after one warm-up call."""
-    model(*inputs)
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        model(*inputs)
-        times.append(time.perf_counter() - t0)
-    return sorted(times)[len(times) // 2]
+    return statistics.median(interleaved({"model": lambda: model(*inputs)}, repeats)["model"])

@@ -24,17 +24,17 @@ from __future__ import annotations
 import argparse
 import json
 import resource
-import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Callable, Dict, List
+from typing import Dict
 
 import torch
 
 import prune
 from prune.calibrate import calibrate
+from prune.measure import fastest, interleaved, spread
 from prune.models import build_preset
 from prune.seeded import set_random_gates
 from prune.structures import GatedEncoder, count_macs
@@ -43,32 +43,6 @@ from prune.train.report import format_table
 
 PRESET = "hubert_base"
 SPARSITIES = (0.5, 0.75, 0.9)
-
-
-def interleaved(fns: Dict[str, Callable[[], None]], repeats: int, warmup: int = 1) -> Dict[str, List[float]]:
-    """Time each function ``repeats`` times, round-robin, so drift hits all alike."""
-    for fn in fns.values():
-        for _ in range(warmup):
-            fn()
-    times: Dict[str, List[float]] = {k: [] for k in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            t0 = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - t0)
-    return times
-
-
-def med(xs: List[float]) -> float:
-    """The figure every ratio is built from: the fastest of the repeats. On a shared machine the
-    noise only ever adds time, so the minimum is the least disturbed measurement (as timeit)."""
-    return min(xs)
-
-
-def spread(xs: List[float]) -> str:
-    """median and max above the minimum, in percent: how noisy the repeats were."""
-    m = min(xs)
-    return f"+{(statistics.median(xs) - m) / m * 100:.0f}/+{(max(xs) - m) / m * 100:.0f}%"
 
 
 # ----------------------------------------------------------------------------------- 1 and 4
@@ -98,15 +72,15 @@ def inference(args) -> Dict:
         fns = {k: (lambda m=m: m(x)) for k, m in models.items()}
         with torch.no_grad():
             times = interleaved(fns, args.repeats)
-        base = med(times["unpruned"])
+        base = fastest(times["unpruned"])
         for name, m in models.items():
             mac_ratio = count_macs(full.config, args.seconds) / count_macs(m.config, args.seconds)
-            speedup = base / med(times[name])
+            speedup = base / fastest(times[name])
             results.append({"model": name, "batch": batch, "params": prune.num_params(m),
-                            "gmacs_per_s": count_macs(m.config, 1.0) / 1e9, "latency_s": med(times[name]),
+                            "gmacs_per_s": count_macs(m.config, 1.0) / 1e9, "latency_s": fastest(times[name]),
                             "spread": spread(times[name]), "speedup": speedup, "mac_reduction": mac_ratio})
             rows.append([name, str(batch), f"{prune.num_params(m) / 1e6:.2f} M", f"{count_macs(m.config) / 1e9:.2f}",
-                         f"{med(times[name]):.3f} s", spread(times[name]), f"{speedup:.2f}x", f"{mac_ratio:.2f}x",
+                         f"{fastest(times[name]):.3f} s", spread(times[name]), f"{speedup:.2f}x", f"{mac_ratio:.2f}x",
                          f"{speedup / mac_ratio:.2f}"])
     print(f"\n1. Inference, {PRESET}, {args.seconds:g} s of audio, {torch.get_num_threads()} threads, "
           f"best of {args.repeats}")
@@ -146,8 +120,8 @@ def target_kinds(args, full) -> Dict:
     rows, results = [], []
     for kind, m in out.items():
         r = {"target": f"{kind} sparsity {sparsity}", "params": prune.num_params(m),
-             "gmacs_per_s": count_macs(m.config) / 1e9, "latency_s": med(times[kind]),
-             "speedup": med(times["unpruned"]) / med(times[kind])}
+             "gmacs_per_s": count_macs(m.config) / 1e9, "latency_s": fastest(times[kind]),
+             "speedup": fastest(times["unpruned"]) / fastest(times[kind])}
         results.append(r)
         rows.append([r["target"], f"{r['params'] / 1e6:.2f} M", f"{r['gmacs_per_s']:.2f}", f"{r['latency_s']:.3f} s",
                      spread(times[kind]), f"{r['speedup']:.2f}x"])
@@ -212,11 +186,11 @@ def training_step(args) -> Dict:
             entry = results.setdefault((mode, s), {"times": [], "maxrss_mb": 0.0})
             entry["times"] += r["times"]
             entry["maxrss_mb"] = max(entry["maxrss_mb"], r["maxrss_mb"])
-    plain = med(results[("plain", 0.0)]["times"])
+    plain = fastest(results[("plain", 0.0)]["times"])
     rows, out = [], []
     for (mode, s), r in results.items():
-        t = med(r["times"])
-        full_t = med(results[("full", s)]["times"]) if mode != "plain" else t
+        t = fastest(r["times"])
+        full_t = fastest(results[("full", s)]["times"]) if mode != "plain" else t
         label = {"plain": "no gates", "full": "gated, skipping off", "skip": "gated, skipping on"}[mode]
         out.append({"config": label, "sparsity": s, "step_s": t, "vs_no_gates": t / plain,
                     "vs_skipping_off": t / full_t, "peak_rss_mb": r["maxrss_mb"]})
@@ -274,7 +248,7 @@ def conv_widths(args) -> Dict:
     times = interleaved(fns, repeats=max(args.repeats * 4, 10), warmup=2)
     rows, out = [], {}
     for name, *_ in CONV_SHAPES:
-        t = med(times[name])
+        t = fastest(times[name])
         out[name] = {"seconds": t, "macs_per_us": macs[name] / t / 1e6}
         rows.append([name, f"{macs[name] / 1e6:.0f} M", f"{t * 1e3:.2f} ms", spread(times[name]),
                      f"{out[name]['macs_per_us']:.0f}"])

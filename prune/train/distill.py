@@ -60,7 +60,9 @@ def distill_loss(predictions: List[Tensor], targets: List[Tensor], frame_mask: T
 
     predictions, targets: (batch, frames, dim) each; frame_mask: (batch, frames), True = valid.
     cos term: ``-cos`` ("raw") or ``-log sigmoid(cos)`` ("log_sig").
-    Returns the loss and detached per-part values (for logging; they sync with the device).
+    Returns the loss and detached per-part values (for logging; they sync with the device):
+    ``l1`` and ``cos`` as in the loss, and ``layer_l1`` and ``layer_cos``, (layers,): each
+    layer's L1 and raw cosine similarity to its target (the quality figures of the report).
     """
     if cos_type not in COS_TYPES:
         raise ValueError(f"cos_type must be one of {COS_TYPES}, got {cos_type!r}")
@@ -70,16 +72,20 @@ def distill_loss(predictions: List[Tensor], targets: List[Tensor], frame_mask: T
     count = valid.sum().clamp(min=1)
     l1_total = predictions[0].new_zeros(())
     cos_total = predictions[0].new_zeros(())
+    layer_l1, layer_cos = [], []
     for pred, target in zip(predictions, targets):
         l1 = ((pred - target).abs().mean(-1) * valid).sum() / count
         cos = F.cosine_similarity(pred, target, dim=-1)
         cos_term = -cos if cos_type == "raw" else -F.logsigmoid(cos)
         l1_total = l1_total + l1
         cos_total = cos_total + (cos_term * valid).sum() / count
+        layer_l1.append(l1.detach())
+        layer_cos.append((cos.detach() * valid).sum() / count)
     if reduction == "mean":
         l1_total, cos_total = l1_total / len(predictions), cos_total / len(predictions)
     loss = l1_total + cos_weight * cos_total
-    return loss, {"l1": l1_total.detach(), "cos": cos_total.detach()}
+    return loss, {"l1": l1_total.detach(), "cos": cos_total.detach(), "layer_l1": torch.stack(layer_l1),
+                  "layer_cos": torch.stack(layer_cos)}
 
 
 def frame_mask(lengths: Tensor, frames: int) -> Tensor:

@@ -7,6 +7,7 @@ from typing import Dict
 import torch
 from torch import Tensor, nn
 
+from ..models.config import EncoderConfig
 from ..structures import GatedEncoder, count_macs, count_params
 
 TARGET_KINDS = ("params", "param_count", "macs")
@@ -44,6 +45,10 @@ class Lagrangian(nn.Module):
 
     def expected_size(self, gated: GatedEncoder) -> Tensor:
         return gated.expected_macs(self.seconds) if self.kind == "macs" else gated.expected_params()
+
+    def size_of(self, config: EncoderConfig) -> float:
+        """The size of a plain (cut) model, in the target's unit."""
+        return float(count_macs(config, self.seconds) if self.kind == "macs" else count_params(config))
 
     def forward(self, gated: GatedEncoder, step: int) -> Dict[str, Tensor]:
         size = self.expected_size(gated)

@@ -35,7 +35,7 @@ from ..compile import compile_encoder
 from ..gates import HardConcrete
 from ..models import Wav2Vec2Model, build_encoder, build_preset
 from ..models.config import EncoderConfig
-from ..structures import GateConfig, GatedEncoder, count_macs, count_params
+from ..structures import GateConfig, GatedEncoder
 from .checkpoint import load_latest, save_checkpoint
 from .config import PATH_KEYS, path_values
 from .data import AudioDataset, LengthBucketSampler, collate, format_skipped, validate_manifest
@@ -92,7 +92,8 @@ class PruneRecipe:
         self.nonfinite_in_row = 0
         self.nonfinite_total = 0
         self.writer = None
-        self.history: List[Dict[str, float]] = []
+        self.history: List[Dict[str, Any]] = []
+        self.cut: Optional[Dict[str, Any]] = None  # cut_record(), once pruning is over
 
     # ------------------------------------------------------------------------------- setup
     def setup(self) -> None:
@@ -346,35 +347,49 @@ class PruneRecipe:
             progress.close()
         if self.step % tr.ckpt_every != 0:
             self.save_checkpoint()  # the finished state: a crash during export resumes straight into it
-        self._validate()
+        self._validate("end")
         if self.env.is_main and self.skipped_files():
             log.warning("%s", format_skipped(self.skipped_files()))
         return self._export()
 
     # ------------------------------------------------------------------------ stage change
     def _finish_pruning(self) -> None:
-        """Calibrate the gates onto the target if needed, cut the student, and go on distilling it."""
+        """Calibrate the gates onto the target if needed, cut the student, and go on distilling it.
+        The student is validated (with its similarity to the teacher) just before and just after
+        the cut, so a cut that broke the model shows in the log and the report."""
         gated: GatedEncoder = self.student.encoder
         self._check_ranks_agree(gated)
-        self._validate()
-        lag = self.lagrangian
+        self._validate("before cut")
+        lag, p = self.lagrangian, self.cfg.pruning
         target_size = (1.0 - lag.target_sparsity) * lag.full
         size = lambda g: lag.expected_size(g)  # noqa: E731
         gated.eval()
-        reached = size(gated).item()
-        if self.cfg.pruning.calibrate and abs(reached - target_size) > self.cfg.pruning.tolerance * target_size:
-            calibrated = calibrate(gated, size, target_size, self.cfg.pruning.tolerance)
-            if self.env.is_main:
-                log.warning("the gates ended at %.0f (%s) for a target of %.0f: thresholds shifted together "
-                            "to %.0f", reached, lag.kind, target_size, calibrated)
-        elif self.env.is_main:
-            log.info("the gates ended at %.0f (%s) for a target of %.0f; cut as they are%s", reached, lag.kind,
-                     target_size, "" if self.cfg.pruning.calibrate else " (pruning.calibrate=false)")
+        gates_size = size(gated).item()
+        calibrated = p.calibrate and abs(gates_size - target_size) > p.tolerance * target_size
+        if calibrated:
+            calibrate(gated, size, target_size, p.tolerance)
         compiled = compile_encoder(gated)
+        self.cut = cut_record(lag, target_size, gates_size, lag.size_of(compiled.config), p, calibrated)
+        if self.env.is_main:
+            self._log_cut(self.cut)
         self.stage = FINAL
         self._set_student(Student(compiled, self.student.heads))
+        self._validate("after cut")
         maybe_fail("between_stages", self.step)  # PRUNE_FAULT=between_stages:STEP (tests)
         self.save_checkpoint()  # between stages: a crash now resumes into stage 2
+
+    def _log_cut(self, cut: Dict[str, Any]) -> None:
+        """One line on the cut: a loud warning when the training did not bring the size to the target."""
+        warning = cut_warning(cut)
+        if warning is not None:
+            log.warning("%s", warning)
+        elif cut["calibrated"]:
+            log.warning("the gates ended at %.0f (%s) for a target of %.0f: thresholds shifted together to %.0f",
+                        cut["gates_size"], cut["kind"], cut["target_size"], cut["cut_size"])
+        else:
+            why = "" if self.cfg.pruning.calibrate else " (pruning.calibrate=false)"
+            log.info("the gates ended at %.0f (%s) for a target of %.0f; cut as they are%s", cut["gates_size"],
+                     cut["kind"], cut["target_size"], why)
 
     def _check_ranks_agree(self, gated: GatedEncoder) -> None:
         """DDP must have kept every rank's gates identical: the cut is made from them."""
@@ -408,6 +423,7 @@ class PruneRecipe:
             "nonfinite_in_row": self.nonfinite_in_row,  # a resume inside a bad stretch keeps counting
             "skipped_files": dict(self.dataset.skipped),  # found at read time: a resume may not re-read them
             "history": self.history,
+            "cut": self.cut,  # the report's record of the cut, made once between the stages
         }
 
     def save_checkpoint(self) -> Optional[Path]:
@@ -443,6 +459,7 @@ class PruneRecipe:
         self.nonfinite_in_row = state.get("nonfinite_in_row", 0)  # absent in older checkpoints
         self.dataset.skipped.update(state.get("skipped_files", {}))
         self.history = state["history"]
+        self.cut = state.get("cut")  # absent in older checkpoints
         self._set_lr_for_step()
         rng = state["rng"]
         torch.set_rng_state(rng["torch"])
@@ -459,9 +476,10 @@ class PruneRecipe:
                     shutil.rmtree(stale, ignore_errors=True)
             model = self.student.encoder
             lag = self.lagrangian
-            size = count_macs(model.config, lag.seconds) if lag.kind == "macs" else count_params(model.config)
             meta = {"target_kind": lag.kind, "target_sparsity": lag.target_sparsity,
-                    "reached_sparsity": 1.0 - size / lag.full, "steps": self.step,
+                    "reached_sparsity": 1.0 - lag.size_of(model.config) / lag.full,
+                    "target_reached_by": self.cut["target_reached_by"] if self.cut else None, "cut": self.cut,
+                    "similarity": similarity_points(self.history), "steps": self.step,
                     "nonfinite_steps_skipped": self.nonfinite_total,
                     "skipped_files": self.skipped_files(), "history": self.history[-1:] if self.history else [],
                     "config": OmegaConf.to_container(self.cfg, resolve=True)}
@@ -473,24 +491,37 @@ class PruneRecipe:
         return path
 
     @torch.no_grad()
-    def _validate(self) -> Optional[float]:
+    def _validate(self, point: Optional[str] = None) -> Optional[float]:
+        """The valid set's distillation loss (the distillation term alone) and each distilled
+        layer's cosine / L1 to the teacher, batch means (the student in eval mode: a gated one
+        uses its eval masks). ``point`` names the entry for the report ("before cut", ...)."""
         if self.valid is None or not self.env.is_main:
             return None
         self.student.eval()
         total, count, size = 0.0, 0, self.cfg.data.batch_size
+        cos, l1 = 0.0, 0.0  # (layers,) sums once a batch has been seen
         for start in range(0, len(self.valid), size):
             batch = collate([self.valid[i] for i in range(start, min(start + size, len(self.valid)))])
             if batch is None:
                 continue
-            loss, _ = self._loss(*batch) if self.stage != PRUNE else self._valid_loss(*batch)
+            loss, parts = self._loss(*batch) if self.stage != PRUNE else self._valid_loss(*batch)
             total += loss.item()
+            cos, l1 = cos + parts["layer_cos"].cpu(), l1 + parts["layer_l1"].cpu()
             count += 1
         self.student.train()
         value = total / max(count, 1)
-        self.history.append({"step": self.step, "stage": self.stage, "valid_distill_loss": value})
+        entry: Dict[str, Any] = {"step": self.step, "stage": self.stage, "valid_distill_loss": value}
+        if count:
+            entry.update(layers=list(self.student.heads.layers), cos=(cos / count).tolist(), l1=(l1 / count).tolist())
+        if point is not None:
+            entry["point"] = point
+        self.history.append(entry)
         if self.writer is not None:
             self.writer.add_scalar("valid/distill_loss", value, self.step)
-        log.info("step %d (%s): valid distillation loss %.4f", self.step, self.stage, value)
+        similarity = (", cosine to the teacher " + " ".join(f"{c:.3f}" for c in entry["cos"])
+                      + f" (layers {', '.join(map(str, entry['layers']))})") if count else ""
+        log.info("step %d (%s): valid distillation loss %.4f%s%s", self.step, self.stage, value, similarity,
+                 f" [{point}]" if point else "")
         return value
 
     def _valid_loss(self, waveforms: Tensor, lengths: Tensor) -> Tuple[Tensor, Dict[str, Tensor]]:
@@ -505,7 +536,11 @@ class PruneRecipe:
             return
         w = self.writer
         for k, v in parts.items():
-            w.add_scalar(f"train/{k}", float(v), self.step)
+            if v.dim() == 0:
+                w.add_scalar(f"train/{k}", float(v), self.step)
+            else:  # one value per distilled layer
+                for layer, x in zip(self.student.heads.layers, v.tolist()):
+                    w.add_scalar(f"train/{k}/{layer}", x, self.step)
         w.add_scalar("train/seconds_per_step", seconds_per_step, self.step)
         for g in self.optimizer.param_groups:
             w.add_scalar(f"lr/{g['name']}", g["lr"], self.step)
@@ -591,6 +626,51 @@ def _same_file(a: str, b: str) -> bool:
         return os.path.samefile(a, b)
     except OSError:
         return False
+
+
+def cut_record(lag: Lagrangian, target_size: float, gates_size: float, cut_size: float, p: DictConfig,
+               calibrated: bool) -> Dict[str, Any]:
+    """What the cut did, in the target's unit (params, or MACs on ``pruning.macs_seconds``):
+    ``gates_size`` is where the Lagrangian left the gates (eval masks), ``cut_size`` the cut model's.
+    ``shift`` is the move between them as a fraction of the target size; more than
+    ``pruning.max_cut_shift`` means the training did not reach the target, the cut did
+    (``target_reached_by``: "training", "cut", or None when the cut model misses the target by more
+    than ``pruning.tolerance``)."""
+    shift = abs(cut_size - gates_size) / target_size
+    reached = abs(cut_size - target_size) <= p.tolerance * target_size
+    return {"kind": lag.kind, "unit": "MACs" if lag.kind == "macs" else "params", "target_size": target_size,
+            "gates_size": gates_size, "cut_size": cut_size, "gates_sparsity": 1.0 - gates_size / lag.full,
+            "cut_sparsity": 1.0 - cut_size / lag.full, "shift": shift, "max_cut_shift": p.max_cut_shift,
+            "calibrated": calibrated,
+            "target_reached_by": None if not reached else "cut" if shift > p.max_cut_shift else "training"}
+
+
+def cut_warning(cut: Dict[str, Any]) -> Optional[str]:
+    """The loud line for a cut the training did not prepare (None when it did)."""
+    if cut["target_reached_by"] == "training":
+        return None
+    gap = (cut["gates_size"] - cut["target_size"]) / cut["target_size"]
+    ended = (f"the training did not reach the size target: the gates ended at {cut['gates_size']:,.0f} {cut['unit']}, "
+             f"{abs(gap):.0%} {'above' if gap > 0 else 'below'} the target of {cut['target_size']:,.0f}")
+    if cut["target_reached_by"] == "cut":
+        what = (f"the cut shifted every threshold to {cut['cut_size']:,.0f} (more than pruning.max_cut_shift="
+                f"{cut['max_cut_shift']:g} of the target): the pruned model is the cut's choice, not the training's")
+    else:
+        what = (f"the model is cut at {cut['cut_size']:,.0f}, off the target"
+                + ("" if cut["calibrated"] else " (pruning.calibrate=false)"))
+    return (f"{ended}; {what}. Give the pruning stage more room: more trainer.prune_steps, a shorter "
+            f"pruning.warmup_steps or a higher optim.lambda_lr")
+
+
+def similarity_points(history: List[Dict[str, Any]]) -> Optional[Dict[str, Any]]:
+    """The similarity to the teacher at the run's named validation points (the last of each:
+    a resumed run may have validated twice), for the report; None without a valid set."""
+    points = {e["point"]: e for e in history if "point" in e and "cos" in e}
+    if not points:
+        return None
+    layers = next(iter(points.values()))["layers"]
+    return {"layers": layers, "points": {name: {k: e[k] for k in ("step", "stage", "valid_distill_loss", "cos", "l1")}
+                                         for name, e in points.items()}}
 
 
 def _diff(a: Any, b: Any, ignore: Tuple[str, ...], prefix: str = "") -> List[str]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import statistics
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -11,15 +12,24 @@ import torch
 from omegaconf import DictConfig
 
 from ..checkpoints import describe
-from ..measure import latency
+from ..measure import fastest, interleaved, spread
 from ..models import SAMPLE_RATE, Wav2Vec2Model
 
 log = logging.getLogger(__name__)
 
 
-def cpu_latency(model: Wav2Vec2Model, seconds: float, repeats: int = 5) -> float:
-    """Median seconds of one forward pass, batch 1, on the CPU (a copy of the model)."""
-    return latency(_cpu_copy(model), torch.randn(1, int(seconds * SAMPLE_RATE)), repeats=repeats)
+LATENCY_REPEATS = 10
+
+
+def cpu_latencies(models: Dict[str, Wav2Vec2Model], seconds: float, repeats: int = LATENCY_REPEATS
+                  ) -> Dict[str, List[float]]:
+    """Seconds of each model's forward pass, batch 1, ``seconds`` of audio, on the CPU (copies of
+    the models): ``repeats`` passes each, the models interleaved (as scripts/benchmark.py), so a
+    burst of load on the machine hits them alike instead of skewing their ratio."""
+    x = torch.randn(1, int(seconds * SAMPLE_RATE))
+    copies = {name: _cpu_copy(m) for name, m in models.items()}
+    with torch.no_grad():
+        return interleaved({name: (lambda m=m: m(x)) for name, m in copies.items()}, repeats)
 
 
 def _cpu_copy(model: Wav2Vec2Model) -> Wav2Vec2Model:
@@ -101,6 +111,36 @@ def per_text(probe: Dict[str, Any]) -> str:
     return f"{probe['valid_per']:.3f} +- {probe['valid_per_std']:.3f} ({seeds})"
 
 
+def target_line(meta: Dict[str, Any]) -> str:
+    """The report's line on the size target: reached or not, and whether by training or only by
+    the cut (``meta["cut"]``, see recipe.cut_record)."""
+    head = f"target: {meta.get('target_kind')} sparsity {meta.get('target_sparsity', float('nan')):.4f}"
+    reached = f"{meta.get('reached_sparsity', float('nan')):.4f}"
+    cut = meta.get("cut")
+    if not cut:
+        return f"{head}, reached {reached}"
+    gates = f"the gates ended at sparsity {cut['gates_sparsity']:.4f} ({cut['gates_size']:,.0f} {cut['unit']})"
+    if cut["target_reached_by"] == "training":
+        return f"{head}, reached {reached} by training ({gates}; the cut moved it {cut['shift']:.1%} of the target)"
+    if cut["target_reached_by"] == "cut":
+        return (f"{head}, reached {reached} only by the cut, NOT by training: {gates}, the cut moved the size "
+                f"{cut['shift']:.0%} of the target (more than pruning.max_cut_shift={cut['max_cut_shift']:g}) to "
+                f"{cut['cut_size']:,.0f}; the pruned model is the cut's choice, not the training's (see the log)")
+    return f"{head}, NOT reached: {reached} ({gates}, cut at {cut['cut_size']:,.0f}; see the log)"
+
+
+def similarity_table(similarity: Dict[str, Any]) -> str:
+    """Cosine / L1 of the student's prediction of each distilled teacher layer, on the valid set, at
+    the points of the run recorded in ``similarity`` ("before cut", "after cut", "end")."""
+    layers = similarity["layers"]
+    rows = [["valid set, student vs teacher", *(f"layer {layer}" for layer in layers)]]
+    for point, values in similarity["points"].items():
+        rows.append([f"{point} (step {values['step']})",
+                     *(f"{c:.4f} / {d:.4f}" for c, d in zip(values["cos"], values["l1"]))])
+    return ("similarity to the teacher, cosine / L1 of each distilled layer's prediction:\n"
+            + format_table(rows))
+
+
 def write_report(run_dir: Path, teacher: Wav2Vec2Model, pruned: Wav2Vec2Model, cfg: Optional[DictConfig],
                  meta: Dict[str, Any]) -> str:
     """Write report.json, report.txt and layers.png into ``run_dir``; return the text.
@@ -114,7 +154,8 @@ def write_report(run_dir: Path, teacher: Wav2Vec2Model, pruned: Wav2Vec2Model, c
     models = {"teacher": teacher, "pruned": pruned}
     if corpus is not None:
         models["random init"] = random_init_like(pruned, seed=0)  # one floor, whatever the training seed
-    latencies = {name: cpu_latency(m, seconds) for name, m in models.items()}
+    times = cpu_latencies(models, seconds)
+    latencies = {name: fastest(t) for name, t in times.items()}
     probes: Dict[str, Dict[str, float]] = {}
     if corpus is not None:
         from .probe import phone_probe
@@ -126,8 +167,11 @@ def write_report(run_dir: Path, teacher: Wav2Vec2Model, pruned: Wav2Vec2Model, c
     sizes = {"teacher": before, "pruned": after, "random init": after}
     columns = [(name, sizes[name], latencies[name], probes[name]["valid_per"] if probes else None) for name in models]
     lines = [comparison_table(columns, f"CPU latency, {seconds:g} s, batch 1"),
-             f"target: {meta.get('target_kind')} sparsity {meta.get('target_sparsity', float('nan')):.4f}, "
-             f"reached {meta.get('reached_sparsity', float('nan')):.4f}"]
+             f"CPU latency: the fastest of {LATENCY_REPEATS} passes, the models interleaved; the median and max "
+             f"above it: " + ", ".join(f"{name} {spread(t)}" for name, t in times.items()),
+             target_line(meta)]
+    if meta.get("similarity"):
+        lines.append(similarity_table(meta["similarity"]))
     if probes:
         lines.append(f"phone error rate: linear CTC probe on frozen features, trained on {corpus}/train.tsv "
                      f"({cfg.probe.steps} steps), greedy decoding on {corpus}/valid.tsv; mean over probe seeds "
@@ -142,6 +186,9 @@ def write_report(run_dir: Path, teacher: Wav2Vec2Model, pruned: Wav2Vec2Model, c
     (run_dir / "report.txt").write_text(text + "\n")
     report = {"before": before, "after": after,
               "cpu_latency_seconds": {**latencies, "audio_seconds": seconds},
+              "cpu_latency_spread_seconds": {name: {"min": min(t), "median": statistics.median(t), "max": max(t)}
+                                             for name, t in times.items()},
+              "cpu_latency_method": f"fastest of {LATENCY_REPEATS} forward passes, the models interleaved",
               **({"phone_probe": {"corpus": str(corpus), "steps": cfg.probe.steps, "seeds": list(cfg.probe.seeds),
                                   **probes}} if probes else {}),
               **{k: v for k, v in meta.items() if k != "config"}}
