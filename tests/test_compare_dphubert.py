@@ -175,7 +175,7 @@ def test_dphubert_side_end_to_end_and_resumed(tmp_path, capsys):
     argv = ["--dphubert", CHECKOUT, "--recipe", "tiny_demo", "--seeds", "0", "--probe-seeds", "0", "1",
             "--out", str(out), "--skip-prune", f"data.train_manifest={corpus / 'train.tsv'}", "data.valid_manifest=null",
             f"probe.corpus={corpus}", "probe.steps=5", "trainer.prune_steps=4", "trainer.final_steps=2",
-            "pruning.warmup_steps=2", "optim.warmup_steps=2", "trainer.threads=1"]
+            "pruning.warmup_steps=2", "optim.warmup_steps=2", "optim.final_warmup_steps=1", "trainer.threads=1"]
     assert cd.main(argv) == 0
     report = json.loads((out / "compare.json").read_text())
     teacher, student = report["rows"]
