@@ -89,7 +89,8 @@ def test_unwritable_run_dir(tmp_path):
         validate(cfg, tmp_path / "file" / "run")
 
 
-@pytest.mark.parametrize("recipe,override", [("demo", []), ("tiny_demo", []), ("default", ["teacher.random_init=true"])])
+@pytest.mark.parametrize("recipe,override", [("demo", []), ("tiny_demo", []),
+                                             ("default", ["teacher.random_init=true"])])
 def test_demo_data_resolves_from_any_directory(tmp_path, monkeypatch, recipe, override):
     """The demo corpus and teacher are found wherever the command runs (they were relative to the
     current directory: from elsewhere `demo` said the corpus "has no transcripts.tsv")."""
@@ -161,7 +162,8 @@ def test_every_schema_key_can_be_overridden_in_every_recipe():
     for command, schema in (("train", TrainConfig), ("pretrain", PretrainConfig)):
         for recipe in recipes(command):
             raw = compose_raw(recipe, package=RECIPE_PACKAGES[command], schema=schema)
-            absent = [k.name for k in schema_keys(schema) if OmegaConf.select(raw, k.name, default=KeyError) is KeyError]
+            absent = [k.name for k in schema_keys(schema)
+                      if OmegaConf.select(raw, k.name, default=KeyError) is KeyError]
             assert not absent, f"{command} {recipe}: {absent}"
     assert compose_pretrain("demo_teacher", ["masking.prob=0.5", "trainer.keep_last=4"]).masking.prob == 0.5
 

@@ -122,6 +122,15 @@ def test_console_script_works_from_anywhere_after_a_plain_install(tmp_path):
                             timeout=120, env={**os.environ, "PYTHONPATH": str(target)})
     assert result.returncode == 0, result.stderr[-2000:]
     assert "name: demo_teacher" in result.stdout and "num_clusters: 100" in result.stdout
+    # the demo's corpus and teacher ship in the wheel: found from any directory, inside the install
+    assert (target / "prune" / "demo_data" / "demo_teacher" / "model.safetensors").is_file()
+    assert len(list((target / "prune" / "demo_data" / "demo_corpus" / "audio").glob("*.flac"))) == 280
+    code = code.replace("['pretrain', 'demo_teacher', '--cfg', 'job']", "['train', 'demo', '--cfg', 'job', '--resolve']")
+    result = subprocess.run([sys.executable, "-c", code, str(target)], cwd=elsewhere, capture_output=True, text=True,
+                            timeout=120, env={**os.environ, "PYTHONPATH": str(target)})
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert f"checkpoint: {target / 'prune' / 'demo_data' / 'demo_teacher'}" in result.stdout
+    assert f"corpus: {target / 'prune' / 'demo_data' / 'demo_corpus'}" in result.stdout
 
 
 def test_multirun_sweeps_the_target(tmp_path):

@@ -112,7 +112,8 @@ def _register_base() -> None:
     key the recipe does not set. A plain dict, not the dataclass: ``typed`` checks the types, in one line."""
     from hydra.core.config_store import ConfigStore
 
-    ConfigStore.instance().store(name="pretrain_base", node=OmegaConf.to_container(OmegaConf.structured(PretrainConfig)))
+    defaults = OmegaConf.to_container(OmegaConf.structured(PretrainConfig))
+    ConfigStore.instance().store(name="pretrain_base", node=defaults)
 
 
 _register_base()
