@@ -29,6 +29,8 @@ def test_demo_command_runs_on_a_tiny_preset(tmp_path):
     error = float(re.search(r"max relative error over all hidden states: (\S+)", result.stdout).group(1))
     assert error < 1e-5
     assert (out / "config.json").is_file()
+    # timed interleaved, fastest of --repeats (5), with the spread shown
+    assert "(fastest of 5)" in result.stdout and re.search(r"latency spread .*unpruned \+\d+/\+\d+%", result.stdout)
     # a typo'd flag value fails fast, in one line, naming the problem
     bad = subprocess.run([sys.executable, "-m", "prune.cli", "preview", "--preset", "hubert_bsae"],
                          capture_output=True, text=True, timeout=60)
