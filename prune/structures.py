@@ -170,7 +170,9 @@ def _feed_forward_macs(config: EncoderConfig, layer: int, frames: int, units: Co
 # ------------------------------------------------------------------------------ gated structures
 @dataclass
 class GateConfig:
-    """Which structures get gates, and their initial drop rates (GUIDE §1)."""
+    """Which structures get gates, and their initial drop rates (Louizos et al., ICLR 2018: m = 0.01
+    keeps nearly every gate open at the start; DPHuBERT, Peng et al., Interspeech 2023, starts the FFN units
+    at 0.5)."""
 
     conv_channels: bool = True  # each conv layer's output channels
     attention_heads: bool = True  # each layer's heads
