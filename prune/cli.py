@@ -8,6 +8,7 @@
     prune inspect PATH                                  size and structure of any supported checkpoint
     prune preview [--preset P] [--sparsity S]           gate a preset with seeded random gates, cut, export
     prune manifest FOLDER OUT_DIR                       train.tsv + valid.tsv for a folder of audio
+    prune extract MODEL AUDIO --layer K --out DIR       hidden states of every file, one .npy each
 
 `prune train` alone lists the recipes; `prune train RECIPE --help` lists every config key with the
 recipe's value and meaning. Every key can be overridden: trainer.prune_steps=1000.
@@ -420,11 +421,33 @@ def manifest(args: argparse.Namespace) -> int:
     return 0
 
 
+def extract(args: argparse.Namespace) -> int:
+    """``prune extract MODEL AUDIO --layer K --out DIR``: one .npy of hidden states per audio file."""
+    from .extract import SETTINGS_FILE, extract_features
+    from .train.data import format_skipped
+
+    # progress lines (off a terminal) and skipped files go to stderr
+    logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s")
+    try:
+        done = extract_features(args.model, args.audio, args.layer, args.out, float16=args.float16, onnx=args.onnx,
+                                max_batch_seconds=args.max_batch_seconds, threads=args.threads)
+    except KeyboardInterrupt:
+        print("prune extract: interrupted; every .npy written is complete, run the same command again to go on",
+              file=sys.stderr)
+        raise SystemExit(130) from None
+    if done.skipped:
+        print(format_skipped(done.skipped, done.files), file=sys.stderr)
+    print(f"wrote {done.written} files to {done.out} in {done.seconds:.1f} s ({done.present} already there, "
+          f"{len(done.skipped)} skipped of {done.files}); settings and counts: {done.out / SETTINGS_FILE}")
+    return 0
+
+
 def _layers(values: List[Optional[int]]) -> str:
     return " ".join("-" if v is None else str(v) for v in values)
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .extract import DEFAULT_MAX_BATCH_SECONDS
     from .train.manifest import AUDIO_EXTENSIONS
 
     parser = argparse.ArgumentParser(prog="prune", description=__doc__,
@@ -489,6 +512,29 @@ def build_parser() -> argparse.ArgumentParser:
                    help="write the root as an absolute path (default: relative to OUT_DIR, so the corpus and "
                         "its manifests can move together)")
     p.set_defaults(func=manifest)
+    p = sub.add_parser("extract", help="hidden states of a model for a folder of audio, one .npy per file",
+                       description="Write the hidden states --layer K of MODEL for every file of AUDIO as DIR/REL.npy "
+                                   "(frames x dim; REL: the file's path under AUDIO; with several --layer: "
+                                   "DIR/layer_K/REL.npy), batched by length. Files already written are skipped, so "
+                                   "a stopped run continues; DIR/extract.json records the settings, the counts and "
+                                   "the files left out.")
+    p.add_argument("model", help="anything prune.load_pretrained reads (an export folder, a Hugging Face folder, a "
+                                 "fairseq / torchaudio file); with --onnx, the model the graph was exported from "
+                                 "(layer count, frame rate)")
+    p.add_argument("audio", help="a folder of audio (searched recursively) or a manifest (train.tsv)")
+    p.add_argument("--layer", type=int, action="append", required=True, metavar="K",
+                   help="hidden state to write: 0 = the input to the first layer, N = the last layer's output "
+                        "(repeat for several)")
+    p.add_argument("--out", required=True, metavar="DIR", help="folder to write the .npy files into")
+    p.add_argument("--float16", action="store_true", help="write float16 (default: float32)")
+    p.add_argument("--onnx", default=None, metavar="FILE",
+                   help="run the forward through onnxruntime with this graph (prune convert MODEL FILE --to onnx)")
+    p.add_argument("--max-batch-seconds", type=float, default=DEFAULT_MAX_BATCH_SECONDS, metavar="S",
+                   help=f"padded audio per batch, in seconds (default: {DEFAULT_MAX_BATCH_SECONDS:g}; a longer "
+                        f"file runs alone)")
+    p.add_argument("--threads", type=int, default=None, metavar="N",
+                   help="CPU threads (default: torch's / onnxruntime's own choice)")
+    p.set_defaults(func=extract)
     return parser
 
 

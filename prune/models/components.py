@@ -504,17 +504,23 @@ class Transformer(nn.Module):
         self.layers = layers
         self.rel_pos_bias = rel_pos_bias
 
-    def forward(self, x: Tensor, key_padding_mask: Optional[Tensor] = None, gates: Optional[Gates] = None
-                ) -> List[Tensor]:
+    def forward(self, x: Tensor, key_padding_mask: Optional[Tensor] = None, gates: Optional[Gates] = None,
+                num_layers: Optional[int] = None) -> List[Tensor]:
         """x: (batch, frames, embed_dim) -> hidden states: the input to layer 0, then each
-        layer's output; for pre-norm the last one after the final LayerNorm (as HF does)."""
+        layer's output; for pre-norm the last one after the final LayerNorm (as HF does).
+
+        num_layers: run only the first ``num_layers`` layers (hidden states 0..num_layers, the same
+        values as in the full pass: the final LayerNorm belongs to the last layer's output only)."""
+        if num_layers is not None and not 0 <= num_layers <= len(self.layers):
+            raise ValueError(f"num_layers={num_layers} is outside [0, {len(self.layers)}] (the model's layers)")
+        layers = self.layers if num_layers is None else self.layers[:num_layers]
         x = x + self.pos_conv_embed(x)
         if not self.layer_norm_first:
             x = self.layer_norm(x)
         x = self.dropout(x)
         position_bias = self.rel_pos_bias(x.shape[1]) if self.rel_pos_bias is not None else None
         hiddens = [x]
-        for i, layer in enumerate(self.layers):
+        for i, layer in enumerate(layers):
             if not (self.training and self.layer_drop > 0 and torch.rand(1).item() < self.layer_drop):
                 if gates is None:
                     x = layer(x, key_padding_mask, position_bias)
@@ -526,7 +532,7 @@ class Transformer(nn.Module):
                     x = layer(x, key_padding_mask, position_bias, gates.heads[i], gates.attention[i],
                               gates.units[i], gates.ffn[i], a.heads[i], a.attention_on[i], a.units[i], a.ffn_on[i])
             hiddens.append(x)
-        if self.layer_norm_first:
+        if self.layer_norm_first and len(layers) == len(self.layers):
             hiddens[-1] = self.layer_norm(hiddens[-1])
         return hiddens
 
@@ -555,11 +561,12 @@ class Encoder(nn.Module):
             x = x.masked_fill(key_padding_mask[..., None], 0.0)
         return x, key_padding_mask
 
-    def forward(self, features: Tensor, lengths: Optional[Tensor] = None, gates: Optional[Gates] = None
-                ) -> List[Tensor]:
-        """features: (batch, frames, channels), lengths: (batch,) valid frames -> hidden states"""
+    def forward(self, features: Tensor, lengths: Optional[Tensor] = None, gates: Optional[Gates] = None,
+                num_layers: Optional[int] = None) -> List[Tensor]:
+        """features: (batch, frames, channels), lengths: (batch,) valid frames -> hidden states
+        (0..num_layers only, if given: see ``Transformer.forward``)"""
         x, key_padding_mask = self.preprocess(features, lengths, gates)
-        return self.transformer(x, key_padding_mask, gates)
+        return self.transformer(x, key_padding_mask, gates, num_layers)
 
 
 class Wav2Vec2Model(nn.Module):
@@ -580,14 +587,15 @@ class Wav2Vec2Model(nn.Module):
             return normalize_waveforms(waveforms, lengths)
         return waveforms
 
-    def forward(self, waveforms: Tensor, lengths: Optional[Tensor] = None, gates: Optional[Gates] = None
-                ) -> Tuple[List[Tensor], Optional[Tensor]]:
+    def forward(self, waveforms: Tensor, lengths: Optional[Tensor] = None, gates: Optional[Gates] = None,
+                num_layers: Optional[int] = None) -> Tuple[List[Tensor], Optional[Tensor]]:
         """waveforms: (batch, samples) at 16 kHz; lengths: (batch,) valid samples per row.
 
         Returns (hiddens, lengths): ``num_layers + 1`` tensors of shape
         (batch, frames, embed_dim) and the valid frames per row (None if lengths is None).
+        ``num_layers``: compute only hidden states 0..num_layers (the layers above are not run).
         """
         waveforms = self.prepare_waveforms(waveforms, lengths)
         x, lengths = self.feature_extractor(waveforms, lengths, None if gates is None else gates.conv,
                                             None if gates is None or gates.active is None else gates.active.conv)
-        return self.encoder(x, lengths, gates), lengths
+        return self.encoder(x, lengths, gates, num_layers), lengths

@@ -178,6 +178,28 @@ def format_skipped(skipped: Dict[str, str], total: Optional[int] = None, limit: 
     return "\n".join(lines)
 
 
+def pack_sorted(indices: Sequence[int], lengths: Sequence[int], batch_size: Optional[int] = None,
+                max_batch_samples: Optional[int] = None) -> List[List[int]]:
+    """``indices`` (sorted by length) -> consecutive batches of at most ``batch_size`` items and at
+    most ``max_batch_samples`` padded samples (items x longest item); an item longer than that cap
+    is a batch of its own."""
+    batches: List[List[int]] = []
+    current: List[int] = []
+    longest = 0
+    for i in indices:
+        n = int(lengths[i])
+        full = batch_size is not None and len(current) >= batch_size
+        over = max_batch_samples is not None and (len(current) + 1) * max(longest, n) > max_batch_samples
+        if current and (full or over):
+            batches.append(current)
+            current, longest = [], 0
+        current.append(i)
+        longest = max(longest, n)
+    if current:
+        batches.append(current)
+    return batches
+
+
 class LengthBucketSampler(Sampler[List[int]]):
     """Batches of similar lengths, deterministic given ``(seed, epoch)``, sharded across ranks,
     resumable mid-epoch.
@@ -249,19 +271,7 @@ class LengthBucketSampler(Sampler[List[int]]):
 
     def _split(self, bucket: np.ndarray) -> List[List[int]]:
         """bucket: indices sorted by length -> consecutive batches within the caps."""
-        batches, current, longest = [], [], 0
-        for i in bucket.tolist():
-            n = int(self.lengths[i])
-            full = self.batch_size is not None and len(current) >= self.batch_size
-            over = self.max_batch_samples is not None and (len(current) + 1) * max(longest, n) > self.max_batch_samples
-            if current and (full or over):
-                batches.append(current)
-                current, longest = [], 0
-            current.append(i)
-            longest = max(longest, n)
-        if current:
-            batches.append(current)
-        return batches
+        return pack_sorted(bucket.tolist(), self.lengths, self.batch_size, self.max_batch_samples)
 
     def global_batches(self, epoch: int) -> List[List[int]]:
         """All ranks' batches of ``epoch``, before padding/dropping for the rank split."""

@@ -570,13 +570,13 @@ class PruneRecipe:
         shutdown_distributed()
 
 
-def progress_bar(total: int, initial: int, enabled: bool, stream=None):
+def progress_bar(total: int, initial: int, enabled: bool, stream=None, desc: str = "prune", unit: str = "step"):
     """A tqdm bar, on a terminal only: written to a file or pipe its redraws flood the log (the
     loop logs a ``progress_line`` every trainer.log_every steps either way)."""
     stream = sys.stderr if stream is None else stream
     if not (enabled and stream.isatty()):
         return None
-    return tqdm(total=total, initial=initial, desc="prune", unit="step", dynamic_ncols=True, file=stream)
+    return tqdm(total=total, initial=initial, desc=desc, unit=unit, dynamic_ncols=True, file=stream)
 
 
 def progress_line(step: int, total: int, stage: str, parts: Dict[str, Tensor], target: Optional[float],
