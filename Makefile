@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed-stamp
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet "torch==2.13.0" -e ".[test]"
+	$(BIN)/python -m pip install --quiet "torch==2.13.0" -e ".[test,onnx]"
 	touch $(STAMP)
 
 setup: $(STAMP)

@@ -312,7 +312,7 @@ def export_graph(model: nn.Module, path: Path, layers) -> Path:
         return path
     x, lengths = torch.randn(2, 8000), torch.tensor([8000, 6000])
     batch, samples = torch.export.Dim("batch"), torch.export.Dim("samples", min=800)
-    torch.onnx.export(Contract(model, layers), (x, lengths), str(path), dynamo=True,
+    torch.onnx.export(Contract(model, layers).eval(), (x, lengths), str(path), dynamo=True,
                       input_names=["waveforms", "lengths"],
                       output_names=[f"hidden_{k}" for k in layers] + ["frames"],
                       dynamic_shapes={"waveforms": {0: batch, 1: samples}, "lengths": {0: batch}})

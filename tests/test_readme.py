@@ -55,6 +55,7 @@ PLACEHOLDERS = {
     "prune inspect checkpoints/wavlm-base-plus",
     "prune inspect checkpoints/hubert_base_ls960.pt",
     "prune inspect outputs/my_export",
+    "prune extract outputs/my_export /path/to/audio --layer 9 --onnx outputs/my_export.onnx --out features/onnx",
 }
 
 
@@ -93,6 +94,9 @@ def _runs(probe_corpus: Path):
         "prune inspect outputs/demo/export": ([], 0, {}),
         "prune evaluate outputs/demo/export --manifest data/my_corpus/valid.tsv": (["--max-samples", "8000"], 0, {}),
         "prune evaluate outputs/demo/export --probe data/demo_corpus --probe-floor": (["--probe-steps", "2"], 0, {}),
+        "prune extract outputs/demo/export /path/to/audio --layer 4 --out features/demo": ([], 0, {}),
+        ("prune extract outputs/demo/export data/my_corpus/train.tsv --layer 2 --layer 4 --float16 "
+         "--out features/two"): ([], 0, {}),
         "prune preview --preset wavlm_base_plus --sparsity 0.5": (["--preset", "wavlm_base_plus_tiny"], 0, {}),
         "prune pretrain demo_teacher hydra.run.dir=outputs/demo_teacher": (
             ["trainer.steps=2", "targets.kmeans_iters=2", "trainer.valid_every=0", "trainer.threads=1",
@@ -144,3 +148,5 @@ def test_readme_commands_work_from_another_directory(tmp_path):
     assert (user / STOPPED_RUN / "export").is_dir() and (user / "outputs" / "step500" / "config.json").is_file()
     assert (user / "data" / "my_corpus" / "valid.tsv").is_file() and (user / "outputs" / "mine" / "export").is_dir()
     assert (user / "outputs" / "demo_teacher" / "export").is_dir() and (user / "outputs" / "preview").is_dir()
+    assert len(list((user / "features" / "demo").rglob("*.npy"))) == 280
+    assert (user / "features" / "two" / "layer_2").is_dir() and (user / "features" / "two" / "extract.json").is_file()
