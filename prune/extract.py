@@ -309,7 +309,7 @@ def check_layers(layers: Sequence[int], config: EncoderConfig, model: PathLike) 
         if not 0 <= k <= n:
             raise ExtractError(f"--layer {k} is out of range: {model} has {n} transformer layers, so hidden "
                                f"states 0..{n} (0 = the input to the first layer)")
-    return list(dict.fromkeys(layers))
+    return sorted(set(layers))  # one set of layers, whatever the order typed (extract.json compares it)
 
 
 def extract_features(model: PathLike, audio: PathLike, layers: Sequence[int], out: PathLike,
@@ -328,7 +328,6 @@ def extract_features(model: PathLike, audio: PathLike, layers: Sequence[int], ou
     progress: a bar on a terminal; log lines otherwise.
     """
     from .checkpoints import load_pretrained
-    from .train.data import AudioDataset, format_skipped
 
     out, audio = Path(out), Path(audio)
     if not max_batch_seconds > 0:
@@ -346,12 +345,7 @@ def extract_features(model: PathLike, audio: PathLike, layers: Sequence[int], ou
     elif threads is not None:
         torch.set_num_threads(threads)
     dtype = np.float16 if float16 else np.float32
-    settings = {"model": str(Path(model).resolve()), "runtime": "torch" if session is None else "onnxruntime",
-                "onnx": None if onnx is None else str(Path(onnx).resolve()),
-                "fingerprint": model_fingerprint(encoder) if session is None else file_fingerprint(Path(onnx)),
-                "layers": layers, "dtype": np.dtype(dtype).name, "frame_rate": frame_rate(encoder.config),
-                "sample_rate": SAMPLE_RATE,
-                "layout": "rel/path.npy" if len(layers) == 1 else "layer_K/rel/path.npy"}
+    settings = _settings(model, encoder, onnx, layers, dtype)
     check_settings_match(out, settings)
     inputs = list_inputs(audio)
 
@@ -360,27 +354,42 @@ def extract_features(model: PathLike, audio: PathLike, layers: Sequence[int], ou
     files = len(inputs.manifest) + len(inputs.skipped)
     summary = ExtractSummary(out, files, 0, len(inputs.manifest) - len(todo), dict(inputs.skipped))
     _record(out, settings, summary, complete=False, audio=audio)  # before compute: the settings guard a resume
-    if inputs.skipped:
-        log.warning("%s", format_skipped(inputs.skipped, files))
-
     forward = torch_forward(encoder, layers) if session is None else onnx_forward(session, layers)
     # one utterance per run where padding is not exact and the graph cannot split the front end
     batch_size = 1 if session is not None and not padding_is_exact(encoder.config) else None
-    dataset = AudioDataset(inputs.manifest)
     start = time.perf_counter()
+    _extract(inputs, todo, forward, _batches(todo, inputs.manifest.lengths, batch_size, max_batch_seconds), out,
+             layers, dtype, summary, progress)
+    summary.seconds = time.perf_counter() - start
+    _record(out, settings, summary, complete=True, audio=audio)
+    return summary
+
+
+def _settings(model: PathLike, encoder: Wav2Vec2Model, onnx: Optional[PathLike], layers: List[int], dtype
+              ) -> Dict[str, Any]:
+    """What extract.json records about how the features are made (``IDENTITY`` must match on a rerun)."""
+    return {"model": str(Path(model).resolve()), "runtime": "torch" if onnx is None else "onnxruntime",
+            "onnx": None if onnx is None else str(Path(onnx).resolve()),
+            "fingerprint": model_fingerprint(encoder) if onnx is None else file_fingerprint(Path(onnx)),
+            "layers": layers, "dtype": np.dtype(dtype).name, "frame_rate": frame_rate(encoder.config),
+            "sample_rate": SAMPLE_RATE, "layout": "rel/path.npy" if len(layers) == 1 else "layer_K/rel/path.npy"}
+
+
+def _extract(inputs: Inputs, todo: List[int], forward: Forward, batches: List[List[int]], out: Path,
+             layers: List[int], dtype, summary: ExtractSummary, progress: bool) -> None:
+    """Decode, forward and write each batch; files that fail to decode go to ``summary.skipped``."""
+    from .train.data import AudioDataset
+
+    dataset = AudioDataset(inputs.manifest)  # None for a file that fails to decode (logged once)
     with _progress(len(todo), progress) as advance:
-        for batch in _batches(todo, inputs.manifest.lengths, batch_size, max_batch_seconds):
-            waves = [(i, dataset[i]) for i in batch]
-            waves = [(i, w) for i, w in waves if w is not None]  # a file that fails to decode is skipped
+        for batch in batches:
+            waves = [(i, w) for i, w in ((i, dataset[i]) for i in batch) if w is not None]
             if waves:
                 _write_batch(out, [inputs.outputs[i] for i, _ in waves], forward([w for _, w in waves]),
                              layers, dtype)
             summary.written += len(waves)
             advance(len(batch))
     summary.skipped.update(dataset.skipped)
-    summary.seconds = time.perf_counter() - start
-    _record(out, settings, summary, complete=True, audio=audio)
-    return summary
 
 
 def _batches(todo: List[int], lengths: List[int], batch_size: Optional[int], max_batch_seconds: float

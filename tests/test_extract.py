@@ -182,6 +182,7 @@ def test_resume_computes_only_what_is_missing_and_refuses_other_settings(corpus,
     assert rel_err(np.load(target), before) < 1e-5  # computed alone now, in a batch before
     spy.clear()
     other = export(build_preset("hubert_base_tiny", encoder_num_layers=3), tmp_path / "other")
+    assert extract_features(path, corpus, [2, 1], out, progress=False).present == 6  # the same set of layers
     for kwargs, what in [(dict(model=path, layers=[2]), "layers [1, 2] there, [2] here"),
                          (dict(model=path, layers=[1, 2], float16=True), "dtype float32 there, float16 here"),
                          (dict(model=other, layers=[1, 2]), "model ")]:
@@ -278,6 +279,21 @@ def test_bad_input_is_one_line_before_any_compute(corpus, tmp_path, capsys, spy,
     code, _ = run_cli([path, corpus, "--layer", 1, "--out", tmp_path / "foreign"], capsys)
     assert "not a prune extract folder" in code
     assert spy == [] and not (tmp_path / "out").exists()
+
+
+def test_float16_refuses_values_it_cannot_hold():
+    assert ex.to_dtype(np.array([[1.5, -65504.0]], np.float32), np.float16, "x.npy").dtype == np.float16
+    with pytest.raises(ExtractError, match="x.npy: values up to 7e\\+04 do not fit in float16"):
+        ex.to_dtype(np.array([[1.0, 7e4]], np.float32), np.float16, "x.npy")
+
+
+def test_ctrl_c_says_how_to_go_on(tmp_path, capsys, monkeypatch):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ex, "extract_features", interrupted)
+    code, err = run_cli(["m", "a", "--layer", 1, "--out", tmp_path], capsys)
+    assert code == 130 and "run the same command again to go on" in err
 
 
 def test_the_command_line_prints_a_summary(corpus, tmp_path, capsys):
