@@ -18,8 +18,9 @@ Three families: HuBERT-style post-norm (group_norm extractor), WavLM (post-norm,
 bias, kept-head indices), pre-norm wav2vec 2.0 Large-style (layer_norm extractor with conv bias,
 normalised waveforms). The gates are drawn so that heads, FFN units and conv channels are pruned,
 one layer loses its whole attention and another its whole FFN. ``NAME.ref.pt`` holds DPHuBERT's
-outputs on a fixed padded batch: ``extract_features`` (the input to layer 0 and every layer's
-output), ``forward``'s output and the valid frames.
+outputs on a padded batch: ``extract_features`` (the projected features, before the positional
+conv, then every layer's output), ``forward``'s output (a pre-norm model's final LayerNorm
+included) and the valid frames.
 """
 
 from __future__ import annotations
