@@ -280,6 +280,8 @@ class FeatureProjectionInput:
         state[prefix + "layer_norm.weight"] = proj.layer_norm.weight[kept]
         state[prefix + "layer_norm.bias"] = proj.layer_norm.bias[kept]
         state[prefix + "projection.weight"] = W[:, kept]
+        if model.feature_extractor.output_scale is not None:
+            state["feature_extractor.output_scale"] = model.feature_extractor.output_scale[kept]
         # a removed channel's normalised value is shift * w + b: b folds into the bias, w into phantom
         state[prefix + "projection.bias"] = proj.projection.bias + W[:, removed] @ proj.layer_norm.bias[removed]
         phantom = W[:, removed] @ proj.layer_norm.weight[removed]

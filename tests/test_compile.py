@@ -123,3 +123,18 @@ def test_conv_layers_cut_to_nothing_compile_and_stay_exact(name, batch):
     assert widths[0] == 0 and widths[3] == 0
     assert max_rel_error(_run(compiled, *batch)[0], _run(gated, *batch)[0]) < TOL
 
+
+
+def test_extractor_output_scale_is_cut_with_the_last_conv_layer(batch):
+    """DPHuBERT's per-channel scale on the extractor's output (extractor_output_scale) keeps the
+    entries of the channels that survive the last conv layer's gates."""
+    model = build_preset("hubert_base_tiny", extractor_output_scale=True)
+    with torch.no_grad():
+        model.feature_extractor.output_scale.uniform_(0.2, 1.0)
+    gated = randomize_gates(GatedEncoder(model), seed=3).eval()
+    compiled = compile_encoder(gated)
+    assert compiled.feature_extractor.output_scale.shape == (compiled.config.extractor_conv_layer_config[-1][0],)
+    assert max_rel_error(_run(compiled, *batch)[0], _run(gated, *batch)[0]) < TOL
+    plain = compile_encoder(randomize_gates(GatedEncoder(build_preset("hubert_base_tiny")), seed=3).eval())
+    plain.load_state_dict({k: v for k, v in compiled.state_dict().items() if k != "feature_extractor.output_scale"})
+    assert max_rel_error(_run(plain, *batch)[0][1:], _run(compiled, *batch)[0][1:]) > 1e-3  # the scale matters

@@ -26,9 +26,14 @@ def _step(gated: GatedEncoder, skip: bool, x, lengths, targets, seed: int):
     return loss.detach(), grads, gated.sample_gates
 
 
-@pytest.mark.parametrize("name", TINY)
+@pytest.mark.parametrize("name", TINY + ["hubert_base_tiny+output_scale"])
 def test_same_loss_and_gradients_with_skipping_on_and_off(name):
-    gated = randomize_gates(GatedEncoder(build_preset(name, **NO_DROPOUT), skip_min_closed=0.0), seed=4).train()
+    name, _, extra = name.partition("+")
+    model = build_preset(name, **NO_DROPOUT, extractor_output_scale=extra == "output_scale")
+    if extra:  # DPHuBERT's scale on the extractor's output: the skipped channels' entries are left out too
+        with torch.no_grad():
+            model.feature_extractor.output_scale.uniform_(0.2, 1.0)
+    gated = randomize_gates(GatedEncoder(model, skip_min_closed=0.0), seed=4).train()
     with torch.no_grad():  # partly open groups too, not only all-or-nothing ones
         gated.feed_forward[0].unit_gate.log_alpha[: gated.feed_forward[0].num_units // 2] = CLOSED
         gated.attention[-1].head_gate.log_alpha[:1] = CLOSED

@@ -11,7 +11,7 @@ from ..models import Wav2Vec2Model
 from .export import describe, read_export_info
 from .pretrained import load_pretrained
 
-FORMAT_NAMES = {"huggingface": "Hugging Face", "fairseq": "fairseq", "torchaudio": "torchaudio",
+FORMAT_NAMES = {"huggingface": "Hugging Face", "fairseq": "fairseq", "torchaudio": "torchaudio", "dphubert": "DPHuBERT",
                 "pruned": "prune export"}
 
 

@@ -65,7 +65,7 @@ class LoadReport:
     """What ``load_pretrained`` did: which format, which config, which keys it left out, and any
     value it had to assume because the checkpoint does not record it."""
 
-    format: str  # "huggingface" | "fairseq" | "torchaudio" | "pruned"
+    format: str  # "huggingface" | "fairseq" | "torchaudio" | "dphubert" | "pruned"
     path: str
     config: EncoderConfig
     detail: str = ""  # e.g. "HubertForCTC", "fairseq hubert (hydra cfg)"

@@ -4,8 +4,10 @@
 * a folder with a Hugging Face ``config.json`` (``model_type``) and its weights (or one of those
   files): a ``save_pretrained`` folder;
 * a torch file holding ``model`` plus ``cfg`` or ``args``: a fairseq / official WavLM checkpoint;
+* a torch file holding ``state_dict`` and ``config`` with DPHuBERT's names (its converted teachers
+  and pruned models; ``dphubert.py``);
 * a torch or safetensors file holding a state dict with torchaudio's key names (alone, or under
-  ``state_dict`` beside its ``wav2vec2_model`` arguments in ``config``, as DPHuBERT saves it).
+  ``state_dict`` beside its ``wav2vec2_model`` arguments in ``config``).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from ..models import EncoderConfig, Wav2Vec2Model
 from .export import CONFIG as EXPORT_CONFIG
 from .export import FORMAT as EXPORT_FORMAT
 from .export import ExportError, load_pruned
+from .dphubert import is_dphubert_file, load_dphubert
 from .fairseq import is_fairseq_checkpoint, load_fairseq
 from .hf import WEIGHT_FILES, WRAPPER_PREFIX, load_hf, read_hf_config
 from .keymap import CheckpointError, LoadReport, format_keys
@@ -56,9 +59,9 @@ def load_pretrained(path: PathLike, trust_pickle: bool = False, config: ConfigLi
     if not path.exists():
         raise CheckpointError(f"{path} does not exist")
     model, report = _load(path, trust_pickle, config)
-    if config is not None and report.format != "torchaudio":
+    if config is not None and report.format not in ("torchaudio", "dphubert"):
         raise CheckpointError(f"{path} is a {report.format} checkpoint, which records its own config; config= is "
-                              f"only for torchaudio state dicts")
+                              f"only for torchaudio state dicts and DPHuBERT files")
     if report.ignored:
         _LOG.info("%s: ignored %d key(s) that are not part of the encoder: %s", path, len(report.ignored),
                   format_keys(f"{k} ({why})" for k, why in report.ignored.items()))
@@ -79,6 +82,8 @@ def _load(path: Path, trust_pickle: bool, config: ConfigLike) -> Tuple[Wav2Vec2M
     obj = torch_load(path, trust_pickle)
     if is_fairseq_checkpoint(obj):
         return load_fairseq(obj, str(path))
+    if is_dphubert_file(obj):
+        return load_dphubert(obj, str(path), config)
     if isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
         return _load_state(obj, str(path), config)
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):

@@ -8,11 +8,11 @@ convention of every published model for what shapes cannot tell (listed in the r
 HuBERT and wav2vec 2.0 share one architecture, so a state dict of either is labelled "wav2vec2"
 unless ``config`` says ``architecture="hubert"``; the label changes no computation.
 
-A file may carry its arguments beside the weights, as DPHuBERT saves them
-(``{"state_dict": ..., "config": {...}}``, with ``normalize_waveform`` and DPHuBERT's names for the
-kept blocks): they are read as if passed as ``config``, and a ``config`` given by the caller
-overrides them. torchaudio's bundles keep the waveform normalisation outside the model
-(``bundle._normalize_waveform``); without it, it is assumed on exactly for ``layer_norm`` extractors.
+A file may carry its arguments beside the weights (``{"state_dict": ..., "config": {...}}``): they
+are read as if passed as ``config``, and a ``config`` given by the caller overrides them. DPHuBERT's
+files have this layout with names of their own: ``dphubert.py`` reads them. torchaudio's bundles
+keep the waveform normalisation outside the model (``bundle._normalize_waveform``); without it, it
+is assumed on exactly for ``layer_norm`` extractors.
 """
 
 from __future__ import annotations
@@ -74,13 +74,6 @@ HEADS_BY_EMBED_DIM = {768: 12, 1024: 16, 1280: 16, 1920: 16}  # base, large, XLS
 STANDARD_MAX_DISTANCE = 800  # WavLM base / base+ / large
 
 TORCHAUDIO_ONLY_ARGS = ("aux_num_out",)  # wav2vec2_model arguments outside the encoder: accepted, unused
-# DPHuBERT's wav2vec2_model: its names for EncoderConfig fields, its training-only arguments, and the
-# flags that say the state dict still holds HardConcrete gates (a checkpoint saved while pruning)
-DPHUBERT_NAMES = {"encoder_use_attention": "encoder_attention_kept", "encoder_use_feed_forward": "encoder_ff_kept"}
-DPHUBERT_TRAINING_ARGS = ("mask_prob", "mask_channel_prob")
-DPHUBERT_PRUNE_FLAGS = ("extractor_prune_conv_channels", "encoder_prune_attention_heads",
-                        "encoder_prune_attention_layer", "encoder_prune_feed_forward_intermediate",
-                        "encoder_prune_feed_forward_layer")
 ConfigLike = Union[EncoderConfig, Dict[str, Any], None]
 
 
@@ -141,14 +134,10 @@ def infer_config(mapped: Dict[str, torch.Tensor], where: str) -> Tuple[Dict[str,
 
 
 def params_from_file(config: Dict[str, Any], where: str) -> Dict[str, Any]:
-    """The ``config`` saved beside a state dict (torchaudio / DPHuBERT ``wav2vec2_model`` arguments)
-    -> arguments in prune's names."""
-    gated = [k for k in DPHUBERT_PRUNE_FLAGS if config.get(k)]
-    if gated:
-        raise CheckpointError(f"{where} was saved while pruning ({', '.join(f'{k}=True' for k in gated)}): its "
-                              f"state dict holds the gates; load the checkpoint written after DPHuBERT's prune.py")
-    params = {DPHUBERT_NAMES.get(k, k): v for k, v in config.items()
-              if k not in DPHUBERT_PRUNE_FLAGS + DPHUBERT_TRAINING_ARGS}
+    """The ``config`` saved beside a torchaudio state dict (``wav2vec2_model`` arguments) -> arguments
+    for ``config_from_params`` (DPHuBERT's files, which add names of their own, are read by
+    ``dphubert.load_dphubert``)."""
+    params = dict(config)
     if "normalize_waveform" in params:
         params["normalize_waveform"] = as_flag(params["normalize_waveform"], where, "normalize_waveform")
     return params

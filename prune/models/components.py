@@ -185,11 +185,21 @@ class ConvLayerBlock(nn.Module):
 
 
 class FeatureExtractor(nn.Module):
-    """Waveform -> frame features through a stack of ``ConvLayerBlock``."""
+    """Waveform -> frame features through a stack of ``ConvLayerBlock``.
 
-    def __init__(self, conv_layers: nn.ModuleList):
+    ``output_scale``: a fixed per-channel factor on the last layer's output (after its GELU),
+    as DPHuBERT's ``dummy_weight`` holds the soft gate values of its last conv layer's kept
+    channels. It sits before the feature projection's LayerNorm, so no weight can absorb it.
+    """
+
+    def __init__(self, conv_layers: nn.ModuleList, output_scale: bool = False):
         super().__init__()
         self.conv_layers = conv_layers
+        self.output_scale: Optional[Tensor]
+        if output_scale:
+            self.register_buffer("output_scale", torch.ones(conv_layers[-1].conv.out_channels))
+        else:
+            self.output_scale = None
 
     def forward(self, x: Tensor, length: Optional[Tensor], gates: Optional[List[Optional[Tensor]]] = None,
                 active: Optional[List[Optional[Tensor]]] = None) -> Tuple[Tensor, Optional[Tensor]]:
@@ -202,7 +212,10 @@ class FeatureExtractor(nn.Module):
             active_out = None if active is None else active[i]
             x, length = layer(x, length, None if gates is None else gates[i], active_in, active_out)
             active_in = active_out
-        return x.transpose(1, 2), length
+        x = x.transpose(1, 2)
+        if self.output_scale is not None:
+            x = x * _rows(self.output_scale, active_in)
+        return x, length
 
 
 class FeatureProjection(nn.Module):

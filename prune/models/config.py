@@ -9,6 +9,8 @@ compiled (pruned) model needs to stay exact:
   removed channels were exact zeros and still count in the mean and variance.
 * ``encoder_attention_kept`` / ``encoder_ff_kept``: whether layer ``i`` still has an
   attention / feed-forward block at all (a removed block is a plain residual path).
+* ``extractor_output_scale``: the conv extractor's output is scaled per channel by a fixed
+  vector (``feature_extractor.output_scale``), DPHuBERT's ``dummy_weight``.
 * ``encoder_head_index``: WavLM only. The original index of each kept head; the
   relative-position bias and its gate are indexed by it.
 
@@ -63,6 +65,7 @@ class EncoderConfig:
     encoder_attention_kept: Optional[List[bool]] = None
     encoder_ff_kept: Optional[List[bool]] = None
     encoder_head_index: Optional[List[List[int]]] = None
+    extractor_output_scale: bool = False
     layer_norm_eps: float = 1e-5
     normalize_waveform: bool = False
 

@@ -34,7 +34,7 @@ def _build(config: EncoderConfig) -> Wav2Vec2Model:
             norm = nn.GroupNorm(num_groups=max(out, 1), num_channels=out, affine=True, eps=eps)
         convs.append(ConvLayerBlock(in_channels, out, kernel, stride, config.extractor_conv_bias, norm))
         in_channels = out
-    feature_extractor = FeatureExtractor(nn.ModuleList(convs))
+    feature_extractor = FeatureExtractor(nn.ModuleList(convs), config.extractor_output_scale)
 
     D = config.encoder_embed_dim
     projection = FeatureProjection(in_channels, D, config.encoder_projection_dropout,
