@@ -52,6 +52,30 @@ def test_padding_does_not_change_valid_frames(name):
         torch.testing.assert_close(p[0, :n], a[0, :n], rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("name", ["hubert_base_tiny", "wavlm_large_tiny"])  # post-norm; pre-norm (final LN)
+def test_num_layers_runs_the_first_layers_only(name):
+    """forward(num_layers=k) returns the full model's first k + 1 hidden states, and layers above
+    k are not run at all."""
+    model = build_preset(name).eval()
+    n = model.config.encoder_num_layers
+    x, lengths = torch.randn(2, 8000), torch.tensor([8000, 5000])
+    ran = []
+    for i, layer in enumerate(model.encoder.transformer.layers):
+        layer.register_forward_hook(lambda *_, i=i: ran.append(i))
+    with torch.no_grad():
+        full, frames = model(x, lengths)
+        for k in range(n + 1):
+            ran.clear()
+            part, part_frames = model(x, lengths, num_layers=k)
+            assert ran == list(range(k))
+            assert len(part) == k + 1 and torch.equal(part_frames, frames)
+            for a, b in zip(part, full):
+                torch.testing.assert_close(a, b, rtol=0, atol=0)
+    for bad in (-1, n + 1):
+        with pytest.raises(ValueError, match=rf"num_layers={bad} is outside \[0, {n}\]"):
+            model(x, lengths, num_layers=bad)
+
+
 def test_dropout_in_train_only():
     model = build_preset("hubert_base_tiny")
     x = torch.randn(1, 16000)

@@ -355,7 +355,11 @@ class SelfAttention(nn.Module):
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
         if head_gate is not None:
             out = out * _rows(head_gate, active)[:, None, None]
-        out = out.transpose(1, 2).reshape(batch, frames, heads * self.head_dim)
+        # heads side by side, (batch, frames, heads * head_dim), by a concatenation rather than a
+        # reshape of the transposed output: whether that reshape can be a view depends on the attention
+        # kernel's output strides, and under symbolic shapes (torch.export, ONNX) the exporter cannot
+        # decide it once frames may be 1 (it emits a view that then fails for WavLM's float mask)
+        out = torch.cat(out.unbind(1), dim=-1)
         return F.linear(out, _rows(self.out_proj.weight, rows, dim=1), self.out_proj.bias)
 
 
