@@ -7,6 +7,7 @@
     prune evaluate MODEL [--manifest M] [--probe DIR]   hidden states vs the teacher; phone-recognition PER
     prune inspect PATH                                  size and structure of any supported checkpoint
     prune preview [--preset P] [--sparsity S]           gate a preset with seeded random gates, cut, export
+    prune convert MODEL OUT.onnx --to onnx [--layers K ...] [--quantize int8]   an ONNX graph, checked with onnxruntime
     prune manifest FOLDER OUT_DIR                       train.tsv + valid.tsv for a folder of audio
     prune extract MODEL AUDIO --layer K --out DIR       hidden states of every file, one .npy each
 
@@ -404,6 +405,19 @@ def preview(args: argparse.Namespace) -> int:
     return 0
 
 
+def convert(args: argparse.Namespace) -> int:
+    """``prune convert MODEL OUT --to FORMAT``: write a model in another format (and check it)."""
+    from .checkpoints.convert import convert as convert_model
+    from .checkpoints.onnx_export import OnnxUnavailable
+
+    try:
+        lines = convert_model(args.model, args.out, args.to, args.layers, args.quantize, args.overwrite)
+    except OnnxUnavailable as e:
+        raise _fail("convert", e)
+    print("\n".join(lines))
+    return 0
+
+
 def manifest(args: argparse.Namespace) -> int:
     """``prune manifest FOLDER OUT_DIR``: OUT_DIR/train.tsv and OUT_DIR/valid.tsv for the audio under FOLDER."""
     from .train.manifest import AUDIO_EXTENSIONS, make_manifests
@@ -495,6 +509,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="outputs/preview", help="export folder")
     p.add_argument("--overwrite", action="store_true", help="replace an existing export folder")
     p.set_defaults(func=preview)
+    p = sub.add_parser("convert", help="write a model in another format: an ONNX graph (checked with onnxruntime)",
+                       description="Write MODEL (an export folder, a Hugging Face folder, a fairseq / torchaudio / "
+                                   "DPHuBERT file; pruned or not) as OUT. --to onnx: inputs waveforms (batch, "
+                                   "samples) float32 and lengths (batch,) int64; outputs hidden_K (batch, frames, "
+                                   "dim) per layer, then frames (batch,) int64. The graph is checked against torch "
+                                   "on a padded batch; a float32 graph off by more than 1e-4 is removed.")
+    p.add_argument("model", help="an export folder or any checkpoint prune inspect reads")
+    p.add_argument("out", help="the file to write, e.g. model.onnx")
+    p.add_argument("--to", required=True, help="output format: onnx")
+    p.add_argument("--layers", type=int, nargs="+", default=None, metavar="K",
+                   help="output only these hidden states (0: the input to the first layer); the layers above "
+                        "the highest are left out of the graph (default: all)")
+    p.add_argument("--quantize", choices=["int8"], default=None,
+                   help="int8: dynamic int8 quantisation of the MatMul weights (onnxruntime)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing OUT")
+    p.set_defaults(func=convert)
     p = sub.add_parser("manifest", help="make train.tsv and valid.tsv for a folder of audio",
                        description="Write OUT_DIR/train.tsv and OUT_DIR/valid.tsv listing every readable audio "
                                    "file under FOLDER (recursively) with its length at 16 kHz, split at random "
