@@ -17,6 +17,8 @@ shared and noisy, absolute times are not comparable across runs. Writes a table 
 4. exactness at scale: gated (eval) vs compiled hidden states, expected vs actual params.
 5. conv widths: MAC throughput of one conv layer of the extractor at its full width (512), at a
    pruned odd width, and at that width padded to multiples of 8 (are narrow layers slow?).
+6. ONNX Runtime: the models of 1 exported with `prune convert`'s exporter, float32 and int8
+   (dynamic, MatMul weights), vs torch eager; batch 1 and 4 (needs `pip install 'prune[onnx]'`).
 """
 
 from __future__ import annotations
@@ -46,26 +48,36 @@ SPARSITIES = (0.5, 0.75, 0.9)
 
 
 # ----------------------------------------------------------------------------------- 1 and 4
-def inference(args) -> Dict:
+def pruned_models(preset: str):
+    """{"unpruned": model, "50%": ..., ...}: random weights (seed 0), then each sparsity of SPARSITIES
+    reached with seeded random gates (seed 1) and cut; also yields each gated model for checks."""
     torch.manual_seed(0)
-    full = build_preset(PRESET).eval()
-    models = {"unpruned": full}
-    exactness = []
-    x_check = torch.randn(2, 16000 * 2)
-    lengths = torch.tensor([32000, 24000])
+    full = build_preset(preset).eval()
+    models, gated_models = {"unpruned": full}, {}
     for s in SPARSITIES:
-        gated = GatedEncoder(build_preset(PRESET))
+        gated = GatedEncoder(build_preset(preset))
         gated.model.load_state_dict(full.state_dict())
         set_random_gates(gated, s, seed=1)
         gated.eval()
-        compiled = prune.compile_encoder(gated)
+        models[f"{int(s * 100)}%"] = prune.compile_encoder(gated)
+        gated_models[s] = gated
+    return models, gated_models
+
+
+def inference(args) -> Dict:
+    models, gated_models = pruned_models(args.preset)
+    full = models["unpruned"]
+    exactness = []
+    x_check = torch.randn(2, 16000 * 2)
+    lengths = torch.tensor([32000, 24000])
+    for s, gated in gated_models.items():
+        compiled = models[f"{int(s * 100)}%"]
         with torch.no_grad():
             a, _ = gated(x_check, lengths)
             b, _ = compiled(x_check, lengths)
         err = max(((u - v).abs().max() / v.abs().max()).item() for u, v in zip(b, a))
         exactness.append({"sparsity": s, "max_rel_error": err, "expected_params": int(gated.expected_params().item()),
                           "actual_params": prune.num_params(compiled)})
-        models[f"{int(s * 100)}%"] = compiled
     rows, results = [], []
     for batch in (1, 4):
         x = torch.randn(batch, int(args.seconds * 16000))
@@ -82,7 +94,7 @@ def inference(args) -> Dict:
             rows.append([name, str(batch), f"{prune.num_params(m) / 1e6:.2f} M", f"{count_macs(m.config) / 1e9:.2f}",
                          f"{fastest(times[name]):.3f} s", spread(times[name]), f"{speedup:.2f}x", f"{mac_ratio:.2f}x",
                          f"{speedup / mac_ratio:.2f}"])
-    print(f"\n1. Inference, {PRESET}, {args.seconds:g} s of audio, {torch.get_num_threads()} threads, "
+    print(f"\n1. Inference, {args.preset}, {args.seconds:g} s of audio, {torch.get_num_threads()} threads, "
           f"best of {args.repeats}")
     print(format_table([["model", "batch", "params", "GMACs/s", "latency", "median/max", "speedup", "MAC cut",
                          "speedup / MAC cut"]] + rows))
@@ -222,7 +234,7 @@ def plot(results: Dict, path: Path) -> None:
     ax.plot([1, top], [0.9, 0.9 * top], "k:", lw=0.8, label="0.9 x MAC cut (goal)")
     ax.set_xlabel("MAC reduction (x)")
     ax.set_ylabel("CPU speedup (x)")
-    ax.set_title(f"{PRESET}: pruned vs unpruned, CPU")
+    ax.set_title(f"{results.get('preset', PRESET)}: pruned vs unpruned, CPU")
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -257,12 +269,60 @@ def conv_widths(args) -> Dict:
     return {"conv_widths": out}
 
 
+# ----------------------------------------------------------------------------------------- 6
+def onnx_runtime(args, models: Dict) -> Dict:
+    """onnxruntime (float32 and int8 MatMul weights) vs torch eager, the same models side by side,
+    interleaved; each graph is exported with prune's exporter and checked against torch first."""
+    import tempfile
+
+    from prune.checkpoints.onnx_export import export_onnx, onnx_session, verify_onnx
+
+    sessions, errors = {}, {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, m in models.items():
+            for quantize in (None, "int8"):
+                path = export_onnx(m, Path(tmp) / f"{name.strip('%')}_{quantize or 'f32'}.onnx", quantize=quantize)
+                key = (name, quantize or "float32")
+                errors[key] = max(verify_onnx(path, m).values())
+                sessions[key] = onnx_session(path, torch.get_num_threads())
+    rows, results = [], []
+    for batch in (1, 4):
+        x = torch.randn(batch, int(args.seconds * 16000))
+        lengths = torch.full((batch,), x.shape[1], dtype=torch.long)
+        feed = {"waveforms": x.numpy(), "lengths": lengths.numpy()}
+        fns = {}
+        for name, m in models.items():
+            fns[(name, "torch")] = lambda m=m: m(x, lengths)
+            for kind in ("float32", "int8"):
+                fns[(name, kind)] = lambda s=sessions[(name, kind)]: s.run(None, feed)
+        with torch.no_grad():
+            times = interleaved(fns, args.repeats)
+        for name in models:
+            eager = fastest(times[(name, "torch")])
+            for kind in ("torch", "float32", "int8"):
+                t = fastest(times[(name, kind)])
+                err = errors.get((name, kind))
+                results.append({"model": name, "batch": batch, "runtime": kind, "latency_s": t,
+                                "spread": spread(times[(name, kind)]), "vs_torch": eager / t, "max_rel_error": err})
+                rows.append([name, str(batch), "torch eager" if kind == "torch" else f"onnxruntime {kind}",
+                             f"{t:.3f} s", spread(times[(name, kind)]), f"{eager / t:.2f}x",
+                             "-" if err is None else f"{err:.1e}"])
+    print(f"\n6. ONNX Runtime vs torch eager, {args.preset}, {args.seconds:g} s of audio, "
+          f"{torch.get_num_threads()} threads, best of {args.repeats}, interleaved")
+    print(format_table([["model", "batch", "runtime", "latency", "median/max", "speedup vs torch",
+                         "max rel. error"]] + rows))
+    return {"onnx": results}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="shorter audio and fewer repeats (a few minutes)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", default="outputs/benchmark")
-    parser.add_argument("--sections", default="1,2,3", help="which parts to run (4 comes with 1; 5 on request)")
+    parser.add_argument("--sections", default="1,2,3,6",
+                        help="which parts to run (4 comes with 1; 5 on request; 6 needs the onnx extra)")
+    parser.add_argument("--preset", default=PRESET,
+                        help=f"model of sections 1, 4 and 6 (default {PRESET}; hubert_base_tiny: a smoke test)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     args.seconds = 4.0 if args.quick else 10.0
@@ -276,7 +336,7 @@ def main() -> None:
     print(f"torch {torch.__version__}, {args.threads} threads, {'quick' if args.quick else 'full'} mode")
     t0 = time.time()
     sections = set(args.sections.split(","))
-    results: Dict = {}
+    results: Dict = {"preset": args.preset}
     if "1" in sections or "2" in sections:
         inf = inference(args)
         models = inf.pop("models")
@@ -287,6 +347,8 @@ def main() -> None:
         results.update(training_step(args))
     if "5" in sections:
         results.update(conv_widths(args))
+    if "6" in sections:
+        results.update(onnx_runtime(args, pruned_models(args.preset)[0]))
     results["seconds_total"] = time.time() - t0
     (out / "results.json").write_text(json.dumps(results, indent=2))
     if "inference" in results:

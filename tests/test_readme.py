@@ -70,6 +70,12 @@ def _readme_commands():
     return commands
 
 
+def _has_onnx() -> bool:
+    import importlib.util
+
+    return all(importlib.util.find_spec(m) is not None for m in ("onnx", "onnxscript", "onnxruntime"))
+
+
 def _runs(probe_corpus: Path):
     """README command -> (words to add, expected exit status, environment)."""
     repo = README.parent
@@ -98,6 +104,8 @@ def _runs(probe_corpus: Path):
         ("prune extract outputs/demo/export data/my_corpus/train.tsv --layer 2 --layer 4 --float16 "
          "--out features/two"): ([], 0, {}),
         "prune preview --preset wavlm_base_plus --sparsity 0.5": (["--preset", "wavlm_base_plus_tiny"], 0, {}),
+        # without the onnx extra: one line saying how to install it, exit 1
+        "prune convert outputs/demo/export outputs/demo.onnx --to onnx": ([], 0 if _has_onnx() else 1, {}),
         "prune pretrain demo_teacher hydra.run.dir=outputs/demo_teacher": (
             ["trainer.steps=2", "targets.kmeans_iters=2", "trainer.valid_every=0", "trainer.threads=1",
              "data.max_samples=8000", f"data.train_manifest={probe_corpus / 'train.tsv'}",
@@ -136,6 +144,9 @@ def test_readme_commands_work_from_another_directory(tmp_path):
         assert "Traceback" not in result.stderr, f"{command}\n{result.stderr[-3000:]}"
         outputs[command] = result
     assert not (user / "data" / "demo_corpus").exists()  # the demo found its data without it here
+    if _has_onnx():
+        converted = outputs["prune convert outputs/demo/export outputs/demo.onnx --to onnx"]
+        assert (user / "outputs" / "demo.onnx").is_file() and "onnxruntime vs torch" in converted.stdout
     assert "tiny_demo" in outputs["prune train"].stderr and "pruning.target = 0.5" in \
         outputs["prune train tiny_demo --help"].stdout
     demo = outputs["prune train demo hydra.run.dir=outputs/demo"]

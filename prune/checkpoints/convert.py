@@ -63,8 +63,10 @@ def check_convert(model_path: os.PathLike, out: os.PathLike, to: str, overwrite:
     out = Path(out)
     if out.suffix != fmt.suffix:
         raise ValueError(f"{out}: an output for --to {to} must end in {fmt.suffix}")
-    if out.is_dir() or (out.exists() and not overwrite):
-        raise ValueError(f"{out} exists" + ("" if out.is_dir() else "; pass --overwrite to replace it"))
+    if out.is_dir():
+        raise ValueError(f"{out} is a folder; give the file to write, ending in {fmt.suffix}")
+    if out.exists() and not overwrite:
+        raise ValueError(f"{out} exists; pass --overwrite to replace it")
     ancestor = out.parent
     while not ancestor.exists():  # missing folders are made at write time
         ancestor = ancestor.parent

@@ -196,14 +196,19 @@ def check_batch(config: EncoderConfig, seed: int = 0) -> Tuple[Tensor, Tensor]:
     return torch.randn(3, samples, generator=g), lengths
 
 
-def run_onnx(path: PathLike, waveforms: Tensor, lengths: Tensor, threads: int = 1) -> Dict[str, Tensor]:
-    """onnxruntime (CPU) on a batch -> {output name: tensor}."""
+def onnx_session(path: PathLike, threads: int = 1):
+    """An onnxruntime CPU session on ``threads`` threads."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
-    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def run_onnx(graph, waveforms: Tensor, lengths: Tensor, threads: int = 1) -> Dict[str, Tensor]:
+    """onnxruntime (CPU) on a batch -> {output name: tensor}. graph: a path or an ``onnx_session``."""
+    session = onnx_session(graph, threads) if isinstance(graph, (str, os.PathLike)) else graph
     names = [o.name for o in session.get_outputs()]
     outputs = session.run(names, {"waveforms": waveforms.float().numpy(), "lengths": lengths.long().numpy()})
     return {name: torch.from_numpy(value) for name, value in zip(names, outputs)}
