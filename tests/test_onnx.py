@@ -116,9 +116,9 @@ def test_layers_leave_the_layers_above_out_of_the_graph(tmp_path):
 # ------------------------------------------------------------------------------ the command
 @pytest.fixture
 def wavlm_export(tmp_path):
-    """An unpruned WavLM as a prune export folder."""
+    """An unpruned pre-norm WavLM (3 layers; layer_norm extractor, normalised waveforms) as an export."""
     torch.manual_seed(3)
-    return export_pruned(build_preset("wavlm_base_tiny").eval(), tmp_path / "export")
+    return export_pruned(build_preset("wavlm_large_tiny").eval(), tmp_path / "export")
 
 
 def test_convert_verifies_what_it_wrote(wavlm_export, tmp_path, capsys):
@@ -128,7 +128,7 @@ def test_convert_verifies_what_it_wrote(wavlm_export, tmp_path, capsys):
     assert code == 0, text
     line = next(t for t in text.splitlines() if t.startswith("onnxruntime vs torch"))
     errors = [float(x.split()[-1]) for x in line.split(": ", 1)[1].split(", ")]
-    assert len(errors) == 3 and max(errors) < TOL
+    assert len(errors) == 4 and max(errors) < TOL
     assert out.is_file() and [p.name for p in out.parent.iterdir()] == ["wavlm.onnx"]  # no temporary left
 
 
@@ -189,8 +189,8 @@ def test_bad_input_is_one_line_before_any_compute(case, wavlm_export, tmp_path, 
 
 def test_layers_out_of_range_name_the_layer_count(wavlm_export, tmp_path, capsys, no_export):
     _need_onnx()
-    code, text = _convert(capsys, wavlm_export, tmp_path / "m.onnx", "--to", "onnx", "--layers", "1", "3")
-    assert code == 1 and "--layers 3: the model has 2 transformer layers; choose from 0" in text, text
+    code, text = _convert(capsys, wavlm_export, tmp_path / "m.onnx", "--to", "onnx", "--layers", "1", "4")
+    assert code == 1 and "--layers 4: the model has 3 transformer layers; choose from 0" in text, text
 
 
 def test_existing_out_needs_overwrite(wavlm_export, tmp_path, capsys, no_export):
