@@ -3,6 +3,7 @@ family (pruned, with the hard cases, and unpruned), ``--layers``, ``--quantize i
 Tests that export skip without the ``onnx`` extra; the command-line checks run without it."""
 
 import json
+from pathlib import Path
 import subprocess
 import sys
 
@@ -76,6 +77,21 @@ def test_pruned_graph_matches_torch_on_a_new_padded_batch(name, tmp_path):
     assert json.loads(meta["layers"]) == list(range(n + 1))
     assert (meta["sample_rate"], meta["frame_rate"], meta["num_layers"]) == ("16000", "50", str(n))
     assert meta["architecture"] == cfg.architecture and meta["quantize"] == "none"
+
+
+@pytest.mark.parametrize("fixture", ["wavlm_pruned", "prenorm_gated"])
+def test_a_dphubert_file_exports_exactly(fixture, tmp_path):
+    """DPHuBERT's files through the exporter: the last conv layer's output scale (its dummy_weight),
+    WavLM's remaining heads of the position bias, gates folded at load time (tests/fixtures/dphubert,
+    made by DPHuBERT's own code)."""
+    _need_onnx()
+    from prune import load_pretrained
+
+    model = load_pretrained(Path(__file__).resolve().parent / "fixtures" / "dphubert" / f"{fixture}.pth")
+    assert model.feature_extractor.output_scale is not None
+    path = export_onnx(model, tmp_path / "m.onnx")
+    errors = verify_onnx(path, model)
+    assert max(errors.values()) < TOL, errors
 
 
 def _params_reached(model, num_layers):

@@ -106,6 +106,8 @@ def _runs(probe_corpus: Path):
         "prune preview --preset wavlm_base_plus --sparsity 0.5": (["--preset", "wavlm_base_plus_tiny"], 0, {}),
         # without the onnx extra: one line saying how to install it, exit 1
         "prune convert outputs/demo/export outputs/demo.onnx --to onnx": ([], 0 if _has_onnx() else 1, {}),
+        "prune inspect DPHuBERT-sp0.75.pth": ([], 0, {}),
+        "prune convert DPHuBERT-sp0.75.pth outputs/dphubert.onnx --to onnx": ([], 0 if _has_onnx() else 1, {}),
         "prune pretrain demo_teacher hydra.run.dir=outputs/demo_teacher": (
             ["trainer.steps=2", "targets.kmeans_iters=2", "trainer.valid_every=0", "trainer.threads=1",
              "data.max_samples=8000", f"data.train_manifest={probe_corpus / 'train.tsv'}",
@@ -113,6 +115,7 @@ def _runs(probe_corpus: Path):
             0, {}),
     }, {"/path/to/audio": str(repo / "data" / "demo_corpus" / "audio"),  # the user's own files
         "/path/to/hubert": str(repo / "data" / "demo_teacher"),
+        "DPHuBERT-sp0.75.pth": str(repo / "tests" / "fixtures" / "dphubert" / "hubert_pruned.pth"),  # made by its code
         "--probe data/demo_corpus": f"--probe {probe_corpus}",
         "outputs/.../checkpoints/step_00000500.pt": f"{STOPPED_RUN}/checkpoints/step_00000002.pt"}
 
@@ -147,6 +150,8 @@ def test_readme_commands_work_from_another_directory(tmp_path):
     if _has_onnx():
         converted = outputs["prune convert outputs/demo/export outputs/demo.onnx --to onnx"]
         assert (user / "outputs" / "demo.onnx").is_file() and "onnxruntime vs torch" in converted.stdout
+        assert (user / "outputs" / "dphubert.onnx").is_file()
+    assert re.search(r"format: +DPHuBERT", outputs["prune inspect DPHuBERT-sp0.75.pth"].stdout)
     assert "tiny_demo" in outputs["prune train"].stderr and "pruning.target = 0.5" in \
         outputs["prune train tiny_demo --help"].stdout
     demo = outputs["prune train demo hydra.run.dir=outputs/demo"]
