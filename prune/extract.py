@@ -141,18 +141,16 @@ def torch_forward(model: Wav2Vec2Model, layers: Sequence[int]) -> Forward:
 def onnx_session(path: PathLike, threads: Optional[int]):
     """An onnxruntime CPU session of the graph at ``path`` (one-line errors)."""
     try:
-        import onnxruntime as ort
+        import onnxruntime  # noqa: F401  (only whether it is installed)
     except ImportError:
         raise ExtractError(f"--onnx needs onnxruntime, which is not installed: {ONNX_EXTRA}") from None
     path = Path(path)
     if not path.is_file():
         raise ExtractError(f"--onnx {path}: no such file")
-    options = ort.SessionOptions()
-    if threads is not None:
-        options.intra_op_num_threads = threads
-        options.inter_op_num_threads = 1
+    from .checkpoints.onnx_export import onnx_session as cpu_session
+
     try:
-        return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        return cpu_session(path, threads)
     except Exception as e:  # onnxruntime raises its own pybind types for a bad file
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ExtractError(f"--onnx {path}: onnxruntime cannot load it ({reason})") from None

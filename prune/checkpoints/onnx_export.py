@@ -196,13 +196,14 @@ def check_batch(config: EncoderConfig, seed: int = 0) -> Tuple[Tensor, Tensor]:
     return torch.randn(3, samples, generator=g), lengths
 
 
-def onnx_session(path: PathLike, threads: int = 1):
-    """An onnxruntime CPU session on ``threads`` threads."""
+def onnx_session(path: PathLike, threads: Optional[int] = 1):
+    """An onnxruntime CPU session on ``threads`` threads (None: onnxruntime's own choice)."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
+    if threads is not None:
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
