@@ -6,7 +6,7 @@ The library needs torch (and safetensors for exports) only.
 from .checkpoints import CheckpointError, ExportError, export_pruned, inspect_checkpoint, load_pretrained, load_pruned
 from .compile import compile_encoder
 from .gates import HardConcrete
-from .measure import measured_macs, num_params
+from .measured import measured_macs, num_params
 from .models import EncoderConfig, Wav2Vec2Model, build_encoder, build_preset, preset_config, wav2vec2_model
 from .structures import GateConfig, GatedEncoder, count_macs, count_params
 

@@ -160,7 +160,7 @@ def _check_command_line(command: str, recipe: str, overrides: List[str], multiru
 
     try:
         if command == "pretrain":
-            from .train.pretrain import PretrainConfig
+            from .pretrain.recipe import PretrainConfig
 
             check_overrides(overrides, PretrainConfig, command="pretrain")
             return []
@@ -223,7 +223,7 @@ def pretrain(argv: List[str]) -> None:
     from hydra.core.hydra_config import HydraConfig
 
     from .train.config import ConfigError
-    from .train.pretrain import run_pretraining, typed_pretrain
+    from .pretrain.recipe import run_pretraining, typed_pretrain
 
     recipe, flags, overrides = _pick_recipe("pretrain", argv)
     _help_or_recipe_list("pretrain", recipe, flags)
@@ -325,22 +325,22 @@ def evaluate(args: argparse.Namespace) -> int:
     if args.manifest is None and args.probe is None:
         raise ValueError("give --manifest (compare with the teacher), --probe (phone recognition), or both")
     if args.manifest is not None:
-        from .train.evaluate import evaluate_against_teacher
+        from .evaluate.similarity import evaluate_against_teacher
 
         print(evaluate_against_teacher(args.model, args.teacher, args.manifest, args.batch_size, args.max_samples))
     if args.probe is not None:
         from .checkpoints import load_pretrained
-        from .train.probe import phone_probe
+        from .evaluate.probe import phone_probe
 
         model = load_pretrained(args.model)
-        from .train.report import per_text
+        from .evaluate.report import per_text
 
         result = phone_probe(model, Path(args.probe), steps=args.probe_steps, seed=args.probe_seeds)
         print(f"phone probe on {args.probe} ({result['train_files']} train / {result['valid_files']} valid files, "
               f"{args.probe_steps} steps, seeds {args.probe_seeds}): PER train {result['train_per']:.3f}, "
               f"valid {per_text(result)}")
         if args.probe_floor:
-            from .train.report import random_init_like
+            from .evaluate.report import random_init_like
 
             floor = phone_probe(random_init_like(model, seed=0), Path(args.probe), steps=args.probe_steps,
                                 seed=args.probe_seeds)
@@ -363,11 +363,11 @@ def preview(args: argparse.Namespace) -> int:
     to a plain model, check it against the gated model, export it and print before/after."""
     from .checkpoints import check_export_path, describe, export_pruned
     from .compile import compile_encoder
-    from .measure import fastest, interleaved, spread
+    from .measured import fastest, interleaved, spread
     from .models import SAMPLE_RATE, build_preset
     from .seeded import set_random_gates
     from .structures import GatedEncoder
-    from .train.report import comparison_table
+    from .evaluate.report import comparison_table
 
     torch.manual_seed(args.seed)
     torch.set_num_threads(args.threads)
@@ -383,7 +383,7 @@ def preview(args: argparse.Namespace) -> int:
     with torch.no_grad():
         expected, _ = gated(x, lengths)
         actual, _ = compiled(x, lengths)
-        # interleaved, fastest of N: load on a shared machine hits both models alike (prune/measure.py)
+        # interleaved, fastest of N: load on a shared machine hits both models alike (prune/measured.py)
         times = interleaved({"unpruned": lambda: gated.model(x, lengths), "pruned": lambda: compiled(x, lengths)},
                             repeats=args.repeats)
     t_full, t_pruned = fastest(times["unpruned"]), fastest(times["pruned"])
@@ -420,7 +420,7 @@ def convert(args: argparse.Namespace) -> int:
 
 def manifest(args: argparse.Namespace) -> int:
     """``prune manifest FOLDER OUT_DIR``: OUT_DIR/train.tsv and OUT_DIR/valid.tsv for the audio under FOLDER."""
-    from .train.manifest import AUDIO_EXTENSIONS, make_manifests
+    from .data.manifest import AUDIO_EXTENSIONS, make_manifests
 
     made = make_manifests(args.folder, args.out_dir, args.valid_fraction, args.seed, args.ext or AUDIO_EXTENSIONS,
                           args.absolute)
@@ -438,7 +438,7 @@ def manifest(args: argparse.Namespace) -> int:
 def extract(args: argparse.Namespace) -> int:
     """``prune extract MODEL AUDIO --layer K --out DIR``: one .npy of hidden states per audio file."""
     from .extract import SETTINGS_FILE, extract_features
-    from .train.data import format_skipped
+    from .data.dataset import format_skipped
 
     # progress lines (off a terminal) and skipped files go to stderr
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s")
@@ -462,7 +462,7 @@ def _layers(values: List[Optional[int]]) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     from .extract import DEFAULT_MAX_BATCH_SECONDS
-    from .train.manifest import AUDIO_EXTENSIONS
+    from .data.manifest import AUDIO_EXTENSIONS
 
     parser = argparse.ArgumentParser(prog="prune", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)

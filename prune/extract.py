@@ -52,7 +52,7 @@ class Inputs:
     """The usable files (``manifest``), where each one's features go (``outputs``, relative .npy
     paths in the input's layout) and the files left out with the reason (``skipped``)."""
 
-    manifest: Any  # prune.train.manifest.Manifest
+    manifest: Any  # prune.data.manifest.Manifest
     outputs: List[str]
     skipped: Dict[str, str]
 
@@ -60,8 +60,8 @@ class Inputs:
 def list_inputs(audio: PathLike) -> Inputs:
     """A folder (searched recursively for the extensions ``prune manifest`` takes) or a manifest
     (train.tsv style) -> the files to extract. Headers are read, no audio is decoded."""
-    from .train.data import validate_manifest
-    from .train.manifest import AUDIO_EXTENSIONS, Manifest, build_manifest, read_manifest
+    from .data.dataset import validate_manifest
+    from .data.manifest import AUDIO_EXTENSIONS, Manifest, build_manifest, read_manifest
 
     audio = Path(audio)
     if audio.is_dir():
@@ -125,7 +125,7 @@ def torch_forward(model: Wav2Vec2Model, layers: Sequence[int]) -> Forward:
     @torch.inference_mode()
     def forward(waves: List[Tensor]) -> Tuple[List[np.ndarray], np.ndarray]:
         if padding_is_exact(model.config):
-            from .train.data import collate
+            from .data.dataset import collate
 
             x, lengths = collate(waves)
             hiddens, frames = model(x, lengths, num_layers=top)
@@ -182,7 +182,7 @@ def onnx_forward(session, layers: Sequence[int]) -> Forward:
     names = [f"hidden_{k}" for k in layers] + ["frames"]
 
     def forward(waves: List[Tensor]) -> Tuple[List[np.ndarray], np.ndarray]:
-        from .train.data import collate
+        from .data.dataset import collate
 
         x, lengths = collate(waves)
         *hiddens, frames = session.run(names, {"waveforms": x.numpy(), "lengths": lengths.numpy()})
@@ -376,7 +376,7 @@ def _settings(model: PathLike, encoder: Wav2Vec2Model, onnx: Optional[PathLike],
 def _extract(inputs: Inputs, todo: List[int], forward: Forward, batches: List[List[int]], out: Path,
              layers: List[int], dtype, summary: ExtractSummary, progress: bool) -> None:
     """Decode, forward and write each batch; files that fail to decode go to ``summary.skipped``."""
-    from .train.data import AudioDataset
+    from .data.dataset import AudioDataset
 
     dataset = AudioDataset(inputs.manifest)  # None for a file that fails to decode (logged once)
     with _progress(len(todo), progress) as advance:
@@ -393,7 +393,7 @@ def _extract(inputs: Inputs, todo: List[int], forward: Forward, batches: List[Li
 def _batches(todo: List[int], lengths: List[int], batch_size: Optional[int], max_batch_seconds: float
              ) -> List[List[int]]:
     """Longest first (a batch too big for memory fails at once), packed by padded length."""
-    from .train.data import pack_sorted
+    from .data.dataset import pack_sorted
 
     order = sorted(todo, key=lambda i: -lengths[i])
     return pack_sorted(order, lengths, batch_size, int(max_batch_seconds * SAMPLE_RATE))

@@ -36,12 +36,12 @@ import torch
 
 import prune
 from prune.calibrate import calibrate
-from prune.measure import fastest, interleaved, spread
+from prune.measured import fastest, interleaved, spread
 from prune.models import build_preset
 from prune.seeded import set_random_gates
 from prune.structures import GatedEncoder, count_macs
-from prune.train.lagrangian import Lagrangian
-from prune.train.report import format_table
+from prune.lagrangian import Lagrangian
+from prune.evaluate.report import format_table
 
 PRESET = "hubert_base"
 SPARSITIES = (0.5, 0.75, 0.9)

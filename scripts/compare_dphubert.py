@@ -45,9 +45,9 @@ from torch import Tensor, nn
 
 from prune.models import EncoderConfig, Wav2Vec2Model
 from prune.train.config import ConfigError, check_run_dir, compose, validate
-from prune.train.data import collate
+from prune.data.dataset import collate
 from prune.train.distributed import DistEnv
-from prune.train.probe import corpus_features, encoder_layers, fit_probe
+from prune.evaluate.probe import corpus_features, encoder_layers, fit_probe
 from prune.train.recipe import PruneRecipe, _diff, load_teacher
 
 log = logging.getLogger("compare_dphubert")

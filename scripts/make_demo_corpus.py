@@ -8,7 +8,7 @@ the corpus is committed, and nothing that reads it needs espeak-ng.
 
 Sentences are generated from a small grammar and vocabulary (below), each spoken once by one
 of several voices at a slightly varied speed and pitch. espeak-ng's 22.05 kHz output is
-trimmed, resampled to 16 kHz with ``prune.train.audio.resample`` and written as FLAC. For each
+trimmed, resampled to 16 kHz with ``prune.data.audio.resample`` and written as FLAC. For each
 utterance the text and espeak-ng's IPA phone transcript are kept (``transcripts.tsv``), for
 phone-recognition probes. Sentences are split 90/10 into train/valid, so valid sentences are
 unseen in training. Everything is deterministic given ``--seed`` and the espeak-ng version.
@@ -31,8 +31,8 @@ import numpy as np
 import soundfile as sf
 import torch
 
-from prune.train.audio import SAMPLE_RATE, resample
-from prune.train.manifest import write_manifest
+from prune.data.audio import SAMPLE_RATE, resample
+from prune.data.manifest import write_manifest
 
 VOICES = ["en-us", "en-gb", "en-gb-scotland", "en-us+f3", "en-gb+m3", "en-gb-x-rp+f4"]
 SPEED_WPM = (150, 195)  # espeak-ng default 175
@@ -246,7 +246,7 @@ The output is deterministic for a given espeak-ng version.
 - `audio/<id>.flac`: 16 kHz mono FLAC, leading/trailing silence trimmed to {MARGIN_S * 1000:.0f} ms.
   Samples have {BITS}-bit precision stored as 16-bit (FLAC drops the unused low bits), to keep
   the corpus small.
-- `train.tsv` ({n_train} utterances), `valid.tsv` ({n_valid}): manifests for `prune.train.manifest`
+- `train.tsv` ({n_train} utterances), `valid.tsv` ({n_valid}): manifests for `prune.data.manifest`
   (root line `audio`, then `file<TAB>samples`). The split is by sentence: no valid sentence
   occurs in train.
 - `transcripts.tsv`: a header line, then `id<TAB>voice<TAB>text<TAB>phones` per utterance.
@@ -257,7 +257,7 @@ The output is deterministic for a given espeak-ng version.
   voice's accent, so a word can differ across voices. {len(phone_set)} distinct phones occur.
 
 ```python
-from prune.train.data import AudioDataset
+from prune.data.dataset import AudioDataset
 dataset = AudioDataset("data/demo_corpus/train.tsv", max_samples=32000)
 ```
 

@@ -5,7 +5,7 @@
 
 Both graphs come from `prune convert`'s exporter; features of every file of CORPUS/train.tsv and
 valid.tsv are computed by onnxruntime (one utterance at a time, as the probe does in torch), then
-the probe of prune/train/probe.py is trained on each feature set with the same seeds.
+the probe of prune/evaluate/probe.py is trained on each feature set with the same seeds.
 Needs `pip install 'prune[onnx]'`.
 """
 
@@ -21,7 +21,7 @@ import torch
 
 from prune import load_pretrained
 from prune.checkpoints.onnx_export import export_onnx, onnx_session, run_onnx, valid_frames_error
-from prune.train.probe import corpus_features, encoder_layers, fit_probe
+from prune.evaluate.probe import corpus_features, encoder_layers, fit_probe
 
 
 def onnx_layers(path: Path):

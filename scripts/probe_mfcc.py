@@ -11,8 +11,8 @@ from pathlib import Path
 
 import torch
 
-from prune.train.probe import fit_probe, phone_vocab, read_phones, utterance_features
-from prune.train.targets import mfcc_features
+from prune.evaluate.probe import fit_probe, phone_vocab, read_phones, utterance_features
+from prune.pretrain.clusters import mfcc_features
 
 
 def main() -> None:

@@ -13,7 +13,7 @@ from helpers_train import noise_corpus
 from prune.cli import build_parser, main
 from prune.train.config import ConfigError, TrainConfig
 from prune.train.multirun import JobResult, Sweep, check_sweep, dirname_override, job_row, summary_table
-from prune.train.pretrain import PretrainConfig
+from prune.pretrain.recipe import PretrainConfig
 from prune.train.recipe import progress_bar, progress_line
 from prune.train.schema import schema_keys
 from prune.train.usage import recipes

@@ -5,7 +5,7 @@ from helpers import max_rel_error, randomize_gates
 
 from prune.compile import compile_encoder
 from prune.gates import HardConcrete
-from prune.measure import num_params
+from prune.measured import num_params
 from prune.models import build_encoder, build_preset
 from prune.structures import GatedEncoder
 

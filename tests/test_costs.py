@@ -4,7 +4,7 @@ from conftest import TINY
 from helpers import randomize_gates
 
 from prune.compile import compile_encoder
-from prune.measure import measured_macs, num_params
+from prune.measured import measured_macs, num_params
 from prune.models import build_preset
 from prune.structures import GateConfig, GatedEncoder, count_macs, count_params
 

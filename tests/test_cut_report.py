@@ -9,11 +9,11 @@ import pytest
 import torch
 from helpers_train import noise_corpus, prune_cli, short_run_args
 
-from prune.measure import fastest, interleaved, spread
+from prune.measured import fastest, interleaved, spread
 from prune.train.config import compose, validate
 from prune.train.distill import distill_loss, frame_mask
 from prune.train.recipe import PruneRecipe, cut_record, cut_warning
-from prune.train.report import target_line
+from prune.evaluate.report import target_line
 
 
 def test_interleaved_times_round_robin_and_reports_the_spread():

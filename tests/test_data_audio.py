@@ -9,8 +9,8 @@ import pytest
 import soundfile as sf
 import torch
 
-import prune.train.audio as audio_mod
-from prune.train.audio import AudioError, load_audio, resample, resampled_length
+import prune.data.audio as audio_mod
+from prune.data.audio import AudioError, load_audio, resample, resampled_length
 
 
 def tone(freq, sr, seconds=1.0, amp=0.5):

@@ -12,9 +12,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch.utils.data import DataLoader
 
-from prune.train.audio import load_audio
-from prune.train.data import AudioDataset, LengthBucketSampler, collate, format_skipped, validate_manifest
-from prune.train.manifest import ManifestError, read_manifest, write_manifest
+from prune.data.audio import load_audio
+from prune.data.dataset import AudioDataset, LengthBucketSampler, collate, format_skipped, validate_manifest
+from prune.data.manifest import ManifestError, read_manifest, write_manifest
 
 CORPUS = Path(__file__).resolve().parent.parent / "data" / "demo_corpus"
 

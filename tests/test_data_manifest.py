@@ -10,7 +10,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from prune.cli import main as prune_main
-from prune.train.manifest import (AUDIO_EXTENSIONS, Manifest, ManifestError, build_manifest, read_manifest,
+from prune.data.manifest import (AUDIO_EXTENSIONS, Manifest, ManifestError, build_manifest, read_manifest,
                                    split_entries, write_manifest)
 
 HYPOTHESIS = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

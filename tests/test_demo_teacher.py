@@ -12,7 +12,7 @@ from prune.checkpoints import load_pruned, read_export_info
 from prune.checkpoints.inspect import inspect_checkpoint
 from prune.models import build_encoder
 from prune.structures import count_params
-from prune.train.probe import phone_probe
+from prune.evaluate.probe import phone_probe
 
 TEACHER = REPO / "data" / "demo_teacher"
 pytestmark = pytest.mark.skipif(not (TEACHER / "model.safetensors").exists(), reason="no demo teacher")

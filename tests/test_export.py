@@ -8,7 +8,7 @@ from helpers import load_with_torch_only, randomize_gates
 import prune.checkpoints.export as export_module
 from prune.checkpoints import ExportError, export_pruned, load_pruned, read_export_info
 from prune.compile import compile_encoder
-from prune.measure import num_params
+from prune.measured import num_params
 from prune.models import build_preset
 from prune.structures import GatedEncoder, count_macs
 

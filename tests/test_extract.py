@@ -15,7 +15,7 @@ from helpers import randomize_gates
 from prune import GatedEncoder, build_preset, compile_encoder, export_pruned
 from prune.cli import main
 from prune.extract import ExtractError, extract_features
-from prune.train.audio import load_audio
+from prune.data.audio import load_audio
 
 # (relative path, seconds, sample rate, channels): sub-folders, another rate, stereo
 FILES = [("a/one.wav", 0.9, 16000, 1), ("a/two.flac", 0.35, 16000, 1), ("b/c/three.wav", 0.6, 8000, 1),
@@ -227,7 +227,7 @@ def test_a_terminal_gets_a_progress_bar(corpus, tmp_path, monkeypatch):
 
 
 def test_a_manifest_keeps_its_layout(corpus, tmp_path):
-    from prune.train.manifest import write_manifest
+    from prune.data.manifest import write_manifest
 
     write_manifest(tmp_path / "list.tsv", str(corpus), [("a/one.wav", 14400), ("b/c/three.wav", 9600)])
     path = export(build_preset("hubert_base_tiny"), tmp_path / "model")

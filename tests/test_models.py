@@ -2,7 +2,7 @@ import pytest
 import torch
 from conftest import TINY
 
-from prune.measure import num_params
+from prune.measured import num_params
 from prune.models import PRESETS, EncoderConfig, build_encoder, build_preset, preset_config, wav2vec2_model
 from prune.structures import count_params
 

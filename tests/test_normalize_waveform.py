@@ -104,7 +104,7 @@ def test_torch_export_with_dynamic_batch_and_length():
 
 
 def test_pretraining_head_normalises_too():
-    from prune.train.masked_prediction import MaskedPrediction
+    from prune.pretrain.masked_prediction import MaskedPrediction
     head = MaskedPrediction(build_preset("hubert_large_tiny"), num_clusters=5).eval()
     x, lengths = pad(recordings())
     with torch.no_grad():

@@ -7,10 +7,10 @@ from safetensors.torch import load_file
 
 from prune.checkpoints import load_pruned
 from prune.models import build_preset
-from prune.train.masked_prediction import IGNORE, MaskedPrediction, masked_loss, span_mask
-from prune.train.manifest import ManifestError
-from prune.train.pretrain import get_batch, load_corpus
-from prune.train.targets import HOP_LENGTH, num_frames
+from prune.pretrain.masked_prediction import IGNORE, MaskedPrediction, masked_loss, span_mask
+from prune.data.manifest import ManifestError
+from prune.pretrain.recipe import get_batch, load_corpus
+from prune.pretrain.clusters import HOP_LENGTH, num_frames
 
 
 def test_span_mask_covers_spans_of_valid_frames_only():

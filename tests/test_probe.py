@@ -9,7 +9,7 @@ import torch
 from helpers_train import DEMO_CORPUS, REPO, demo_corpus_split
 
 from prune.models import build_preset
-from prune.train.probe import edit_distance, fit_probe, greedy_decode, phone_probe, read_phones
+from prune.evaluate.probe import edit_distance, fit_probe, greedy_decode, phone_probe, read_phones
 
 
 def test_edit_distance_and_greedy_decoding():

@@ -16,8 +16,8 @@ from hypothesis import strategies as st
 from omegaconf.errors import OmegaConfBaseException
 
 from prune.train.config import ConfigError, compose, validate
-from prune.train.data import validate_manifest
-from prune.train.manifest import ManifestError, read_manifest
+from prune.data.dataset import validate_manifest
+from prune.data.manifest import ManifestError, read_manifest
 
 FUZZ = settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 

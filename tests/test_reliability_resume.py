@@ -1,5 +1,5 @@
 """Kill and resume: a short run killed with SIGKILL at deterministic points (``PRUNE_FAULT``, see
-prune/train/faults.py) and resumed ends with an export bitwise identical to an uninterrupted run.
+prune/faults.py) and resumed ends with an export bitwise identical to an uninterrupted run.
 
 The runs: 10 pruning + 6 final steps, a checkpoint every 5 steps, so the checkpoints are
 step 5, step 10 (gated, then again once cut), 15 and 16 (done), of which the last 3 are kept.

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from prune.models import build_preset
-from prune.train.targets import (HOP_LENGTH, ClusterTargets, dct_matrix, deltas, kmeans, mel_filter_bank, mfcc,
+from prune.pretrain.clusters import (HOP_LENGTH, ClusterTargets, dct_matrix, deltas, kmeans, mel_filter_bank, mfcc,
                                  mfcc_features, num_frames)
 
 

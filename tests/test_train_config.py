@@ -155,7 +155,7 @@ def test_every_schema_key_can_be_overridden_in_every_recipe():
     from omegaconf import OmegaConf
 
     from prune.train.config import TrainConfig, compose_raw
-    from prune.train.pretrain import PretrainConfig, compose_pretrain
+    from prune.pretrain.recipe import PretrainConfig, compose_pretrain
     from prune.train.schema import schema_keys
     from prune.train.usage import RECIPE_PACKAGES, recipes
 

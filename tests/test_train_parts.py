@@ -8,7 +8,7 @@ from prune.models import build_preset
 from prune.structures import GatedEncoder, count_macs, count_params
 from prune.train.checkpoint import REQUIRED, CheckpointError, checkpoint_files, load_latest, save_checkpoint
 from prune.train.distill import DistillHeads, distill_loss, frame_mask
-from prune.train.lagrangian import Lagrangian
+from prune.lagrangian import Lagrangian
 
 
 def test_heads_start_as_identity_and_share_by_group():

@@ -14,10 +14,10 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from ..measure import num_params
+from ..measured import num_params
 from ..models import EncoderConfig, Wav2Vec2Model, build_encoder
 from ..structures import count_macs, count_params
-from ..train.faults import maybe_fail
+from ..faults import maybe_fail
 
 FORMAT = "prune.pruned_encoder"
 FORMAT_VERSION = 1

@@ -12,7 +12,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 
 from ..checkpoints.export import fsync_path
-from .faults import maybe_fail
+from ..faults import maybe_fail
 
 log = logging.getLogger(__name__)
 

@@ -16,7 +16,7 @@ from omegaconf.errors import OmegaConfBaseException
 from ..models import PRESETS, preset_config
 from ..structures import GateConfig, count_params
 from .distill import COS_TYPES, LAYER0, MODES, REDUCTIONS
-from .lagrangian import TARGET_KINDS
+from ..lagrangian import TARGET_KINDS
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 GATE_LR_SCHEDULES = ("constant", "model")
@@ -226,7 +226,7 @@ def path_values(plain: Dict[str, Any], keys: Tuple[str, ...] = PATH_KEYS) -> Dic
 
 def check_manifests(d: DictConfig) -> None:
     """The ``data`` section's manifests exist (the valid one may be null) and are files."""
-    from .manifest import folder_not_manifest
+    from ..data.manifest import folder_not_manifest
 
     for key in ("train_manifest", "valid_manifest"):
         if d[key] is None:

@@ -22,7 +22,7 @@ from hydra.errors import HydraException
 
 from .config import ConfigError, compose, validate
 from .overrides import parse_overrides
-from .report import format_table
+from ..evaluate.report import format_table
 
 log = logging.getLogger(__name__)
 

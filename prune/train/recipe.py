@@ -38,12 +38,12 @@ from ..models.config import EncoderConfig
 from ..structures import GateConfig, GatedEncoder
 from .checkpoint import load_latest, save_checkpoint
 from .config import PATH_KEYS, path_values
-from .data import AudioDataset, LengthBucketSampler, collate, format_skipped, validate_manifest
+from ..data.dataset import AudioDataset, LengthBucketSampler, collate, format_skipped, validate_manifest
 from .distill import DistillHeads, distill_loss, frame_mask, projection_as_layer0
 from .distributed import DistEnv, all_ranks, barrier, init_distributed
-from .faults import maybe_fail, maybe_stall, nan_loss
-from .lagrangian import Lagrangian
-from .manifest import ManifestError, read_manifest
+from ..faults import maybe_fail, maybe_stall, nan_loss
+from ..lagrangian import Lagrangian
+from ..data.manifest import ManifestError, read_manifest
 
 log = logging.getLogger(__name__)
 
@@ -484,7 +484,7 @@ class PruneRecipe:
                     "skipped_files": self.skipped_files(), "history": self.history[-1:] if self.history else [],
                     "config": OmegaConf.to_container(self.cfg, resolve=True)}
             export_pruned(model, path, source=self.source_config, metadata=meta, overwrite=True)
-            from .report import write_report
+            from ..evaluate.report import write_report
 
             write_report(self.run_dir, self.teacher, model, self.cfg, meta)
         barrier(self.env)

@@ -67,7 +67,7 @@ def inspect_training_checkpoint(path: Path, state: Dict[str, Any]) -> str:
     structure as for an export."""
     from ..checkpoints.export import describe
     from ..checkpoints.inspect import _share, _si, structure_lines
-    from .lagrangian import Lagrangian
+    from ..lagrangian import Lagrangian
 
     model, source = student_from_checkpoint(state, path)
     cfg, step = state["config"], state["step"]

@@ -98,7 +98,7 @@ def train_help(recipe: Optional[str]) -> str:
 
 
 def pretrain_help(recipe: Optional[str]) -> str:
-    from .pretrain import PretrainConfig, compose_pretrain
+    from ..pretrain.recipe import PretrainConfig, compose_pretrain
 
     shown = recipe or next(iter(recipes("pretrain")))
     lines = [_usage("pretrain"), "",

@@ -7,8 +7,8 @@ from typing import Dict
 import torch
 from torch import Tensor, nn
 
-from ..models.config import EncoderConfig
-from ..structures import GatedEncoder, count_macs, count_params
+from .models.config import EncoderConfig
+from .structures import GatedEncoder, count_macs, count_params
 
 TARGET_KINDS = ("params", "param_count", "macs")
 

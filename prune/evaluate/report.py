@@ -12,7 +12,7 @@ import torch
 from omegaconf import DictConfig
 
 from ..checkpoints import describe
-from ..measure import fastest, interleaved, spread
+from ..measured import fastest, interleaved, spread
 from ..models import SAMPLE_RATE, Wav2Vec2Model
 
 log = logging.getLogger(__name__)

@@ -11,9 +11,9 @@ import torch.nn.functional as F
 from ..checkpoints import read_export_info
 from ..checkpoints.pretrained import load_pretrained
 from ..models import Wav2Vec2Model
-from .data import AudioDataset, collate, validate_manifest
-from .distill import frame_mask
-from .manifest import read_manifest
+from ..data.dataset import AudioDataset, collate, validate_manifest
+from ..train.distill import frame_mask
+from ..data.manifest import read_manifest
 from .report import format_table
 
 
@@ -31,7 +31,7 @@ def _teacher_for(model_path: str, teacher: Optional[str]) -> Wav2Vec2Model:
                          f"config.json), which does not exist here: pass --teacher PATH")
     from omegaconf import OmegaConf
 
-    from .recipe import load_teacher
+    from ..train.recipe import load_teacher
 
     return load_teacher(OmegaConf.create(train_cfg))
 

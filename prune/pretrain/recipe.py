@@ -25,16 +25,16 @@ from torch import Tensor
 
 from ..checkpoints import export_pruned
 from ..models import PRESETS, build_preset, preset_config
-from .checkpoint import load_latest, save_checkpoint
-from .config import (ConfigError, ProbeConfig, check_manifests, check_optim, check_probe, check_run_dir,
+from ..train.checkpoint import load_latest, save_checkpoint
+from ..train.config import (ConfigError, ProbeConfig, check_manifests, check_optim, check_probe, check_run_dir,
                      compose_raw, typed)
-from .audio import AudioError, load_audio
-from .data import collate, format_skipped, validate_manifest
-from .faults import maybe_fail
-from .manifest import ManifestError, read_manifest
+from ..data.audio import AudioError, load_audio
+from ..data.dataset import collate, format_skipped, validate_manifest
+from ..faults import maybe_fail
+from ..data.manifest import ManifestError, read_manifest
 from .masked_prediction import IGNORE, MaskedPrediction, masked_loss, span_mask
-from .rundir import claim_run_dir
-from .targets import HOP_LENGTH, ClusterTargets, mfcc_features, num_frames
+from ..train.rundir import claim_run_dir
+from .clusters import HOP_LENGTH, ClusterTargets, mfcc_features, num_frames
 
 log = logging.getLogger(__name__)
 
@@ -357,8 +357,8 @@ class Pretrainer:
 
     def probe_report(self, encoder) -> str:
         """PER of the trained encoder and of a random-init one of the same config, side by side."""
-        from .probe import phone_probe
-        from .report import random_init_like
+        from ..evaluate.probe import phone_probe
+        from ..evaluate.report import random_init_like
 
         corpus, steps = Path(self.cfg.probe.corpus), self.cfg.probe.steps
         trained = phone_probe(encoder, corpus, steps=steps)

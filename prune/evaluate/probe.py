@@ -20,8 +20,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..models import Wav2Vec2Model
-from .audio import load_audio
-from .manifest import read_manifest
+from ..data.audio import load_audio
+from ..data.manifest import read_manifest
 
 BLANK = 0
 
