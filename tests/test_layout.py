@@ -66,3 +66,15 @@ def test_import_prune_loads_torch_and_safetensors_only():
             "print(' '.join(sorted(new - set(sys.stdlib_module_names) - {'prune', 'torch', 'safetensors'})))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
     assert out == [], f"import prune also loads: {out}"
+
+
+def test_every_package_is_installed():
+    # pyproject lists its packages by name: a new folder under prune/ missing there would be left out
+    # of a plain `pip install .` (the editable install and the tests here would not notice)
+    tomllib = __import__("tomllib") if sys.version_info >= (3, 11) else None
+    if tomllib is None:
+        import pytest
+        pytest.skip("tomllib needs Python 3.11")
+    listed = set(tomllib.loads((PACKAGE.parent / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    found = {_module_name(p) for p in PACKAGE.rglob("__init__.py")}
+    assert found <= listed, f"pyproject.toml [tool.setuptools] packages lacks {sorted(found - listed)}"
