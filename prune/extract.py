@@ -18,7 +18,6 @@ import contextlib
 import hashlib
 import json
 import logging
-import math
 import os
 import tempfile
 import time
@@ -31,8 +30,9 @@ import torch
 from torch import Tensor
 from torch.nn.utils.rnn import pad_sequence
 
+from .atomic import atomic_write
 from .models import SAMPLE_RATE, Wav2Vec2Model
-from .models.config import EncoderConfig
+from .models.config import EncoderConfig, frame_rate, hidden_state_indices
 
 log = logging.getLogger(__name__)
 
@@ -101,11 +101,6 @@ def _output_paths(manifest) -> List[str]:
 
 
 # ------------------------------------------------------------------------------ the forward
-def frame_rate(config: EncoderConfig) -> float:
-    """Frames per second of the hidden states: 16 kHz over the conv strides' product (50 Hz)."""
-    return SAMPLE_RATE / math.prod(stride for _, _, stride in config.extractor_conv_layer_config)
-
-
 def padding_is_exact(config: EncoderConfig) -> bool:
     """Whether a padded batch gives each utterance the features it gets alone. The Base models'
     GroupNorm (``group_norm`` extractor) normalises over the whole padded time axis, so padding
@@ -197,20 +192,6 @@ def output_path(out: Path, rel: str, layer: int, layers: Sequence[int]) -> Path:
     return out / rel if len(layers) == 1 else out / f"layer_{layer}" / rel
 
 
-def atomic_write(path: Path, write: Callable[[Any], None], mode: str = "wb") -> None:
-    """``write(file)`` into a temporary file beside ``path``, renamed into place when complete:
-    a killed run leaves no partial file (at most a hidden ``.NAME.*.tmp``)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, mode) as f:
-            write(f)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def to_dtype(hidden: np.ndarray, dtype: np.dtype, where: str) -> np.ndarray:
     """hidden (frames, dim) float32 -> ``dtype``; a value beyond float16's range is an error, not an inf."""
     if dtype == np.float32:
@@ -300,14 +281,11 @@ class ExtractSummary:
 
 
 def check_layers(layers: Sequence[int], config: EncoderConfig, model: PathLike) -> List[int]:
-    n = config.encoder_num_layers
-    if not layers:
-        raise ExtractError("give at least one --layer K")
-    for k in layers:
-        if not 0 <= k <= n:
-            raise ExtractError(f"--layer {k} is out of range: {model} has {n} transformer layers, so hidden "
-                               f"states 0..{n} (0 = the input to the first layer)")
-    return sorted(set(layers))  # one set of layers, whatever the order typed (extract.json compares it)
+    """One set of layers, whatever the order typed (extract.json compares it)."""
+    try:
+        return hidden_state_indices(layers, config.encoder_num_layers, "--layer", str(model))
+    except ValueError as e:
+        raise ExtractError(str(e)) from None
 
 
 def extract_features(model: PathLike, audio: PathLike, layers: Sequence[int], out: PathLike,

@@ -260,8 +260,8 @@ def test_bad_input_is_one_line_before_any_compute(corpus, tmp_path, capsys, spy,
         ([path, tmp_path / "missing", "--layer", 1], "no such folder or manifest"),
         ([path, tmp_path / "empty", "--layer", 1], "no readable audio file"),
         ([path, tmp_path / "text", "--layer", 1], "no readable audio file"),
-        ([path, corpus, "--layer", 3], "--layer 3 is out of range: " + str(path) + " has 2 transformer layers"),
-        ([path, corpus, "--layer", -1], "--layer -1 is out of range"),
+        ([path, corpus, "--layer", 3], "--layer 3: " + str(path) + " has 2 transformer layers; choose from 0"),
+        ([path, corpus, "--layer", -1], "--layer -1: "),
         ([path, corpus, "--layer", 1, "--max-batch-seconds", 0], "--max-batch-seconds must be positive"),
     ]
     for args, message in cases:

@@ -17,6 +17,7 @@ from safetensors.torch import load_file, save_file
 from ..measured import num_params
 from ..models import EncoderConfig, Wav2Vec2Model, build_encoder
 from ..structures import count_macs, count_params
+from ..atomic import fsync_path
 from ..faults import maybe_fail
 
 FORMAT = "prune.pruned_encoder"
@@ -171,11 +172,3 @@ def _check_state(model: Wav2Vec2Model, state: Dict[str, torch.Tensor], where: Pa
     if problems:
         raise ExportError(f"{where} does not match its {CONFIG}: " + "; ".join(problems))
 
-
-def fsync_path(path: Path) -> None:
-    """fsync a file, or a folder (so that a rename inside it is on disk)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -28,6 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from ..models import SAMPLE_RATE, EncoderConfig, Wav2Vec2Model
+from ..models.config import conv_geometry, frame_rate, hidden_state_indices
 
 PathLike = Union[str, os.PathLike]
 INSTALL_HINT = "pip install 'prune[onnx]'"
@@ -50,25 +51,7 @@ def require_onnx() -> None:
 
 def check_layers(layers: Optional[Sequence[int]], num_layers: int) -> List[int]:
     """The hidden states to export, sorted and unique (None: all, 0 to ``num_layers``)."""
-    if layers is None:
-        return list(range(num_layers + 1))
-    chosen = sorted(set(int(k) for k in layers))
-    if not chosen:
-        raise ValueError("--layers: give at least one layer")
-    bad = [k for k in chosen if not 0 <= k <= num_layers]
-    if bad:
-        raise ValueError(f"--layers {' '.join(map(str, bad))}: the model has {num_layers} transformer layers; "
-                         f"choose from 0 (the input to the first layer) to {num_layers}")
-    return chosen
-
-
-def frame_geometry(config: EncoderConfig) -> Tuple[int, int]:
-    """(receptive field, hop) of the conv extractor in samples: frames = (samples - field) // hop + 1."""
-    field, hop = 1, 1
-    for _, kernel, stride in config.extractor_conv_layer_config:
-        field += (kernel - 1) * hop
-        hop *= stride
-    return field, hop
+    return hidden_state_indices(layers, num_layers, "--layers")
 
 
 class OnnxGraph(nn.Module):
@@ -94,8 +77,7 @@ def output_names(layers: Sequence[int]) -> List[str]:
 def metadata(config: EncoderConfig, layers: Sequence[int], quantize: Optional[str]) -> Dict[str, str]:
     from .. import __version__
 
-    _, hop = frame_geometry(config)
-    rate = SAMPLE_RATE / hop
+    rate = frame_rate(config)
     return {"prune_version": __version__, "layers": json.dumps(list(layers)),
             "num_layers": str(config.encoder_num_layers), "sample_rate": str(SAMPLE_RATE),
             "frame_rate": f"{rate:g}", "architecture": config.architecture, "quantize": quantize or "none"}
@@ -138,13 +120,13 @@ def export_onnx(model: Wav2Vec2Model, path: PathLike, layers: Optional[Sequence[
 
 def _example_inputs(config: EncoderConfig) -> Tuple[Tensor, Tensor]:
     """A padded batch of two (batch 1 and equal lengths would let the exporter specialise on them)."""
-    field, hop = frame_geometry(config)
+    field, hop = conv_geometry(config)
     samples = field + 24 * hop
     return torch.randn(2, samples), torch.tensor([samples, samples - 7 * hop - 3])
 
 
 def _torch_export(graph: OnnxGraph, path: Path) -> None:
-    field, hop = frame_geometry(graph.model.config)
+    field, hop = conv_geometry(graph.model.config)
     # two frames at least: with one, the exporter cannot tell apart layouts that differ only in a size-1 dim
     batch, samples = torch.export.Dim("batch"), torch.export.Dim("samples", min=field + hop)
     quiet = logging.getLogger("torch.onnx")
@@ -189,7 +171,7 @@ def _finish(path: Path, props: Dict[str, str]) -> None:
 # ------------------------------------------------------------------------------------ checks
 def check_batch(config: EncoderConfig, seed: int = 0) -> Tuple[Tensor, Tensor]:
     """A small padded batch unlike the export's example: three rows of different lengths."""
-    field, hop = frame_geometry(config)
+    field, hop = conv_geometry(config)
     g = torch.Generator().manual_seed(seed)
     samples = field + 37 * hop + 11
     lengths = torch.tensor([samples - 15 * hop - 5, samples, field + 3 * hop])

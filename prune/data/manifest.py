@@ -17,13 +17,13 @@ import numbers
 import os
 import random
 import re
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, List, Optional, Sequence, Tuple, Union
 
 import soundfile as sf
 
+from ..atomic import atomic_write
 from .audio import SAMPLE_RATE, resampled_length
 
 PathLike = Union[str, Path]
@@ -149,15 +149,7 @@ def write_manifest(path: PathLike, root: PathLike, entries: Sequence[Tuple[str, 
         if isinstance(count, bool) or not isinstance(count, numbers.Integral) or count < 0:
             raise ManifestError(f"{path}: entry {i} ({rel}): sample count {count!r} is not a non-negative integer")
         lines.append(f"{rel}\t{int(count)}")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
-            f.write("\n".join(lines) + "\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, lambda f: f.write("\n".join(lines) + "\n"), mode="w")
 
 
 def audio_length(path: PathLike, sample_rate: int = SAMPLE_RATE) -> int:

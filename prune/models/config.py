@@ -141,6 +141,36 @@ class EncoderConfig:
         return json.dumps(self.to_dict(), indent=2)
 
 
+def conv_geometry(config: EncoderConfig) -> Tuple[int, int]:
+    """(receptive field, hop) of the conv extractor in samples: frames = (samples - field) // hop + 1."""
+    field, hop = 1, 1
+    for _, kernel, stride in config.extractor_conv_layer_config:
+        field += (kernel - 1) * hop
+        hop *= stride
+    return field, hop
+
+
+def frame_rate(config: EncoderConfig) -> float:
+    """Frames per second of the hidden states: 16 kHz over the conv strides' product (50 Hz)."""
+    return SAMPLE_RATE / conv_geometry(config)[1]
+
+
+def hidden_state_indices(layers: Optional[Sequence[int]], num_layers: int, flag: str,
+                         model: str = "the model") -> List[int]:
+    """The hidden states asked for by ``flag`` (e.g. ``--layers``), sorted and unique; None: all of
+    them, 0 (the input to the first layer) to ``num_layers``. Raises ValueError naming the flag."""
+    if layers is None:
+        return list(range(num_layers + 1))
+    chosen = sorted(set(int(k) for k in layers))
+    if not chosen:
+        raise ValueError(f"{flag}: give at least one layer")
+    bad = [k for k in chosen if not 0 <= k <= num_layers]
+    if bad:
+        raise ValueError(f"{flag} {' '.join(map(str, bad))}: {model} has {num_layers} transformer layers; "
+                         f"choose from 0 (the input to the first layer) to {num_layers}")
+    return chosen
+
+
 def _per_layer(value: Union[int, Sequence[int]], n: int, name: str) -> List[int]:
     if isinstance(value, int):
         return [value] * n

@@ -11,7 +11,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
-from ..checkpoints.export import fsync_path
+from ..atomic import atomic_write
 from ..faults import maybe_fail
 
 log = logging.getLogger(__name__)
@@ -39,20 +39,9 @@ def save_checkpoint(folder: Path, step: int, state: Dict[str, Any], keep_last: i
     """Write ``state`` as ``folder/step_XXXXXXXX.pt``: to a temporary name, fsynced, then renamed,
     so a crash at any point leaves the previous checkpoints intact. Older ones beyond
     ``keep_last`` are removed afterwards."""
-    folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"step_{step:08d}.pt"
-    tmp = folder / f".{path.name}.tmp"
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        maybe_fail("mid_checkpoint", step)  # PRUNE_FAULT=mid_checkpoint:STEP (tests)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    fsync_path(folder)
+    atomic_write(path, lambda f: torch.save(state, f), durable=True,
+                 before_rename=lambda: maybe_fail("mid_checkpoint", step))  # PRUNE_FAULT=mid_checkpoint:STEP (tests)
     for _, old in checkpoint_files(folder)[keep_last:]:
         old.unlink(missing_ok=True)
     return path

@@ -31,6 +31,8 @@ from typing import Dict, Iterator, Optional
 
 from omegaconf import DictConfig, OmegaConf
 
+from ..atomic import atomic_write
+
 log = logging.getLogger(__name__)
 
 LOCK = "run.lock"
@@ -236,11 +238,8 @@ def _log_files(run_dir: Path) -> list:
 
 def record_config(cfg: DictConfig, run_dir: Path) -> Path:
     """Write ``run_dir/config.yaml`` atomically: ``prune resume`` reads it back."""
-    path = Path(run_dir) / CONFIG
-    tmp = path.with_name(f".{CONFIG}.tmp")
-    tmp.write_text(OmegaConf.to_yaml(cfg))
-    os.replace(tmp, path)
-    return path
+    text = OmegaConf.to_yaml(cfg)
+    return atomic_write(Path(run_dir) / CONFIG, lambda f: f.write(text), mode="w")
 
 
 def is_rank_zero() -> bool:
