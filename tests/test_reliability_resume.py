@@ -120,7 +120,7 @@ def test_killed_at_every_point_and_resumed_gives_the_same_export(corpus, referen
 
 
 def test_fault_spec_parsing(monkeypatch):
-    from prune.train import faults
+    from prune import faults
 
     monkeypatch.setenv("PRUNE_FAULT", "nan_loss:3-5, mid_step:9,during_export")
     assert [s for s in range(8) if faults.nan_loss(s)] == [3, 4, 5]
