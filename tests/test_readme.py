@@ -1,4 +1,4 @@
-"""The README's commands and code are what a new user types: they must work as written."""
+"""The README's and docs/' commands and code are what a new user types: they must work as written."""
 
 import re
 import subprocess
@@ -6,6 +6,8 @@ import sys
 from pathlib import Path
 
 README = Path(__file__).resolve().parents[1] / "README.md"
+# README first: the docs' commands use what the README's made (the demo's export, data/my_corpus)
+DOCUMENTS = [README, *sorted((README.parent / "docs").glob("*.md"))]
 
 
 def test_readme_python_example_runs(tmp_path):
@@ -39,7 +41,7 @@ def test_demo_command_runs_on_a_tiny_preset(tmp_path):
 
 
 # ------------------------------------------------------------------ the command-line section
-# Every `prune` command in the README, run in README order from a temporary directory with the
+# Every `prune` command in the README and docs/*.md, run in their order (README first) from a temporary directory with the
 # installed console script, as a user types it. What is added is only what makes it cheap (a few
 # steps, short crops, a smaller probe corpus) or stands for the user's own files (/path/to/...).
 FAST = ["trainer.prune_steps=4", "trainer.final_steps=2", "pruning.warmup_steps=1", "optim.warmup_steps=1",
@@ -60,13 +62,14 @@ PLACEHOLDERS = {
 
 
 def _readme_commands():
-    """(command, section) for every line starting with `prune ` in the README's bash blocks."""
+    """Every line starting with `prune ` in the bash blocks of the README, then of docs/*.md."""
     commands = []
-    for block in re.findall(r"```bash\n(.*?)```", README.read_text(), flags=re.S):
-        for line in block.splitlines():
-            command = line.split("  #", 1)[0].strip()
-            if command.startswith("prune "):
-                commands.append(command)
+    for document in DOCUMENTS:
+        for block in re.findall(r"```bash\n(.*?)```", document.read_text(), flags=re.S):
+            for line in block.splitlines():
+                command = line.split("  #", 1)[0].strip()
+                if command.startswith("prune "):
+                    commands.append(command)
     return commands
 
 
@@ -130,8 +133,8 @@ def test_readme_commands_work_from_another_directory(tmp_path):
     runs, substitutions = _runs(probe_corpus)
     readme = _readme_commands()
     unknown = [c for c in readme if c not in runs and c not in PLACEHOLDERS]
-    assert not unknown, f"README commands this test does not run: {unknown}"
-    assert not [c for c in runs if c not in readme], "commands no longer in the README"
+    assert not unknown, f"README / docs commands this test does not run: {unknown}"
+    assert not [c for c in runs if c not in readme], "commands no longer in the README or docs/"
     user = tmp_path / "user"
     user.mkdir()
     prune = Path(sys.executable).parent / "prune"  # the console script
