@@ -4,29 +4,31 @@ stopped close to, but not at, it."""
 
 from __future__ import annotations
 
-from typing import Callable, List, Optional
+from typing import Callable, Collection, List, Optional
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from .structures import GatedEncoder
+from .structures import CONV_CHANNELS, FFN_UNITS, GATE_KINDS, HEADS, GatedEncoder
 
-Select = Callable[[str, nn.Parameter], bool]
-
-
-def _all_groups(name: str, p: nn.Parameter) -> bool:
-    return True
+# the gate kinds each calibration pass moves (prune.structures.base names them)
+ALL_GATES = GATE_KINDS
+BUT_BLOCKS = (CONV_CHANNELS, HEADS, FFN_UNITS)  # every kind but the whole-block gates
+FINE_GRAINED = (CONV_CHANNELS, FFN_UNITS)
+# the finest step in MACs: a conv channel costs its layer's frame rate, a unit the final one
+FFN_UNITS_ONLY = (FFN_UNITS,)
 
 
 @torch.no_grad()
 def shift_to_size(gated: GatedEncoder, size: Callable[[GatedEncoder], Tensor], target: float,
-                  base: Optional[List[Tensor]] = None, select: Select = _all_groups, iterations: int = 60) -> float:
-    """Set the selected gate groups' ``log_alpha`` to ``base + c`` (base: their current values by
-    default) with the one shift ``c`` whose eval-mode ``size(gated)`` is nearest ``target``.
+                  base: Optional[List[Tensor]] = None, kinds: Collection[str] = ALL_GATES, iterations: int = 60
+                  ) -> float:
+    """Set the ``log_alpha`` of the gate groups of ``kinds`` (``prune.structures.GATE_KINDS``) to
+    ``base + c`` (base: their current values by default) with the one shift ``c`` whose eval-mode ``size(gated)`` is nearest ``target``.
     Each group also gets a distinct offset of 1e-4 x its index, so groups that start out equal
     (fresh gates) cross their thresholds one at a time. Returns the size reached; the model is
     left in eval mode."""
-    groups = [p for n, p in gated.named_parameters() if n.endswith("log_alpha") and select(n, p)]
+    groups = gated.gate_groups(kinds)
     if base is None:
         base = [p.detach().clone() for p in groups]
     base = [b + 1e-4 * i for i, b in enumerate(base)]
@@ -48,19 +50,6 @@ def shift_to_size(gated: GatedEncoder, size: Callable[[GatedEncoder], Tensor], t
     return size_at(lo) if abs(below - target) < abs(above - target) else above
 
 
-def _not_layer_gate(name: str, p: nn.Parameter) -> bool:
-    return "layer_gate" not in name
-
-
-def _fine_grained(name: str, p: nn.Parameter) -> bool:
-    return "unit_gate" in name or name.startswith("conv.")
-
-
-def _ffn_units(name: str, p: nn.Parameter) -> bool:
-    # the finest step in MACs: a conv channel costs its layer's frame rate, a unit the final one
-    return "unit_gate" in name
-
-
 @torch.no_grad()
 def calibrate(gated: GatedEncoder, size: Callable[[GatedEncoder], Tensor], target: float,
               tolerance: float) -> float:
@@ -70,11 +59,11 @@ def calibrate(gated: GatedEncoder, size: Callable[[GatedEncoder], Tensor], targe
     only if whole blocks closed too many (or too few) for that, all gates together, then the
     fine ones again; last, the FFN units alone (conv channels are coarse steps in MACs). Each pass
     runs only while the size is still off. Leaves the model in eval mode."""
-    passes = (_not_layer_gate, _fine_grained, _all_groups, _fine_grained, _ffn_units)
+    passes = (BUT_BLOCKS, FINE_GRAINED, ALL_GATES, FINE_GRAINED, FFN_UNITS_ONLY)
     gated.eval()  # the eval masks are what gets cut
     reached = size(gated).item()
-    for select in passes:
+    for kinds in passes:
         if abs(reached - target) <= tolerance * target:
             break
-        reached = shift_to_size(gated, size, target, select=select)
+        reached = shift_to_size(gated, size, target, kinds=kinds)
     return reached

@@ -17,7 +17,7 @@ def set_random_gates(gated: GatedEncoder, sparsity: float, seed: int = 0, spread
     if not 0.0 <= sparsity < 1.0:
         raise ValueError(f"sparsity must be in [0, 1), got {sparsity}")
     g = torch.Generator().manual_seed(seed)
-    groups = [p for n, p in gated.named_parameters() if n.endswith("log_alpha")]
+    groups = gated.gate_groups()
     # whole-layer gates (one gate each) start well open: trained runs close few whole layers,
     # and a single flip would move the size in one big step
     base = [torch.randn(1, generator=g) * spread + torch.randn(p.shape, generator=g) * spread

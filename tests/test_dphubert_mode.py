@@ -77,7 +77,7 @@ def test_projection_as_layer0_is_the_feature_projection_output(gated):
         with projection_as_layer0(subject):
             tapped, _ = subject(x, lengths)
         after, _ = subject(x, lengths)
-        conv_gates = subject.sample_gates().conv if gated else None  # eval: the deterministic masks
+        conv_gates = subject.sample_gates().extractor if gated else None  # eval: the deterministic masks
         features, _ = model.feature_extractor(x, lengths, conv_gates)
         projected = model.encoder.feature_projection(features)
     assert torch.equal(tapped[0], projected)

@@ -41,9 +41,10 @@ def test_same_loss_and_gradients_with_skipping_on_and_off(name):
     with torch.no_grad():
         targets = [torch.randn_like(h) for h in gated.model(x, lengths)[0]]
     torch.manual_seed(7)
-    active = gated.sample_gates().active
-    assert active.conv_closed is not None and all(a is not None for a in active.conv)
-    assert active.heads[0].numel() == 0 and not active.attention_on[1] and not active.ffn_on[0]
+    gates = gated.sample_gates()
+    assert gates.extractor.closed is not None and all(a is not None for a in gates.extractor.active)
+    layers = gates.layers
+    assert layers[0].heads_active.numel() == 0 and not layers[1].attention_on and not layers[0].ffn_on
 
     loss_on, grads_on, _ = _step(gated, True, x, lengths, targets, seed=7)
     loss_off, grads_off, _ = _step(gated, False, x, lengths, targets, seed=7)
@@ -62,14 +63,17 @@ def test_same_loss_and_gradients_with_skipping_on_and_off(name):
 
 def test_skipping_is_the_default_and_can_be_switched_off():
     gated = randomize_gates(GatedEncoder(build_preset("hubert_base_tiny"))).train()
-    assert gated.sample_gates().active is not None
-    assert GatedEncoder(build_preset("hubert_base_tiny"), skip_closed=False).sample_gates().active is None
+    assert gated.sample_gates().skipping and gated.sample_gates().extractor.active is not None
+    plain = GatedEncoder(build_preset("hubert_base_tiny"), skip_closed=False).sample_gates()
+    assert not plain.skipping and plain.extractor.active is None
+    assert all(l.heads_active is None and l.units_active is None for l in plain.layers)
     fresh = GatedEncoder(build_preset("hubert_base_tiny"))
     with torch.no_grad():
         for p in fresh.gate_parameters():
             p.fill_(20.0)
-    active = fresh.eval().sample_gates().active  # nothing closed: the plain path throughout
-    assert all(a is None for a in active.conv + active.heads + active.units) and active.conv_closed is None
+    gates = fresh.eval().sample_gates()  # nothing closed: the plain path throughout
+    assert all(a is None for a in gates.extractor.active) and gates.extractor.closed is None
+    assert all(l.heads_active is None and l.units_active is None for l in gates.layers)
 
 
 def test_lightly_closed_groups_are_computed_whole():
@@ -79,5 +83,5 @@ def test_lightly_closed_groups_are_computed_whole():
             p.fill_(20.0)
         gated.conv[2].gate.log_alpha[:2] = CLOSED  # 2 of 16: computed whole
         gated.conv[-1].gate.log_alpha[:8] = CLOSED  # half: skipped
-    active = gated.eval().sample_gates().active
-    assert active.conv[2] is None and active.conv[-1].numel() == 8 and active.conv_closed.numel() == 8
+    extractor = gated.eval().sample_gates().extractor
+    assert extractor.active[2] is None and extractor.active[-1].numel() == 8 and extractor.closed.numel() == 8

@@ -16,7 +16,7 @@ from safetensors.torch import load_file, save_file
 
 from ..measured import num_params
 from ..models import EncoderConfig, Wav2Vec2Model, build_encoder
-from ..structures import count_macs, count_params
+from ..structures import SHOWN, count_macs, count_params
 from ..atomic import fsync_path
 from ..faults import maybe_fail
 
@@ -33,16 +33,10 @@ class ExportError(RuntimeError):
 
 
 def describe(config: EncoderConfig) -> Dict[str, Any]:
-    """Size and per-layer structure of a (pruned or unpruned) config."""
-    return {
-        "architecture": config.architecture,
-        "params": count_params(config),
-        "macs_per_second": count_macs(config, 1.0),
-        "conv_channels": [c[0] for c in config.extractor_conv_layer_config],
-        "heads": [h if kept else None for h, kept in zip(config.encoder_num_heads, config.encoder_attention_kept)],
-        "ffn_units": [u if kept else None for u, kept in
-                      zip(config.encoder_ff_interm_features, config.encoder_ff_kept)],
-    }
+    """Size and per-layer structure of a (pruned or unpruned) config: one entry per kind of
+    ``prune.structures.SHOWN`` (None where a block was removed whole)."""
+    return {"architecture": config.architecture, "params": count_params(config),
+            "macs_per_second": count_macs(config, 1.0), **{shown.key: shown.sizes(config) for shown in SHOWN}}
 
 
 def check_export_path(path: PathLike, overwrite: bool = False, flag: str = "overwrite=True") -> Path:

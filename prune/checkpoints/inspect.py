@@ -8,6 +8,7 @@ from itertools import groupby
 from typing import Any, Dict, List, Optional, Sequence, Union
 
 from ..models import Wav2Vec2Model
+from ..structures.shown import TRANSFORMER_LAYER, shown_per
 from .export import describe, read_export_info
 from .pretrained import load_pretrained
 
@@ -63,10 +64,12 @@ def structure_lines(model: Wav2Vec2Model, source: Optional[Dict[str, Any]] = Non
         lines.append(f"position bias:  {config.encoder_num_buckets} buckets, max distance "
                      f"{config.encoder_max_distance}")
     lines.append("")
-    lines.append(f"{'layer':>5}  {'heads':>5}  {'ffn units':>9}  {'parameters':>12}")
-    for i, (heads, units) in enumerate(zip(info["heads"], info["ffn_units"])):
-        params = sum(p.numel() for p in model.encoder.transformer.layers[i].parameters())
-        lines.append(f"{i:>5}  {_cell(heads):>5}  {_cell(units):>9}  {params:>12,}")
+    columns = shown_per(TRANSFORMER_LAYER)
+    lines.append("  ".join([f"{'layer':>5}", *(s.column for s in columns), f"{'parameters':>12}"]))
+    for i, layer in enumerate(model.encoder.transformer.layers):
+        params = sum(p.numel() for p in layer.parameters())
+        cells = [f"{_cell(info[s.key][i]):>{len(s.column)}}" for s in columns]
+        lines.append("  ".join([f"{i:>5}", *cells, f"{params:>12,}"]))
     return lines
 
 

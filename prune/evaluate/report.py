@@ -14,6 +14,7 @@ from omegaconf import DictConfig
 from ..checkpoints import describe
 from ..measured import fastest, interleaved, spread
 from ..models import SAMPLE_RATE, Wav2Vec2Model
+from ..structures import SHOWN
 
 log = logging.getLogger(__name__)
 
@@ -41,22 +42,22 @@ def _cpu_copy(model: Wav2Vec2Model) -> Wav2Vec2Model:
 
 
 def layer_chart(before: Dict[str, Any], after: Dict[str, Any], path: Path, title: str = "") -> Path:
-    """Bar charts of kept conv channels, heads and FFN units per layer (removed blocks at 0)."""
+    """Bar charts of the kept units of each kind of ``prune.structures.SHOWN`` (conv channels, heads,
+    FFN units) per layer (removed blocks at 0)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 3, figsize=(15, 3.8))
-    for ax, key, label in zip(axes, ("conv_channels", "heads", "ffn_units"),
-                              ("conv channels", "attention heads", "FFN units")):
-        full = [v or 0 for v in before[key]]
-        kept = [v or 0 for v in after[key]]
+    fig, axes = plt.subplots(1, len(SHOWN), figsize=(5 * len(SHOWN), 3.8))
+    for ax, shown in zip(axes, SHOWN):
+        full = [v or 0 for v in before[shown.key]]
+        kept = [v or 0 for v in after[shown.key]]
         xs = range(len(full))
         ax.bar(xs, full, color="#d9d9d9", label="unpruned")
         ax.bar(xs, kept, color="#3b75af", label="kept")
-        ax.set_title(label)
-        ax.set_xlabel("conv layer" if key == "conv_channels" else "transformer layer")
+        ax.set_title(shown.label)
+        ax.set_xlabel(shown.per)
         ax.set_xticks(list(xs))
     axes[0].legend(loc="upper right", fontsize=8)
     if title:

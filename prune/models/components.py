@@ -1,8 +1,8 @@
 """Building blocks of a HuBERT / wav2vec 2.0 / WavLM encoder.
 
 Parameter names follow torchaudio's ``wav2vec2`` components, so its state dicts map
-one to one. Every block takes optional gate values (HardConcrete masks) in ``forward``;
-given none it is the plain model. The gates multiply at places where a compiled model
+one to one. Every block takes optional gate values (HardConcrete masks, shaped as in
+``prune.models.gating``) in ``forward``; given none it is the plain model. The gates multiply at places where a compiled model
 can fold them into the weights exactly:
 
 * conv channels: after the normalisation, before GELU (GELU(0) == 0, so a closed
@@ -16,44 +16,13 @@ can fold them into the weights exactly:
 from __future__ import annotations
 
 import math
-from typing import List, NamedTuple, Optional, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-
-class ActiveSets(NamedTuple):
-    """Which units of each gated structure are open (gate != 0) this pass, so that closed ones
-    are not computed at all (sparsity-aware training). ``None``: every unit is open.
-
-    conv[i], heads[l], units[l]: indices (long); conv_closed: the closed channels of the last conv
-    layer (the feature projection still sees them, as zeros); attention_on[l], ffn_on[l]: whether
-    the block's own gate is open.
-    """
-
-    conv: List[Optional[Tensor]]
-    conv_closed: Optional[Tensor]
-    heads: List[Optional[Tensor]]
-    units: List[Optional[Tensor]]
-    attention_on: List[bool]
-    ffn_on: List[bool]
-
-
-class Gates(NamedTuple):
-    """Gate values for one forward pass; ``None`` entries mean "not gated".
-
-    conv[i]: (out_channels,) of conv layer i. heads[l]: (num_heads,), attention[l]: (),
-    units[l]: (ff_interm_features,), ffn[l]: () for transformer layer l. ``active``: if given,
-    closed units are skipped; the result is the same, up to float rounding.
-    """
-
-    conv: List[Optional[Tensor]]
-    heads: List[Optional[Tensor]]
-    attention: List[Optional[Tensor]]
-    units: List[Optional[Tensor]]
-    ffn: List[Optional[Tensor]]
-    active: Optional[ActiveSets] = None
+from .gating import ExtractorGates, Gates, LayerGates
 
 
 def _rows(weight: Tensor, index: Optional[Tensor], dim: int = 0) -> Tensor:
@@ -201,16 +170,16 @@ class FeatureExtractor(nn.Module):
         else:
             self.output_scale = None
 
-    def forward(self, x: Tensor, length: Optional[Tensor], gates: Optional[List[Optional[Tensor]]] = None,
-                active: Optional[List[Optional[Tensor]]] = None) -> Tuple[Tensor, Optional[Tensor]]:
+    def forward(self, x: Tensor, length: Optional[Tensor], gates: Optional[ExtractorGates] = None
+                ) -> Tuple[Tensor, Optional[Tensor]]:
         """x: (batch, samples), length: (batch,) -> (batch, frames, channels), (batch,).
-        With ``active``, only the open channels of each layer are computed and returned."""
+        With ``gates.active``, only the open channels of each layer are computed and returned."""
         check_waveforms(x)
         x = x.unsqueeze(1)
         active_in = None
         for i, layer in enumerate(self.conv_layers):
-            active_out = None if active is None else active[i]
-            x, length = layer(x, length, None if gates is None else gates[i], active_in, active_out)
+            active_out = None if gates is None else gates.active_of(i)
+            x, length = layer(x, length, None if gates is None else gates.channels[i], active_in, active_out)
             active_in = active_out
         x = x.transpose(1, 2)
         if self.output_scale is not None:
@@ -456,6 +425,9 @@ class _BiasOnly(nn.Module):
         self.bias = nn.Parameter(torch.zeros(out_features))
 
 
+_NO_GATES = LayerGates()  # the plain layer
+
+
 class EncoderLayer(nn.Module):
     """One transformer layer, post-norm (base) or pre-norm (``layer_norm_first``).
 
@@ -477,29 +449,27 @@ class EncoderLayer(nn.Module):
         self.final_layer_norm = nn.LayerNorm(embed_dim, eps=eps) if needs_ff_norm else None
 
     def forward(self, x: Tensor, key_padding_mask: Optional[Tensor] = None, position_bias: Optional[Tensor] = None,
-                head_gate: Optional[Tensor] = None, attention_gate: Optional[Tensor] = None,
-                unit_gate: Optional[Tensor] = None, ffn_gate: Optional[Tensor] = None,
-                heads_active: Optional[Tensor] = None, attention_on: bool = True,
-                units_active: Optional[Tensor] = None, ffn_on: bool = True) -> Tensor:
-        """x: (batch, frames, embed_dim) -> same shape. ``*_active`` / ``*_on``: skip closed
-        heads, units and blocks (sparsity-aware training)."""
-        if self.attention is not None and attention_on:
+                gates: Optional[LayerGates] = None) -> Tensor:
+        """x: (batch, frames, embed_dim) -> same shape. ``gates``: this layer's gate values (None:
+        the plain layer); their ``*_active`` / ``*_on`` skip closed heads, units and blocks."""
+        g = _NO_GATES if gates is None else gates
+        if self.attention is not None and g.attention_on:
             h = x
             if self.layer_norm_first and self.layer_norm is not None:
                 h = self.layer_norm(h)
-            h = self.dropout(self.attention(h, key_padding_mask, position_bias, head_gate, heads_active))
-            if attention_gate is not None:
-                h = h * attention_gate
+            h = self.dropout(self.attention(h, key_padding_mask, position_bias, g.heads, g.heads_active))
+            if g.attention is not None:
+                h = h * g.attention
             x = x + h
         if not self.layer_norm_first:
             x = self.layer_norm(x)
-        if self.feed_forward is not None and ffn_on:
+        if self.feed_forward is not None and g.ffn_on:
             h = x
             if self.layer_norm_first and self.final_layer_norm is not None:
                 h = self.final_layer_norm(h)
-            h = self.feed_forward(h, unit_gate, units_active)
-            if ffn_gate is not None:
-                h = h * ffn_gate
+            h = self.feed_forward(h, g.units, g.units_active)
+            if g.ffn is not None:
+                h = h * g.ffn
             x = x + h
         if not self.layer_norm_first:
             x = self.final_layer_norm(x)
@@ -539,15 +509,7 @@ class Transformer(nn.Module):
         hiddens = [x]
         for i, layer in enumerate(layers):
             if not (self.training and self.layer_drop > 0 and torch.rand(1).item() < self.layer_drop):
-                if gates is None:
-                    x = layer(x, key_padding_mask, position_bias)
-                elif gates.active is None:
-                    x = layer(x, key_padding_mask, position_bias, gates.heads[i], gates.attention[i],
-                              gates.units[i], gates.ffn[i])
-                else:
-                    a = gates.active
-                    x = layer(x, key_padding_mask, position_bias, gates.heads[i], gates.attention[i],
-                              gates.units[i], gates.ffn[i], a.heads[i], a.attention_on[i], a.units[i], a.ffn_on[i])
+                x = layer(x, key_padding_mask, position_bias, None if gates is None else gates.layers[i])
             hiddens.append(x)
         if self.layer_norm_first and len(layers) == len(self.layers):
             hiddens[-1] = self.layer_norm(hiddens[-1])
@@ -567,8 +529,8 @@ class Encoder(nn.Module):
         """features: (batch, frames, channels), lengths: (batch,) valid frames ->
         projected (batch, frames, embed_dim) with padding zeroed, key_padding_mask (batch, frames)
         (True = padding; None without lengths). Masked pre-training replaces frames here."""
-        if gates is not None and gates.active is not None:
-            x = self.feature_projection(features, gates.active.conv[-1], gates.active.conv_closed)
+        if gates is not None and gates.extractor.active is not None:
+            x = self.feature_projection(features, gates.extractor.last_active, gates.extractor.closed)
         else:
             x = self.feature_projection(features)
         key_padding_mask = None
@@ -613,6 +575,5 @@ class Wav2Vec2Model(nn.Module):
         ``num_layers``: compute only hidden states 0..num_layers (the layers above are not run).
         """
         waveforms = self.prepare_waveforms(waveforms, lengths)
-        x, lengths = self.feature_extractor(waveforms, lengths, None if gates is None else gates.conv,
-                                            None if gates is None or gates.active is None else gates.active.conv)
+        x, lengths = self.feature_extractor(waveforms, lengths, None if gates is None else gates.extractor)
         return self.encoder(x, lengths, gates, num_layers), lengths
