@@ -8,7 +8,7 @@ from itertools import groupby
 from typing import Any, Dict, List, Optional, Sequence, Union
 
 from ..models import Wav2Vec2Model
-from ..structures.shown import TRANSFORMER_LAYER, shown_per
+from ..structures.shown import CONV_LAYER, TRANSFORMER_LAYER, shown_per
 from .export import describe, read_export_info
 from .pretrained import load_pretrained
 
@@ -54,7 +54,8 @@ def structure_lines(model: Wav2Vec2Model, source: Optional[Dict[str, Any]] = Non
                      f"the parameters and {_share(info['macs_per_second'], source['macs_per_second'])} of the "
                      f"MACs kept")
     convs = config.extractor_conv_layer_config
-    lines.append(f"conv extractor: {len(convs)} layers; channels {_runs([c for c, _, _ in convs])}; kernels "
+    widths = "; ".join(f"{s.column} {_runs(info[s.key])}" for s in shown_per(CONV_LAYER))
+    lines.append(f"conv extractor: {len(convs)} layers; {widths}; kernels "
                  f"{_runs([k for _, k, _ in convs])}; strides {_runs([s for _, _, s in convs])}; "
                  f"bias {'yes' if config.extractor_conv_bias else 'no'}")
     lines.append(f"transformer:    {config.encoder_num_layers} layers; embedding {config.encoder_embed_dim}; head dim "

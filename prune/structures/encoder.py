@@ -90,9 +90,6 @@ class GatedEncoder(nn.Module):
     def config(self) -> EncoderConfig:
         return self.model.config
 
-    def of_kind(self, kind: str) -> List[Structure]:
-        return [s for s in self.structures if s.kind == kind]
-
     def gate_groups(self, kinds: Optional[Iterable[str]] = None) -> List[nn.Parameter]:
         """The ``log_alpha`` of every gate whose kind is in ``kinds`` (None: all), in structure
         order (the order of ``named_parameters``)."""
