@@ -82,6 +82,52 @@ def test_the_composed_config_is_the_recorded_one(case):
     assert composed(*case) == recorded[case_id(case)]
 
 
+def test_a_schema_default_is_the_one_the_recipes_compose_to(monkeypatch):
+    """The defaults are written once, in the schema: a dataclass default moved is what a recipe that
+    does not set the key composes to (no YAML copy of it left to disagree), and the comparison above
+    sees the change."""
+    from prune.train import config
+
+    case = ("train", "tiny_demo", [])
+    monkeypatch.setattr(config.TrainConfig.__dataclass_fields__["optim"], "default_factory",
+                        lambda: config.OptimConfig(weight_decay=0.5))
+    config.register_schema("train_schema", config.TrainConfig)
+    try:
+        moved = composed(*case)
+    finally:
+        monkeypatch.undo()
+        config.register_schema("train_schema", config.TrainConfig)
+    assert moved["config"]["optim"]["weight_decay"] == 0.5
+    assert moved != expected()[case_id(case)]
+    assert composed(*case) == expected()[case_id(case)]
+
+
+def test_pretraining_composes_from_config_groups_of_its_own():
+    """configs/pretrain: the pre-training groups, on a search path of their own (never among the
+    training groups, which have the same names), swapped as training's are, bad options in one line."""
+    from prune.cli import main
+    from prune.pretrain.recipe import compose_pretrain
+    from prune.train.config import CONFIG_PACKAGES, ConfigError
+    from prune.train.overrides import config_groups
+
+    assert config_groups(CONFIG_PACKAGES["pretrain"]) == {
+        "data": ["demo_corpus"], "model": ["demo", "tiny"], "optim": ["default"], "probe": ["demo_corpus", "none"],
+        "trainer": ["default"]}
+    assert set(config_groups(CONFIG_PACKAGES["train"])) == {
+        "data", "distill", "logging", "optim", "pruning", "teacher", "trainer"}
+    plain = compose_pretrain("demo_teacher", ["model=tiny", "probe=none"])
+    assert dict(plain.model.overrides) == {} and plain.model.final_dim == 256 and plain.probe.corpus is None
+    assert plain.optim.lr == 1e-3  # the recipe's own keys still apply
+    with pytest.raises(ConfigError, match="^model=tinyy: model has no config 'tinyy'; did you mean model=tiny"):
+        compose_pretrain("demo_teacher", ["model=tinyy"])
+    with pytest.raises(SystemExit, match="^prune pretrain: probe=nope: probe has no config 'nope'"):
+        main(["pretrain", "demo_teacher", "probe=nope"])
+    with pytest.raises(ConfigError, match="^pretrain=pretrain: pretrain is not a config key"):
+        from prune.train.config import compose
+
+        compose("demo", ["pretrain=pretrain"])
+
+
 if __name__ == "__main__":
     if sys.argv[1:] != ["--write"]:
         raise SystemExit(f"usage: python {sys.argv[0]} --write   (records the configs composed now)")
