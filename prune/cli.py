@@ -155,16 +155,16 @@ def _run_dir_arg(command: str, argv: List[str]) -> Optional[str]:
 def _check_command_line(command: str, recipe: str, overrides: List[str], multirun: bool) -> List[str]:
     """Every override's key (and, for a sweep, every job's config) checked before Hydra starts;
     returns the extra overrides a sweep needs (job folders named by the swept values)."""
-    from .train.config import ConfigError, TrainConfig
+    from .train.config import CONFIG_PACKAGES, ConfigError, TrainConfig
     from .train.overrides import check_overrides, config_groups
 
     try:
         if command == "pretrain":
             from .pretrain.recipe import PretrainConfig
 
-            check_overrides(overrides, PretrainConfig, command="pretrain")
+            check_overrides(overrides, PretrainConfig, config_groups(CONFIG_PACKAGES["pretrain"]), command="pretrain")
             return []
-        check_overrides(overrides, TrainConfig, config_groups())
+        check_overrides(overrides, TrainConfig, config_groups(CONFIG_PACKAGES["train"]))
         if not multirun:
             return []
         from .train.multirun import check_sweep, dirname_override
@@ -181,7 +181,7 @@ def train(argv: List[str]) -> None:
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
-    from .train.config import ConfigError, typed
+    from .train.config import ConfigError, searchpath, typed
     from .train.multirun import Sweep
 
     recipe, flags, overrides = _pick_recipe("train", argv)
@@ -210,7 +210,7 @@ def train(argv: List[str]) -> None:
         raise SystemExit("prune train: under torchrun, give hydra.run.dir=PATH so that every process "
                          "works in the same run directory")
     # Hydra's parser wants flags before overrides
-    sys.argv = ["prune train", *flags, *overrides, "hydra.searchpath=[pkg://prune.configs]", *extra]
+    sys.argv = ["prune train", *flags, *overrides, searchpath("train"), *extra]
     entry()
     if multirun:
         raise SystemExit(sweep.finish())
@@ -222,7 +222,7 @@ def pretrain(argv: List[str]) -> None:
     import hydra
     from hydra.core.hydra_config import HydraConfig
 
-    from .train.config import ConfigError
+    from .train.config import ConfigError, searchpath
     from .pretrain.recipe import run_pretraining, typed_pretrain
 
     recipe, flags, overrides = _pick_recipe("pretrain", argv)
@@ -244,7 +244,7 @@ def pretrain(argv: List[str]) -> None:
         print(f"tensorboard : tensorboard --logdir {run_dir / 'tensorboard'}")
         print(f"checkpoints : {run_dir / 'checkpoints'}   (run the same command again to resume)")
 
-    sys.argv = ["prune pretrain", *flags, *overrides]
+    sys.argv = ["prune pretrain", *flags, *overrides, searchpath("pretrain")]
     entry()
 
 

@@ -59,6 +59,8 @@ def test_help_lists_recipes_groups_and_every_key(capsys, command, schema):
     if command == "train":
         assert "teacher  demo | hubert_base | tiny | wavlm_base_plus" in text
         assert "pruning.target = 0.75" in text and "teacher.random_init = false" in text
+    else:  # pre-training's own groups (configs/pretrain), with the recipe's choice
+        assert "model    demo | tiny   (demo_teacher: demo)" in text and "probe=none" in text
 
 
 def test_recipe_help_shows_that_recipes_values(capsys):

@@ -21,18 +21,18 @@ pytestmark = pytest.mark.skipif(not (TEACHER / "model.safetensors").exists(), re
 def test_the_committed_teacher_is_what_its_recipe_makes():
     info = read_export_info(TEACHER)
     recorded = info["metadata"]["pretrain"]["config"]
-    import prune.train.config  # noqa: F401  (registers ${prune.data:...}: the shipped demo data)
+    from prune.pretrain.recipe import compose_pretrain
 
-    recipe = OmegaConf.load(REPO / "recipes" / "pretrain" / "demo_teacher.yaml")
-    recipe.pop("hydra")
-    recipe = OmegaConf.to_container(recipe, resolve=True)
-    for section, values in recipe.items():  # every key the recipe sets is what the run used
-        if isinstance(values, dict):
-            for key, value in values.items():
-                if section in ("data", "probe") and isinstance(value, str):  # recorded as typed, from the repo root
-                    assert (REPO / recorded[section][key]).resolve() == Path(value).resolve(), f"{section}.{key}"
-                else:
-                    assert recorded[section][key] == value, f"{section}.{key}"
+    composed = OmegaConf.to_container(compose_pretrain("demo_teacher"))
+    for section, values in recorded.items():  # every key the run used is what the recipe composes to
+        if not isinstance(values, dict):
+            assert composed[section] == values, section
+            continue
+        for key, value in values.items():
+            if section in ("data", "probe") and isinstance(value, str):  # recorded as typed, from the repo root
+                assert (REPO / value).resolve() == Path(composed[section][key]).resolve(), f"{section}.{key}"
+            else:
+                assert composed[section][key] == value, f"{section}.{key}"
     model = load_pruned(TEACHER)
     assert "format:         prune export (encoder pre-trained by prune pretrain, 5000 steps)" in \
         inspect_checkpoint(TEACHER)

@@ -130,3 +130,36 @@ def test_positional_conv_weight_is_cached_only_without_autograd():
     assert with_grad.requires_grad and with_grad is not second
     with_grad.sum().backward()
     assert conv.weight_v.grad is not None
+
+
+def _documented_names():
+    """EncoderConfig's docstring table: field -> (transformers names, fairseq names), "-" as none."""
+    import re
+
+    lines = EncoderConfig.__doc__.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.split()[:3] == ["field", "transformers", "fairseq"])
+    rows = {}
+    for line in lines[start + 1:]:
+        if not line.strip():
+            break
+        field, hf, fairseq, _meaning = re.split(r"\s{2,}", line.strip(), maxsplit=3)
+        rows[field] = tuple([] if names == "-" else names.split(", ") for names in (hf, fairseq))
+    return rows
+
+
+def test_every_encoder_config_field_is_documented_with_its_transformers_and_fairseq_names():
+    """A new EncoderConfig field needs its row; each documented name is one the importers know."""
+    import dataclasses
+
+    from prune.checkpoints.fairseq import FAIRSEQ_DEFAULTS
+    from prune.checkpoints.hf import HF_DEFAULTS
+
+    rows = _documented_names()
+    assert list(rows) == [f.name for f in dataclasses.fields(EncoderConfig)]  # every field, in order
+    hf_known = set(HF_DEFAULTS) | {"model_type", "do_normalize"}  # config.json's and preprocessor_config.json's
+    fairseq_known = set(FAIRSEQ_DEFAULTS) | {"_name", "normalize"}  # the model's registered name, the task's key
+    for field, (hf, fairseq) in rows.items():
+        assert set(hf) <= hf_known, f"{field}: {hf}"
+        assert set(fairseq) <= fairseq_known, f"{field}: {fairseq}"
+    assert rows["encoder_embed_dim"] == (["hidden_size"], ["encoder_embed_dim"])
+    assert rows["extractor_conv_layer_config"][0] == ["conv_dim", "conv_kernel", "conv_stride"]

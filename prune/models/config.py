@@ -40,6 +40,40 @@ BASE_CONV: List[ConvSpec] = [(512, 10, 5)] + [(512, 3, 2)] * 4 + [(512, 2, 2)] *
 
 @dataclass
 class EncoderConfig:
+    """An encoder's architecture. Each field with its name in a transformers ``config.json`` and in
+    a fairseq checkpoint's model config (the importers, prune/checkpoints/hf.py and fairseq.py, map
+    them), as torchaudio's ``wav2vec2_model`` documents its arguments; ``-``: no such setting there.
+    Per-layer fields are lists once pruned (DPHuBERT's names for its pruned models in the meaning).
+
+    field                        transformers                        fairseq                  meaning
+    architecture                 model_type                          _name                    hubert | wav2vec2 | wavlm
+    extractor_mode               feat_extract_norm                   extractor_mode           group_norm (in conv 0) | layer_norm
+    extractor_conv_layer_config  conv_dim, conv_kernel, conv_stride  conv_feature_layers      (channels, kernel, stride) per conv
+    extractor_conv_bias          conv_bias                           conv_bias                the convs have biases
+    encoder_embed_dim            hidden_size                         encoder_embed_dim        the transformer's width
+    encoder_projection_dropout   feat_proj_dropout                   dropout_input            after the feature projection
+    encoder_pos_conv_kernel      num_conv_pos_embeddings             conv_pos                 the positional conv's kernel
+    encoder_pos_conv_groups      num_conv_pos_embedding_groups       conv_pos_groups          ... and its groups
+    encoder_num_layers           num_hidden_layers                   encoder_layers           transformer layers
+    encoder_num_heads            num_attention_heads                 encoder_attention_heads  heads (per layer)
+    encoder_attention_dropout    attention_dropout                   attention_dropout        on the attention weights
+    encoder_ff_interm_features   intermediate_size                   encoder_ffn_embed_dim    FFN units (per layer)
+    encoder_ff_interm_dropout    activation_dropout                  activation_dropout       after the FFN's activation
+    encoder_dropout              hidden_dropout                      dropout                  on each block's output
+    encoder_layer_norm_first     do_stable_layer_norm                layer_norm_first         pre-norm (the Large models)
+    encoder_layer_drop           layerdrop                           encoder_layerdrop        LayerDrop in training
+    encoder_num_buckets          num_buckets                         num_buckets              WavLM: relative-position buckets
+    encoder_max_distance         max_bucket_distance                 max_distance             WavLM: the farthest bucketed
+    encoder_head_dim             -                                   -                        a head's width (null: embed/heads)
+    extractor_norm_channels      -                                   -                        channels a conv LayerNorm averages
+    encoder_attention_kept       -                                   -                        encoder_use_attention (per layer)
+    encoder_ff_kept              -                                   -                        encoder_use_feed_forward (per layer)
+    encoder_head_index           -                                   -                        encoder_remaining_heads (WavLM)
+    extractor_output_scale       -                                   -                        feature_extractor.dummy_weight
+    layer_norm_eps               layer_norm_eps                      -                        the transformer's (fairseq: 1e-5)
+    normalize_waveform           do_normalize                        normalize                per utterance: zero mean, unit variance
+    """
+
     architecture: str = "hubert"
     extractor_mode: str = "group_norm"
     extractor_conv_layer_config: List[ConvSpec] = field(default_factory=lambda: list(BASE_CONV))

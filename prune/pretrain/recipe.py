@@ -27,7 +27,7 @@ from ..checkpoints import export_pruned
 from ..models import PRESETS, build_preset, preset_config
 from ..train.checkpoint import load_latest, save_checkpoint
 from ..train.config import (ConfigError, ProbeConfig, check_manifests, check_optim, check_probe, check_run_dir,
-                     compose_raw, typed)
+                     compose_raw, register_schema, typed)
 from ..data.audio import AudioError, load_audio
 from ..data.dataset import collate, format_skipped, validate_manifest
 from ..faults import maybe_fail
@@ -106,17 +106,7 @@ class PretrainConfig:
     probe: ProbeConfig = field(default_factory=ProbeConfig)  # phone probe of the result, and of a random init
 
 
-def _register_base() -> None:
-    """Every key with its default, as ``pretrain_base`` in Hydra's config store: each pre-training
-    recipe starts from it (``defaults: [pretrain_base, _self_]``), since Hydra refuses to override a
-    key the recipe does not set. A plain dict, not the dataclass: ``typed`` checks the types, in one line."""
-    from hydra.core.config_store import ConfigStore
-
-    defaults = OmegaConf.to_container(OmegaConf.structured(PretrainConfig))
-    ConfigStore.instance().store(name="pretrain_base", node=defaults)
-
-
-_register_base()
+register_schema("pretrain_schema", PretrainConfig)  # configs/pretrain/pretrain.yaml starts from it
 
 
 def validate_pretrain(cfg: DictConfig, run_dir: Optional[Path] = None) -> None:

@@ -151,6 +151,20 @@ class TrainConfig:
     probe: ProbeConfig = field(default_factory=ProbeConfig)
 
 
+def register_schema(name: str, schema_class: type) -> None:
+    """``schema_class``'s defaults as the config ``name`` in Hydra's config store. A root config
+    (configs/train.yaml) starts its defaults list from it, so every default is written once, in the
+    dataclass, and the YAML files state only what differs. Stored as a plain dict, not the dataclass:
+    ``typed`` checks the types, in one line naming the key, where Hydra's check at composition would
+    print its own multi-line error."""
+    from hydra.core.config_store import ConfigStore
+
+    ConfigStore.instance().store(name=name, node=OmegaConf.to_container(OmegaConf.structured(schema_class)))
+
+
+register_schema("train_schema", TrainConfig)
+
+
 def typed(cfg: Any, schema_class: type = None) -> DictConfig:
     """Merge a composed config onto the schema (``TrainConfig`` unless another is given):
     unknown keys and wrong types raise ConfigError."""
@@ -417,13 +431,19 @@ def compose_raw(recipe: str, overrides: Optional[List[str]] = None, hydra_config
 
     from .overrides import check_overrides, config_groups
 
-    train = package == "prune.recipes"  # only the training recipes compose config groups
-    check_overrides(overrides or [], schema or TrainConfig, config_groups() if train else None,
-                    command="train" if train else "pretrain")
-    searchpath = ["hydra.searchpath=[pkg://prune.configs]"] if train else []
+    command = "train" if package == "prune.recipes" else "pretrain"
+    check_overrides(overrides or [], schema or TrainConfig, config_groups(CONFIG_PACKAGES[command]), command=command)
     with initialize_config_module(config_module=package, version_base="1.3"):
         return hydra_compose(config_name=recipe, return_hydra_config=hydra_config,
-                             overrides=[*searchpath, *(overrides or [])])
+                             overrides=[searchpath(command), *(overrides or [])])
+
+
+CONFIG_PACKAGES = {"train": "prune.configs", "pretrain": "prune.configs.pretrain"}  # command -> its config groups
+
+
+def searchpath(command: str) -> str:
+    """The override that lets ``command``'s recipes find their root config and config groups."""
+    return f"hydra.searchpath=[pkg://{CONFIG_PACKAGES[command]}]"
 
 
 def compose(recipe: str = "default", overrides: Optional[List[str]] = None) -> DictConfig:

@@ -36,12 +36,14 @@ def parse_overrides(overrides: Sequence[str]) -> List[Override]:
 
 
 def config_groups(package: str = "prune.configs") -> Dict[str, List[str]]:
-    """Hydra config groups in ``package``: group folder -> its options (yaml names), sorted."""
+    """Hydra config groups in ``package``: group folder -> its options (yaml names), sorted. A
+    folder that is a package of its own (configs/pretrain: another command's configs) is no group."""
     from importlib.resources import files
 
     return {d.name: sorted(f.name[:-5] for f in d.iterdir() if f.name.endswith(".yaml"))
             for d in sorted(files(package).iterdir(), key=lambda d: d.name)
-            if d.is_dir() and any(f.name.endswith(".yaml") for f in d.iterdir())}
+            if d.is_dir() and not d.joinpath("__init__.py").is_file()
+            and any(f.name.endswith(".yaml") for f in d.iterdir())}
 
 
 def check_overrides(overrides: Sequence[str], schema: type, groups: Optional[Dict[str, List[str]]] = None,

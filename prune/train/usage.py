@@ -27,6 +27,7 @@ EXAMPLES = {
     "pretrain": [
         ("prune pretrain demo_teacher hydra.run.dir=outputs/demo_teacher", "pre-train the demo teacher"),
         ("prune pretrain demo_teacher trainer.steps=500", "any key overridden"),
+        ("prune pretrain demo_teacher probe=none", "GROUP=OPTION swaps a whole config group"),
         ("prune pretrain demo_teacher --cfg job", "print the composed config, run nothing"),
     ],
 }
@@ -79,35 +80,44 @@ def key_lines(schema: type, cfg: Any) -> List[str]:
 
 def train_help(recipe: Optional[str]) -> str:
     from .config import TrainConfig, compose_raw, typed
-    from .overrides import config_groups
 
     shown = recipe or "default"
     raw = compose_raw(shown, hydra_config=True)
-    choices = raw.hydra.runtime.choices
-    groups = config_groups()
-    width = max(map(len, groups))
     lines = [_usage("train"), "",
              "Prune a speech encoder: distil a gated student from the frozen teacher under a size target,",
              "cut it to a plain smaller model, distil that further, export it (RUN_DIR/export) with a report.", "",
-             _recipes_block("train"), "",
-             "config groups (GROUP=OPTION replaces a whole section; files in prune.configs):"]
-    lines += [f"  {g.ljust(width)}  {' | '.join(opts)}   ({shown}: {choices.get(g)})" for g, opts in groups.items()]
-    lines += ["", f"keys (key=value; values as recipe {shown} sets them):", *key_lines(TrainConfig, typed(raw)),
-              "", _examples("train")]
+             _recipes_block("train"), "", _groups_block("train", shown, raw), "",
+             f"keys (key=value; values as recipe {shown} sets them):", *key_lines(TrainConfig, typed(raw)),
+             "", _examples("train")]
     return "\n".join(lines)
 
 
 def pretrain_help(recipe: Optional[str]) -> str:
-    from ..pretrain.recipe import PretrainConfig, compose_pretrain
+    from ..pretrain.recipe import PretrainConfig, typed_pretrain
+    from .config import compose_raw
 
     shown = recipe or next(iter(recipes("pretrain")))
+    raw = compose_raw(shown, hydra_config=True, package=RECIPE_PACKAGES["pretrain"], schema=PretrainConfig)
     lines = [_usage("pretrain"), "",
              "Pre-train a small HuBERT from scratch (MFCC + k-means targets, masked prediction), e.g. a teacher",
              "where no pretrained weights can be had; the encoder is exported to RUN_DIR/export.", "",
-             _recipes_block("pretrain"), "",
+             _recipes_block("pretrain"), "", _groups_block("pretrain", shown, raw), "",
              f"keys (key=value; values as recipe {shown} sets them):",
-             *key_lines(PretrainConfig, compose_pretrain(shown)), "", _examples("pretrain")]
+             *key_lines(PretrainConfig, typed_pretrain(raw)), "", _examples("pretrain")]
     return "\n".join(lines)
+
+
+def _groups_block(command: str, shown: str, raw: Any) -> str:
+    """The config groups of ``command``, each with its options and the one recipe ``shown`` picks
+    (``raw``: its composition with the hydra node)."""
+    from .config import CONFIG_PACKAGES
+    from .overrides import config_groups
+
+    groups, choices = config_groups(CONFIG_PACKAGES[command]), raw.hydra.runtime.choices
+    width = max(map(len, groups))
+    return "\n".join([f"config groups (GROUP=OPTION replaces a whole section; files in {CONFIG_PACKAGES[command]}):",
+                      *(f"  {g.ljust(width)}  {' | '.join(opts)}   ({shown}: {choices.get(g)})"
+                        for g, opts in groups.items())])
 
 
 def _usage(command: str) -> str:
