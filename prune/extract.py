@@ -122,8 +122,8 @@ def torch_forward(model: Wav2Vec2Model, layers: Sequence[int]) -> Forward:
         if padding_is_exact(model.config):
             from .data.dataset import collate
 
-            x, lengths = collate(waves)
-            hiddens, frames = model(x, lengths, num_layers=top)
+            batch = collate(waves)
+            hiddens, frames = model(batch.waveforms, batch.lengths, num_layers=top)
         else:
             features = [model.feature_extractor(model.prepare_waveforms(w[None]), None)[0][0] for w in waves]
             frames = torch.tensor([f.shape[0] for f in features])
@@ -179,8 +179,8 @@ def onnx_forward(session, layers: Sequence[int]) -> Forward:
     def forward(waves: List[Tensor]) -> Tuple[List[np.ndarray], np.ndarray]:
         from .data.dataset import collate
 
-        x, lengths = collate(waves)
-        *hiddens, frames = session.run(names, {"waveforms": x.numpy(), "lengths": lengths.numpy()})
+        batch = collate(waves)
+        *hiddens, frames = session.run(names, {"waveforms": batch.waveforms.numpy(), "lengths": batch.lengths.numpy()})
         return hiddens, frames
 
     return forward

@@ -45,14 +45,14 @@ from torch import Tensor, nn
 
 from prune.models import EncoderConfig, Wav2Vec2Model
 from prune.train.config import ConfigError, check_run_dir, compose, validate
-from prune.data.dataset import collate
+from prune.data.dataset import Batch, collate
 from prune.train.distributed import DistEnv
 from prune.evaluate.probe import corpus_features, encoder_layers, fit_probe
 from prune.train.recipe import PruneRecipe, _diff, load_teacher
 
 log = logging.getLogger("compare_dphubert")
 
-Batch = Tuple[Tensor, Tensor]  # waveforms (batch, samples), lengths (batch,)
+DPBatch = Tuple[Tensor, Tensor]  # DPHuBERT's collate: waveforms (batch, samples), lengths (batch,)
 PARITY_RTOL = 1e-5
 
 
@@ -389,7 +389,7 @@ def final_budget(cfg: DictConfig) -> Tuple[float, int, int]:
     return lr, warmup, cfg.trainer.final_steps
 
 
-def drive(module: nn.Module, batches: Iterator[Batch], steps: int, clip: Optional[float], log_every: int = 50,
+def drive(module: nn.Module, batches: Iterator[DPBatch], steps: int, clip: Optional[float], log_every: int = 50,
           name: str = "") -> Dict[str, Any]:
     """What Lightning's fit does with the module, without Lightning: ``configure_optimizers``, then
     per step ``_step`` -> backward -> clip the gradient norm of every optimised parameter
@@ -429,11 +429,11 @@ def training_batches(cfg: DictConfig, run_dir: Path) -> Tuple[Iterator[Batch], A
     return recipe._batches(), recipe.dataset
 
 
-def as_dphubert_batches(batches: Iterator[Batch], collate_fn: Callable) -> Iterator[Batch]:
+def as_dphubert_batches(batches: Iterator[Batch], collate_fn: Callable) -> Iterator[DPBatch]:
     """Each padded batch re-collated by DPHuBERT's ``CollateFnAudio`` (crop: every utterance cut
     to the batch's shortest at a random offset, as its train_dataloader does; pad: zero-padded)."""
-    for waveforms, lengths in batches:
-        yield collate_fn([(w[:n][None], int(n)) for w, n in zip(waveforms, lengths)])
+    for batch in batches:
+        yield collate_fn([(w[:n][None], int(n)) for w, n in zip(batch.waveforms, batch.lengths)])
 
 
 def run_dphubert(dp: types.SimpleNamespace, cfg: DictConfig, ckpt_path: Path, run_dir: Path,
@@ -711,7 +711,8 @@ def convert_teacher(dp: types.SimpleNamespace, teacher: Wav2Vec2Model, cfg: Dict
     data, saved as OUT/teacher_dphubert.pth; returns that path and the per-layer errors."""
     ckpt = dphubert_checkpoint(dp, teacher)
     _, dataset = training_batches(cfg, out)
-    errors = check_parity(build_dphubert(dp, ckpt), teacher, *padded_parity_batch(dataset))
+    batch = padded_parity_batch(dataset)
+    errors = check_parity(build_dphubert(dp, ckpt), teacher, batch.waveforms, batch.lengths)
     log.info("teacher conversion: DPHuBERT's hidden states match prune's, max relative error %.2e (hidden "
              "states 0..%d, prune's convention)", max(errors), len(errors) - 1)
     path = out / "teacher_dphubert.pth"

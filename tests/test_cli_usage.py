@@ -177,3 +177,5 @@ def test_no_progress_bar_unless_the_output_is_a_terminal():
         "step 120/2000 (prune)  loss -1.2346  expected sparsity 0.412 (target 0.300)  0.52 s/step"
     assert progress_line(1900, 2000, "final", {"distill": torch.tensor(-2.0)}, None, 0.1) == \
         "step 1900/2000 (final)  loss -2.0000  0.10 s/step"
+    assert progress_line(7, 10, "final", {"task": torch.tensor(0.5)}, None, 0.1, loss_key="task") == \
+        "step 7/10 (final)  loss 0.5000  0.10 s/step"  # another objective's loss

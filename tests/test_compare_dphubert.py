@@ -13,6 +13,7 @@ import pytest
 import torch
 from helpers_train import DEMO_CORPUS, demo_corpus_split
 
+from prune.data.dataset import Batch
 from prune.models import build_preset
 
 REPO = Path(__file__).resolve().parents[1]
@@ -160,10 +161,10 @@ def test_teachers_that_do_not_map_are_refused(dp, monkeypatch):
 @needs_checkout
 def test_crop_batches_are_cut_to_the_shortest_and_pad_batches_unchanged(dp):
     waves, lengths = padded_batch()
-    crop = next(cd.as_dphubert_batches(iter([(waves, lengths)]), dp.audio.CollateFnAudio(pad=False)))
+    crop = next(cd.as_dphubert_batches(iter([Batch(waves, lengths)]), dp.audio.CollateFnAudio(pad=False)))
     assert crop[0].shape == (3, 4000) and crop[1].tolist() == [4000] * 3
     assert any(torch.equal(crop[0][0], waves[0, k:k + 4000]) for k in range(9000 - 4000))  # a window of row 0
-    pad = next(cd.as_dphubert_batches(iter([(waves, lengths)]), dp.audio.CollateFnAudio(pad=True)))
+    pad = next(cd.as_dphubert_batches(iter([Batch(waves, lengths)]), dp.audio.CollateFnAudio(pad=True)))
     assert torch.equal(pad[0], waves) and torch.equal(pad[1], lengths)
 
 

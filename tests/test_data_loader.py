@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from torch.utils.data import DataLoader
 
 from prune.data.audio import load_audio
-from prune.data.dataset import AudioDataset, LengthBucketSampler, collate, format_skipped, validate_manifest
+from prune.data.dataset import AudioDataset, Batch, LengthBucketSampler, collate, format_skipped, validate_manifest
 from prune.data.manifest import ManifestError, read_manifest, write_manifest
 
 CORPUS = Path(__file__).resolve().parent.parent / "data" / "demo_corpus"
@@ -81,7 +81,9 @@ def test_bad_files_are_skipped_not_raised(tmp_path, caplog):
 
 def test_collate_pads_and_drops_none():
     a, b = torch.ones(3), torch.full((5,), 2.0)
-    waves, lengths = collate([a, None, b])
+    batch = collate([a, None, b])
+    assert isinstance(batch, Batch) and batch.labels is None and batch.ids is None
+    waves, lengths = batch.waveforms, batch.lengths
     assert waves.shape == (2, 5) and waves.dtype == torch.float32
     assert lengths.tolist() == [3, 5] and lengths.dtype == torch.long
     assert waves[0].tolist() == [1, 1, 1, 0, 0] and waves[1].tolist() == [2] * 5
@@ -99,7 +101,7 @@ def test_dataloader_end_to_end(tmp_path, workers):
         batches += 1
         if batch is None:  # every file in the batch was bad
             continue
-        waves, lengths = batch
+        waves, lengths = batch.waveforms, batch.lengths
         assert waves.shape[0] == len(lengths) and waves.shape[1] == lengths.max()
         seen += len(lengths)
     assert batches == len(sampler) == 4 and seen == 6
@@ -253,7 +255,7 @@ def test_resume_through_a_dataloader(tmp_path):
     loader = DataLoader(ds, batch_sampler=sampler, collate_fn=collate)
     sampler.set_epoch(1)
     ds.set_epoch(1)
-    full = [w for w, _ in loader]
+    full = [batch.waveforms for batch in loader]
     it = iter(loader)
     next(it)
     state = sampler.state_dict()
@@ -261,7 +263,7 @@ def test_resume_through_a_dataloader(tmp_path):
     sampler2.load_state_dict(state)
     ds2 = AudioDataset(ds.manifest, max_samples=4000, seed=2)
     ds2.set_epoch(1)
-    rest = [w for w, _ in DataLoader(ds2, batch_sampler=sampler2, collate_fn=collate)]
+    rest = [batch.waveforms for batch in DataLoader(ds2, batch_sampler=sampler2, collate_fn=collate)]
     assert len(rest) == len(full) - 1
     for a, b in zip(rest, full[1:]):
         torch.testing.assert_close(a, b)

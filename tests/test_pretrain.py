@@ -31,7 +31,8 @@ def test_get_batch_crops_at_whole_frames_with_aligned_labels():
     labels = [torch.arange(num_frames(w.numel())) for w in waves]
     g = torch.Generator().manual_seed(3)
     for _ in range(5):
-        waveforms, lengths, batch_labels = get_batch(waves, labels, [0, 1], 16000, g)
+        batch = get_batch(waves, labels, [0, 1], 16000, g)
+        waveforms, lengths, batch_labels = batch.waveforms, batch.lengths, batch.labels
         assert lengths.tolist() == [16000, 9000]
         first = int(waveforms[0, 0]) // HOP_LENGTH
         assert int(waveforms[0, 0]) == first * HOP_LENGTH  # crops start on a frame boundary

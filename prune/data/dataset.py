@@ -13,14 +13,14 @@ Typical use::
         sampler.set_epoch(epoch); dataset.set_epoch(epoch)   # before iter(loader)
         for batch in loader:
             if batch is None: continue                        # every file in it was bad
-            waveforms, lengths = batch
+            hiddens, frames = model(batch.waveforms, batch.lengths)
 """
 
 from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import soundfile as sf
@@ -33,7 +33,19 @@ from .manifest import Manifest, ManifestError, audio_length, read_manifest
 
 log = logging.getLogger(__name__)
 
-Batch = Tuple[Tensor, Tensor]
+class Batch(NamedTuple):
+    """A padded batch. ``labels`` and ``ids`` are for objectives and tools that need them (None
+    when the data has none): per-frame or per-utterance targets, and the utterances' names."""
+
+    waveforms: Tensor  # (batch, samples) float32, zero-padded to the longest
+    lengths: Tensor  # (batch,) long: valid samples of each row
+    labels: Optional[Tensor] = None  # (batch, ...) e.g. (batch, frames) frame labels
+    ids: Optional[List[str]] = None  # (batch,) e.g. manifest paths
+
+    def to(self, device: Union[torch.device, str]) -> "Batch":
+        """The batch with its tensors on ``device``."""
+        return self._replace(waveforms=self.waveforms.to(device), lengths=self.lengths.to(device),
+                             labels=None if self.labels is None else self.labels.to(device))
 
 
 def _as_manifest(manifest: Union[Manifest, str, Path]) -> Manifest:
@@ -114,17 +126,17 @@ def collate(items: Sequence[Optional[Tensor]]) -> Optional[Batch]:
     Args:
         items: waveforms (Tensor, shape (samples,)) or ``None``.
     Returns:
-        ``(waveforms, lengths)``: waveforms (Tensor, shape (B, S), float32, zero-padded to the
-        longest S), lengths (Tensor, shape (B,), long); ``None`` if no item is left.
+        a ``Batch``: waveforms (Tensor, shape (B, S), float32, zero-padded to the longest S),
+        lengths (Tensor, shape (B,), long); ``None`` if no item is left.
     """
     waves = [w for w in items if w is not None]
     if not waves:
         return None
     lengths = torch.tensor([w.numel() for w in waves], dtype=torch.long)
-    batch = torch.zeros(len(waves), int(lengths.max()), dtype=torch.float32)
-    for row, w in zip(batch, waves):
+    waveforms = torch.zeros(len(waves), int(lengths.max()), dtype=torch.float32)
+    for row, w in zip(waveforms, waves):
         row[:w.numel()] = w
-    return batch, lengths
+    return Batch(waveforms, lengths)
 
 
 def validate_manifest(manifest: Union[Manifest, str, Path], min_samples: int = MIN_SAMPLES,

@@ -52,9 +52,8 @@ def evaluate_against_teacher(model_path: str, teacher_path: Optional[str], manif
         batch = collate([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))])
         if batch is None:
             continue
-        waves, lengths = batch
-        ours, frames = model(waves, lengths)
-        theirs, _ = teacher(waves, lengths)
+        ours, frames = model(batch.waveforms, batch.lengths)
+        theirs, _ = teacher(batch.waveforms, batch.lengths)
         mask = frame_mask(frames, ours[0].shape[1]).float()
         for i in range(n):
             cos_sum[i] += (F.cosine_similarity(ours[i], theirs[i], dim=-1) * mask).sum()

@@ -29,7 +29,7 @@ from ..train.checkpoint import load_latest, save_checkpoint
 from ..train.config import (ConfigError, ProbeConfig, check_manifests, check_optim, check_probe, check_run_dir,
                      compose_raw, register_schema, typed)
 from ..data.audio import AudioError, load_audio
-from ..data.dataset import collate, format_skipped, validate_manifest
+from ..data.dataset import Batch, collate, format_skipped, validate_manifest
 from ..faults import maybe_fail
 from ..data.manifest import ManifestError, read_manifest
 from .masked_prediction import IGNORE, MaskedPrediction, masked_loss, span_mask
@@ -166,9 +166,9 @@ def load_corpus(manifest_path: str, min_samples: int) -> Tuple[List[Tensor], Dic
 
 
 def get_batch(waves: List[Tensor], labels: List[Tensor], indices: List[int], max_samples: int,
-              g: torch.Generator) -> Tuple[Tensor, Tensor, Tensor]:
-    """Crop each chosen utterance at a random whole frame (so its labels stay aligned), pad ->
-    waveforms (batch, samples), lengths (batch,), labels (batch, frames) (``IGNORE`` on padding)."""
+              g: torch.Generator) -> Batch:
+    """Crop each chosen utterance at a random whole frame (so its labels stay aligned), pad -> a
+    Batch: waveforms (batch, samples), lengths (batch,), labels (batch, frames) (``IGNORE`` on padding)."""
     crops, crop_labels = [], []
     for i in indices:
         wave, lab = waves[i], labels[i]
@@ -178,9 +178,8 @@ def get_batch(waves: List[Tensor], labels: List[Tensor], indices: List[int], max
             lab = lab[first:first + num_frames(wave.numel())]
         crops.append(wave)
         crop_labels.append(lab)
-    waveforms, lengths = collate(crops)
     padded = torch.nn.utils.rnn.pad_sequence(crop_labels, batch_first=True, padding_value=IGNORE)
-    return waveforms, lengths, padded
+    return collate(crops)._replace(labels=padded)
 
 
 # -------------------------------------------------------------------------------------- loop
@@ -252,11 +251,12 @@ class Pretrainer:
             else max(0.0, (total - s) / max(1, total - o.warmup_steps))
         return o.lr * scale
 
-    def loss(self, waveforms: Tensor, lengths: Tensor, labels: Tensor, g: torch.Generator
-             ) -> Tuple[Tensor, Dict[str, float]]:
-        frames = torch.tensor([num_frames(int(n)) for n in lengths])
+    def loss(self, batch: Batch, g: torch.Generator) -> Tuple[Tensor, Dict[str, float]]:
+        """The masked-prediction loss of ``batch`` (its labels: the frames' cluster ids)."""
+        labels = batch.labels
+        frames = torch.tensor([num_frames(int(n)) for n in batch.lengths])
         mask = span_mask(frames, labels.shape[1], self.cfg.masking.prob, self.cfg.masking.length, g)
-        logits, penalty, _ = self.model(waveforms, lengths, mask)
+        logits, penalty, _ = self.model(batch.waveforms, batch.lengths, mask)
         ce, accuracy = masked_loss(logits, labels, mask)
         loss = ce + self.cfg.model.feature_pen * penalty
         parts = {"masked_ce": ce.item(), "masked_accuracy": accuracy.item(), "feature_penalty": penalty.item(),
@@ -278,7 +278,7 @@ class Pretrainer:
             batch = get_batch(self.train_waves, self.train_labels, indices, cfg.data.max_samples, g)
             for group in self.optimizer.param_groups:
                 group["lr"] = self.lr_at(self.step)
-            loss, parts = self.loss(*batch, g)
+            loss, parts = self.loss(batch, g)
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if cfg.optim.clip_grad_norm:
@@ -317,8 +317,8 @@ class Pretrainer:
         batches = 0
         for start in range(0, len(self.valid_waves), size):
             indices = list(range(start, min(start + size, len(self.valid_waves))))
-            _, parts = self.loss(*get_batch(self.valid_waves, self.valid_labels, indices,
-                                            self.cfg.data.max_samples, g), g)
+            _, parts = self.loss(get_batch(self.valid_waves, self.valid_labels, indices,
+                                           self.cfg.data.max_samples, g), g)
             for k, v in parts.items():
                 totals[k] = totals.get(k, 0.0) + v
             batches += 1

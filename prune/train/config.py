@@ -13,10 +13,10 @@ from typing import Any, Dict, List, Optional, Tuple
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from ..models import PRESETS, preset_config
-from ..structures import GateConfig, count_params
+from ..models import PRESETS, EncoderConfig, preset_config
+from .. import measures
+from ..structures import GateConfig
 from .distill import COS_TYPES, LAYER0, MODES, REDUCTIONS
-from ..lagrangian import TARGET_KINDS
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 GATE_LR_SCHEDULES = ("constant", "model")
@@ -275,15 +275,17 @@ def check_optim(o: DictConfig, lrs: Tuple[str, ...]) -> None:
         raise ConfigError(f"optim.clip_grad_norm: must be a positive number or null, got {o.clip_grad_norm}")
 
 
-def check_param_count(target: float, full: Optional[int]) -> None:
-    """``pruning.target`` with ``target_kind=param_count``: a whole number of parameters to keep,
-    below the teacher's ``full`` count (None: not known before the checkpoint is loaded)."""
-    if not (math.isfinite(target) and target >= 1 and float(target).is_integer()):
-        raise ConfigError(f"pruning.target: with pruning.target_kind=param_count it is the number of parameters to "
-                          f"keep, a whole number such as 23585946, got {target} (for a fraction removed use "
-                          f"pruning.target_kind=params)")
-    if full is not None and target >= full:
-        raise ConfigError(f"pruning.target: {int(target)} parameters to keep is not below the teacher's {full:,}")
+def check_target(p: DictConfig, teacher: Optional[EncoderConfig]) -> None:
+    """``pruning.target_kind`` names a registered size measure and ``pruning.target`` reads for it
+    (``teacher``: the unpruned architecture, None while it is not known before the checkpoint is
+    loaded)."""
+    measure = measures.MEASURES.get(p.target_kind)
+    if measure is None:
+        raise ConfigError(f"pruning.target_kind: must be one of {measures.names()}, got {p.target_kind!r}")
+    try:
+        measure.check_target(p.target, None if teacher is None else measure.size_of(teacher, p.macs_seconds))
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
 
 
 # The Lagrangian raises the size target over pruning.warmup_steps and needs about a third of the
@@ -339,13 +341,7 @@ def validate(cfg: DictConfig, run_dir: Optional[Path] = None) -> None:
             raise ConfigError(f"teacher.random_init: true, but teacher.checkpoint={t.checkpoint} is given; "
                               f"drop one of them")
         num_layers = None  # known once loaded
-    if p.target_kind not in TARGET_KINDS:
-        raise ConfigError(f"pruning.target_kind: must be one of {TARGET_KINDS}, got {p.target_kind!r}")
-    if p.target_kind in ("params", "macs") and not 0.0 < p.target < 1.0:
-        raise ConfigError(f"pruning.target: a sparsity must be in (0, 1), got {p.target}")
-    if p.target_kind == "param_count":
-        check_param_count(p.target, count_params(preset_config(t.preset, **t.overrides))
-                          if t.checkpoint is None else None)
+    check_target(p, preset_config(t.preset, **t.overrides) if t.checkpoint is None else None)
     if not 0.0 <= p.skip_min_closed <= 1.0:
         raise ConfigError(f"pruning.skip_min_closed: must be in [0, 1], got {p.skip_min_closed}")
     if not 0.0 < p.tolerance < 0.5:

@@ -38,11 +38,12 @@ from ..models.config import EncoderConfig
 from ..structures import GateConfig, GatedEncoder
 from .checkpoint import load_latest, save_checkpoint
 from .config import PATH_KEYS, path_values
-from ..data.dataset import AudioDataset, LengthBucketSampler, collate, format_skipped, validate_manifest
-from .distill import DistillHeads, distill_loss, frame_mask, projection_as_layer0
+from ..data.dataset import AudioDataset, Batch, LengthBucketSampler, collate, format_skipped, validate_manifest
+from .objective import Distillation, Objective
 from .distributed import DistEnv, all_ranks, barrier, init_distributed
 from ..faults import maybe_fail, maybe_stall, nan_loss
 from ..lagrangian import Lagrangian
+from ..measures import MEASURES
 from ..data.manifest import ManifestError, read_manifest
 
 log = logging.getLogger(__name__)
@@ -51,17 +52,20 @@ PRUNE, FINAL, DONE = "prune", "final", "done"
 
 
 class Student(nn.Module):
-    """What is trained: the encoder (gated while pruning, plain afterwards) and the distillation
-    heads. One module, so DDP sees every trained parameter."""
+    """What is trained: the encoder (gated while pruning, plain afterwards) and the objective's
+    modules (the distillation heads), registered under their own names (``heads.*`` in a
+    checkpoint). One module, so DDP sees every trained parameter."""
 
-    def __init__(self, encoder: nn.Module, heads: DistillHeads):
+    def __init__(self, encoder: nn.Module, objective: Objective):
         super().__init__()
         self.encoder = encoder
-        self.heads = heads
+        self.objective = objective  # a plain object: its modules are registered here, once
+        for name, module in objective.modules().items():
+            self.add_module(name, module)
 
-    def forward(self, waveforms: Tensor, lengths: Tensor) -> Tuple[List[Tensor], Tensor]:
-        hiddens, frames = self.encoder(waveforms, lengths)
-        return self.heads(hiddens), frames
+    def forward(self, waveforms: Tensor, lengths: Tensor) -> Any:
+        """waveforms (batch, samples), lengths (batch,) -> the objective's student output."""
+        return self.objective.student_output(self.encoder, waveforms, lengths)
 
 
 def load_teacher(cfg: DictConfig) -> Wav2Vec2Model:
@@ -116,10 +120,10 @@ class PruneRecipe:
         student.load_state_dict(self.teacher.state_dict())
         gated = GatedEncoder(student, GateConfig(**cfg.pruning.gates), skip_closed=cfg.pruning.skip_closed,
                              skip_min_closed=cfg.pruning.skip_min_closed)
-        heads = DistillHeads(self.source_config.encoder_embed_dim, cfg.distill.layers, cfg.distill.mode)
+        self.objective = Distillation.from_config(cfg.distill, self.source_config.encoder_embed_dim)
         self.lagrangian = Lagrangian(gated, cfg.pruning.target_kind, cfg.pruning.target,
                                      cfg.pruning.warmup_steps, cfg.pruning.macs_seconds).to(self.env.device)
-        self._set_student(Student(gated, heads))
+        self._set_student(Student(gated, self.objective))
 
         state = load_latest(self.ckpt_dir)
         if state is not None:
@@ -203,7 +207,7 @@ class PruneRecipe:
             group["lr"] = base * fn(self.step)
 
     # ---------------------------------------------------------------------------- the loop
-    def _batches(self) -> Iterator[Tuple[Tensor, Tensor]]:
+    def _batches(self) -> Iterator[Batch]:
         """Endless batches; (epoch, batch_in_epoch) is the data position a checkpoint records."""
         while True:
             self.sampler.set_epoch(self.epoch)
@@ -224,7 +228,7 @@ class PruneRecipe:
             self.epoch += 1
             self.batch_in_epoch = 0
 
-    def _next_batch(self, batches: Iterator[Tuple[Tensor, Tensor]]) -> Tuple[Tensor, Tensor]:
+    def _next_batch(self, batches: Iterator[Batch]) -> Batch:
         """The next batch. A rank whose share of the data has no usable audio raises; under DDP the
         others learn it in the same step and stop too (rather than wait for it forever)."""
         try:
@@ -243,20 +247,14 @@ class PruneRecipe:
         dtype = torch.bfloat16 if p == "bf16" else torch.float16
         return torch.autocast(self.env.device.type, dtype=dtype)
 
-    def _loss(self, waveforms: Tensor, lengths: Tensor) -> Tuple[Tensor, Dict[str, Tensor]]:
-        waveforms, lengths = waveforms.to(self.env.device), lengths.to(self.env.device)
-        layers, d = self.student.heads.layers, self.cfg.distill
-        projection = d.layer0 == "projection"
+    def _loss(self, batch: Batch) -> Tuple[Tensor, Dict[str, Tensor]]:
+        """The objective's loss on ``batch`` (+ the Lagrangian penalty while pruning) and its logs."""
+        batch = batch.to(self.env.device)
         with self._autocast():
-            with torch.no_grad(), projection_as_layer0(self.teacher, projection):
-                teacher_hiddens, _ = self.teacher(waveforms, lengths)
-            with projection_as_layer0(self.student.encoder, projection):
-                predictions, frames = self.model(waveforms, lengths)
-            mask = frame_mask(frames, predictions[0].shape[1])
-            loss, parts = distill_loss([p.float() for p in predictions],
-                                       [teacher_hiddens[i].float() for i in layers], mask,
-                                       d.cos_weight, d.cos_type, d.reduction)
-        parts["distill"] = loss.detach()
+            with torch.no_grad():
+                teacher_out = self.objective.teacher_output(self.teacher, batch)
+            student_out = self.model(batch.waveforms, batch.lengths)
+            loss, parts = self.objective.loss(student_out, teacher_out, batch)
         if self.stage == PRUNE:
             reg = self.lagrangian(self.student.encoder, self.step)
             loss = loss + reg["penalty"]
@@ -290,10 +288,10 @@ class PruneRecipe:
             self.optimizer.zero_grad(set_to_none=True)
             parts: Dict[str, Tensor] = {}
             for micro in range(tr.grad_accum):
-                waveforms, lengths = self._next_batch(batches)
+                batch = self._next_batch(batches)
                 sync = micro == tr.grad_accum - 1 or not self.env.enabled
                 with contextlib.nullcontext() if sync else self.model.no_sync():
-                    loss, parts = self._loss(waveforms, lengths)
+                    loss, parts = self._loss(batch)
                     if nan_loss(self.step + 1):  # PRUNE_FAULT=nan_loss:STEP (tests)
                         loss = loss * float("nan")
                     self.scaler.scale(loss / tr.grad_accum).backward()
@@ -330,12 +328,12 @@ class PruneRecipe:
                 if self.env.is_main:
                     target = self.lagrangian.target_at(self.step) if self.stage == PRUNE else None
                     log.info("%s", progress_line(self.step, total, self.stage, parts, target,
-                                                 (now - t_last) / tr.log_every))
+                                                 (now - t_last) / tr.log_every, self.objective.name))
                 t_last = now
             if progress is not None:
                 progress.update(1)
                 if self.step % tr.log_every == 0:
-                    progress.set_postfix(stage=self.stage, loss=f"{parts['distill'].item():.3f}",
+                    progress.set_postfix(stage=self.stage, loss=f"{parts[self.objective.name].item():.3f}",
                                          **({"sparsity": f"{parts['expected_sparsity'].item():.3f}"}
                                             if "expected_sparsity" in parts else {}))
             if tr.valid_every and self.step % tr.valid_every == 0:
@@ -361,19 +359,18 @@ class PruneRecipe:
         self._check_ranks_agree(gated)
         self._validate("before cut")
         lag, p = self.lagrangian, self.cfg.pruning
-        target_size = (1.0 - lag.target_sparsity) * lag.full
-        size = lambda g: lag.expected_size(g)  # noqa: E731
+        target_size = lag.target_size
         gated.eval()
-        gates_size = size(gated).item()
+        gates_size = lag.expected_size(gated).item()
         calibrated = p.calibrate and abs(gates_size - target_size) > p.tolerance * target_size
         if calibrated:
-            calibrate(gated, size, target_size, p.tolerance)
+            calibrate(gated, lag.expected_size, target_size, p.tolerance)
         compiled = compile_encoder(gated)
         self.cut = cut_record(lag, target_size, gates_size, lag.size_of(compiled.config), p, calibrated)
         if self.env.is_main:
             self._log_cut(self.cut)
         self.stage = FINAL
-        self._set_student(Student(compiled, self.student.heads))
+        self._set_student(Student(compiled, self.objective))
         self._validate("after cut")
         maybe_fail("between_stages", self.step)  # PRUNE_FAULT=between_stages:STEP (tests)
         self.save_checkpoint()  # between stages: a crash now resumes into stage 2
@@ -448,7 +445,7 @@ class PruneRecipe:
         self.stage = state["stage"]
         if self.stage != PRUNE:
             compiled = build_encoder(EncoderConfig.from_dict(state["student_config"]))
-            self._set_student(Student(compiled, self.student.heads))
+            self._set_student(Student(compiled, self.objective))
         self.student.load_state_dict(state["student"])
         self.lagrangian.load_state_dict(state["lagrangian"])
         self.optimizer.load_state_dict(state["optimizer"])
@@ -504,7 +501,7 @@ class PruneRecipe:
             batch = collate([self.valid[i] for i in range(start, min(start + size, len(self.valid)))])
             if batch is None:
                 continue
-            loss, parts = self._loss(*batch) if self.stage != PRUNE else self._valid_loss(*batch)
+            loss, parts = self._loss(batch) if self.stage != PRUNE else self._valid_loss(batch)
             total += loss.item()
             cos, l1 = cos + parts["layer_cos"].cpu(), l1 + parts["layer_l1"].cpu()
             count += 1
@@ -512,7 +509,7 @@ class PruneRecipe:
         value = total / max(count, 1)
         entry: Dict[str, Any] = {"step": self.step, "stage": self.stage, "valid_distill_loss": value}
         if count:
-            entry.update(layers=list(self.student.heads.layers), cos=(cos / count).tolist(), l1=(l1 / count).tolist())
+            entry.update(layers=list(self.objective.layers), cos=(cos / count).tolist(), l1=(l1 / count).tolist())
         if point is not None:
             entry["point"] = point
         self.history.append(entry)
@@ -524,10 +521,10 @@ class PruneRecipe:
                  f" [{point}]" if point else "")
         return value
 
-    def _valid_loss(self, waveforms: Tensor, lengths: Tensor) -> Tuple[Tensor, Dict[str, Tensor]]:
+    def _valid_loss(self, batch: Batch) -> Tuple[Tensor, Dict[str, Tensor]]:
         stage, self.stage = self.stage, FINAL  # the distillation term alone
         try:
-            return self._loss(waveforms, lengths)
+            return self._loss(batch)
         finally:
             self.stage = stage
 
@@ -539,7 +536,7 @@ class PruneRecipe:
             if v.dim() == 0:
                 w.add_scalar(f"train/{k}", float(v), self.step)
             else:  # one value per distilled layer
-                for layer, x in zip(self.student.heads.layers, v.tolist()):
+                for layer, x in zip(self.objective.layers, v.tolist()):
                     w.add_scalar(f"train/{k}/{layer}", x, self.step)
         w.add_scalar("train/seconds_per_step", seconds_per_step, self.step)
         for g in self.optimizer.param_groups:
@@ -580,10 +577,11 @@ def progress_bar(total: int, initial: int, enabled: bool, stream=None, desc: str
 
 
 def progress_line(step: int, total: int, stage: str, parts: Dict[str, Tensor], target: Optional[float],
-                  seconds_per_step: float) -> str:
+                  seconds_per_step: float, loss_key: str = "distill") -> str:
     """``step 120/2000 (prune)  loss -1.2345  expected sparsity 0.412 (target 0.300)  0.52 s/step``:
-    ``parts`` are the step's loss terms, ``target`` the warmed-up target sparsity while pruning."""
-    line = f"step {step}/{total} ({stage})  loss {float(parts['distill']):.4f}"
+    ``parts`` are the step's loss terms (the objective's loss under ``loss_key``), ``target`` the
+    warmed-up target sparsity while pruning."""
+    line = f"step {step}/{total} ({stage})  loss {float(parts[loss_key]):.4f}"
     if "expected_sparsity" in parts:
         line += f"  expected sparsity {float(parts['expected_sparsity']):.3f}"
         if target is not None:
@@ -638,7 +636,7 @@ def cut_record(lag: Lagrangian, target_size: float, gates_size: float, cut_size:
     than ``pruning.tolerance``)."""
     shift = abs(cut_size - gates_size) / target_size
     reached = abs(cut_size - target_size) <= p.tolerance * target_size
-    return {"kind": lag.kind, "unit": "MACs" if lag.kind == "macs" else "params", "target_size": target_size,
+    return {"kind": lag.kind, "unit": MEASURES[lag.kind].unit, "target_size": target_size,
             "gates_size": gates_size, "cut_size": cut_size, "gates_sparsity": 1.0 - gates_size / lag.full,
             "cut_sparsity": 1.0 - cut_size / lag.full, "shift": shift, "max_cut_shift": p.max_cut_shift,
             "calibrated": calibrated,

@@ -1,0 +1,94 @@
+"""What the student is trained on, besides the size target: the objective seam of the recipe.
+
+The recipe runs, per batch::
+
+    teacher_out = objective.teacher_output(teacher, batch)            # under no_grad
+    student_out = student(batch.waveforms, batch.lengths)             # objective.student_output inside
+    loss, logs = objective.loss(student_out, teacher_out, batch)
+    loss = loss + lagrangian(...)["penalty"]                           # while pruning
+
+The objective's own trained modules (``modules()``, e.g. distillation heads) are registered in the
+student under their names, so they are trained with the encoder's weights (the optimizer's "model"
+group), reach DDP with it and are saved in the checkpoint's ``student`` state (``heads.*``).
+A new objective (a task loss reading ``batch.labels``) is one subclass here.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Dict, List, Sequence, Tuple
+
+from omegaconf import DictConfig
+from torch import Tensor, nn
+
+from ..data.dataset import Batch
+from .distill import DistillHeads, distill_loss, frame_mask, projection_as_layer0
+
+
+class Objective:
+    """The loss of a training step (the Lagrangian penalty is the recipe's, added to it)."""
+
+    name = "loss"  # the key of its loss in the logs ("train/<name>" in TensorBoard)
+
+    def modules(self) -> Dict[str, nn.Module]:
+        """The modules it trains along with the encoder, by their name in the student."""
+        return {}
+
+    def student_output(self, encoder: nn.Module, waveforms: Tensor, lengths: Tensor) -> Any:
+        """The student's forward: the encoder and the objective's own layers on its output.
+        waveforms (batch, samples), lengths (batch,)."""
+        return encoder(waveforms, lengths)
+
+    def teacher_output(self, teacher: nn.Module, batch: Batch) -> Any:
+        """What the loss needs from the frozen teacher (called under no_grad); None: nothing."""
+        return None
+
+    def loss(self, student_out: Any, teacher_out: Any, batch: Batch) -> Tuple[Tensor, Dict[str, Tensor]]:
+        """(the loss to minimise, detached values to log: ``logs[self.name]`` is the loss)."""
+        raise NotImplementedError
+
+
+class Distillation(Objective):
+    """Layer-to-layer distillation (DPHuBERT): prediction heads on the student's hidden states,
+    an L1 + cosine loss to the teacher's (``prune.train.distill``)."""
+
+    name = "distill"
+
+    def __init__(self, embed_dim: int, layers: Sequence[Sequence[int]], mode: str = "layer2layer",
+                 layer0: str = "hidden", cos_weight: float = 1.0, cos_type: str = "raw", reduction: str = "sum"):
+        self.heads = DistillHeads(embed_dim, layers, mode)
+        self.projection = layer0 == "projection"  # hidden state 0 = the feature projection's output
+        self.cos_weight, self.cos_type, self.reduction = cos_weight, cos_type, reduction
+
+    @classmethod
+    def from_config(cls, d: DictConfig, embed_dim: int) -> "Distillation":
+        """From the ``distill`` config group, for a teacher of width ``embed_dim``."""
+        return cls(embed_dim, d.layers, d.mode, d.layer0, d.cos_weight, d.cos_type, d.reduction)
+
+    @property
+    def layers(self) -> List[int]:
+        """The distilled teacher layers, in the order of the per-layer logs (``layer_cos`` ...)."""
+        return self.heads.layers
+
+    def modules(self) -> Dict[str, nn.Module]:
+        return {"heads": self.heads}
+
+    def student_output(self, encoder: nn.Module, waveforms: Tensor, lengths: Tensor) -> Tuple[List[Tensor], Tensor]:
+        """(predictions of the distilled layers, each (batch, frames, dim); valid frames (batch,))."""
+        with projection_as_layer0(encoder, self.projection):
+            hiddens, frames = encoder(waveforms, lengths)
+        return self.heads(hiddens), frames
+
+    def teacher_output(self, teacher: nn.Module, batch: Batch) -> List[Tensor]:
+        """The teacher's distilled hidden states, each (batch, frames, dim)."""
+        with projection_as_layer0(teacher, self.projection):
+            hiddens, _ = teacher(batch.waveforms, batch.lengths)
+        return [hiddens[i] for i in self.layers]
+
+    def loss(self, student_out: Tuple[List[Tensor], Tensor], teacher_out: List[Tensor],
+             batch: Batch) -> Tuple[Tensor, Dict[str, Tensor]]:
+        predictions, frames = student_out
+        mask = frame_mask(frames, predictions[0].shape[1])
+        loss, logs = distill_loss([p.float() for p in predictions], [t.float() for t in teacher_out], mask,
+                                  self.cos_weight, self.cos_type, self.reduction)
+        logs[self.name] = loss.detach()
+        return loss, logs
