@@ -35,31 +35,18 @@ def _fail(command: str, error: BaseException) -> "SystemExit":
 
 # ------------------------------------------------------------------------------------ train
 def run_training(cfg, run_dir: Path, command: str = "train") -> Path:
-    """Validate, then run the recipe in ``run_dir`` (resuming if it holds checkpoints). The run
-    directory is locked for this process; a start that fails leaves it as it was. Ctrl-C: one
-    line (where it stopped, how to go on) and exit status 130."""
-    from .train.config import absolute_paths, validate
-    from .train.recipe import PruneRecipe
-    from .train.rundir import claim_run_dir, is_rank_zero
+    """Run the recipe in ``run_dir`` (``prune.train.recipe.run_pruning``), then print where its
+    outputs are. Ctrl-C: one line (where it stopped, how to go on) and exit status 130."""
+    from .train.recipe import Interrupted, run_pruning
+    from .train.rundir import is_rank_zero
 
-    cfg = absolute_paths(cfg)
-    recipe = run = None
     try:
-        with claim_run_dir(run_dir, main=is_rank_zero()) as run:
-            validate(cfg, run_dir)
-            run.lock()
-            recipe = PruneRecipe(cfg, run_dir)
-            try:
-                recipe.setup()
-                run.started(cfg)
-                export = recipe.train()
-            finally:
-                recipe.cleanup()
-    except KeyboardInterrupt:
+        export = run_pruning(cfg, run_dir)
+    except Interrupted as stop:
         if is_rank_zero():
-            print(_stopped(command, run_dir, recipe if run is not None and run.is_started else None), file=sys.stderr)
+            print(_stopped(command, run_dir, stop), file=sys.stderr)
         raise SystemExit(130) from None
-    if recipe.env.is_main:
+    if is_rank_zero():
         report = (run_dir / "report.txt").read_text() if (run_dir / "report.txt").exists() else ""
         print(report)
         print(f"export      : {export}   (prune.load_pruned({str(export)!r}))")
@@ -69,17 +56,13 @@ def run_training(cfg, run_dir: Path, command: str = "train") -> Path:
     return export
 
 
-def _stopped(command: str, run_dir: Path, recipe) -> str:
+def _stopped(command: str, run_dir: Path, stop) -> str:
     """The one line a Ctrl-C prints: where the run stopped and how to continue it."""
-    from .train.checkpoint import checkpoint_files
-
-    if recipe is None:
+    if stop.step is None:
         return f"prune {command}: interrupted before training started; {run_dir} is as it was"
-    saved = checkpoint_files(recipe.ckpt_dir)
-    last = str(saved[0][1]) if saved else "none yet (a resume starts from step 0)"
-    return f"prune {command}: stopped at step {recipe.step}; last checkpoint: {last}; " \
+    last = str(stop.checkpoint) if stop.checkpoint else "none yet (a resume starts from step 0)"
+    return f"prune {command}: stopped at step {stop.step}; last checkpoint: {last}; " \
            f"continue with: prune resume {run_dir}"
-
 
 
 # Hydra's flags that take a value (``--cfg job``): not overrides, and not a recipe name
@@ -251,20 +234,15 @@ def pretrain(argv: List[str]) -> None:
 def resume(args: argparse.Namespace) -> int:
     """Continue the run in RUN_DIR with its recorded config; ``KEY=PATH`` gives a moved file's new
     place (path keys only). A finished run is left alone."""
-    from omegaconf import OmegaConf
-
-    from .train.config import PATH_KEYS, ConfigError, typed
-    from .train.recipe import finished_export
+    from .train.config import PATH_KEYS, ConfigError
+    from .train.resume import finished_export, recorded_config
 
     run_dir = Path(args.run_dir)
-    config_file = run_dir / "config.yaml"
-    if not config_file.is_file():
-        raise ValueError(f"{run_dir} is not a run directory (no config.yaml)")
+    cfg = recorded_config(run_dir, args.paths)
     export = finished_export(run_dir)
     if export is not None:
         print(f"{run_dir} is finished (export at {export}); nothing to resume")
         return 0
-    cfg = _moved(typed(OmegaConf.load(config_file)), args.paths)
     _console_logging(run_dir)
     try:
         run_training(cfg, run_dir, "resume")
@@ -276,24 +254,6 @@ def resume(args: argparse.Namespace) -> int:
     return 0
 
 
-def _moved(cfg, paths: List[str]):
-    """``cfg`` with the ``KEY=PATH`` items of ``prune resume`` applied; only path keys may change."""
-    from omegaconf import OmegaConf
-
-    from .train.config import PATH_KEYS, ConfigError, typed
-
-    plain = OmegaConf.to_container(cfg, resolve=True)
-    for item in paths:
-        key, sep, value = item.partition("=")
-        if not sep or key not in PATH_KEYS or not value:
-            raise ConfigError(f"{item}: a resume continues the recorded config and takes only the new place of a "
-                              f"moved file ({', '.join(k + '=PATH' for k in PATH_KEYS)}); to change anything "
-                              f"else, start a new run directory")
-        section, name = key.split(".")
-        plain[section][name] = value
-    return typed(plain)
-
-
 def _console_logging(run_dir: Path) -> None:
     # delay: the log file opens at its first line (a resume that fails before starting leaves none)
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s",
@@ -303,21 +263,10 @@ def _console_logging(run_dir: Path) -> None:
 # ------------------------------------------------------------------------------- utilities
 def export(args: argparse.Namespace) -> int:
     """Export the student held by a training checkpoint (cut first if it is still gated)."""
-    from .checkpoints import check_export_path, export_pruned
-    from .compile import compile_encoder
-    from .structures import GatedEncoder
-    from .train.checkpoint import load_checkpoint
-    from .train.student import student_from_checkpoint
+    from .train.student import export_training_checkpoint
 
-    check_export_path(args.out, args.overwrite, flag="--overwrite")  # before any loading
-    state = load_checkpoint(Path(args.checkpoint))
-    model, source = student_from_checkpoint(state, Path(args.checkpoint))
-    if isinstance(model, GatedEncoder):
-        model = compile_encoder(model.eval())
-    path = export_pruned(model.eval(), args.out, source=source, overwrite=args.overwrite,
-                         metadata={"from_checkpoint": str(args.checkpoint), "step": state["step"],
-                                   "stage": state["stage"]})
-    print(f"exported step {state['step']} ({state['stage']} stage) to {path}")
+    state = export_training_checkpoint(Path(args.checkpoint), Path(args.out), args.overwrite)
+    print(f"exported step {state['step']} ({state['stage']} stage) to {args.out}")
     return 0
 
 
@@ -359,49 +308,32 @@ def inspect(args: argparse.Namespace) -> int:
 
 
 def preview(args: argparse.Namespace) -> int:
-    """Gate a preset, set its gates to a seeded non-uniform state at the chosen sparsity, cut it
-    to a plain model, check it against the gated model, export it and print before/after."""
-    from .checkpoints import check_export_path, describe, export_pruned
-    from .compile import compile_encoder
-    from .measured import fastest, interleaved, spread
-    from .models import SAMPLE_RATE, build_preset
-    from .seeded import set_random_gates
-    from .structures import GatedEncoder
+    """Gate a preset with seeded gates at --sparsity, cut, check, time and export it
+    (``prune.preview.preview``); print before/after."""
     from .evaluate.report import comparison_table
+    from .measured import fastest, spread
+    from .models import PRESETS
+    from .preview import preview as run_preview
 
-    torch.manual_seed(args.seed)
+    if args.preset not in PRESETS:
+        raise ValueError(f"unknown --preset {args.preset!r}; choose from {', '.join(sorted(PRESETS))}")
+    if not 0.0 <= args.sparsity < 1.0:
+        raise ValueError(f"--sparsity must be in [0, 1), got {args.sparsity}")
     torch.set_num_threads(args.threads)
-    out = check_export_path(args.out, args.overwrite, flag="--overwrite")  # fail before any compute
-    print(f"building {args.preset} (random weights) and gating it ...")
-    gated = GatedEncoder(build_preset(args.preset))
-    reached = set_random_gates(gated, args.sparsity, seed=args.seed)
-    gated.eval()
-    compiled = compile_encoder(gated)
-
-    x = torch.randn(2, int(args.seconds * SAMPLE_RATE))
-    lengths = torch.tensor([x.shape[1], x.shape[1] * 3 // 4])
-    with torch.no_grad():
-        expected, _ = gated(x, lengths)
-        actual, _ = compiled(x, lengths)
-        # interleaved, fastest of N: load on a shared machine hits both models alike (prune/measured.py)
-        times = interleaved({"unpruned": lambda: gated.model(x, lengths), "pruned": lambda: compiled(x, lengths)},
-                            repeats=args.repeats)
-    t_full, t_pruned = fastest(times["unpruned"]), fastest(times["pruned"])
-    error = max(((a - e).abs().max() / e.abs().max()).item() for a, e in zip(actual, expected))
-    path = export_pruned(compiled, out, source=gated.config, overwrite=args.overwrite,
-                         metadata={"preview": {"preset": args.preset, "sparsity": args.sparsity, "seed": args.seed}})
-
-    before, after = describe(gated.config), describe(compiled.config)
-    print(comparison_table([("unpruned", before, t_full, None), ("pruned", after, t_pruned, None)],
+    result = run_preview(args.preset, args.sparsity, args.out, seed=args.seed, seconds=args.seconds,
+                         repeats=args.repeats, overwrite=args.overwrite, progress=print)
+    times = result.times
+    print(comparison_table([("unpruned", result.before, fastest(times["unpruned"]), None),
+                            ("pruned", result.after, fastest(times["pruned"]), None)],
                            f"CPU forward, 2 x {args.seconds:g} s (fastest of {args.repeats})"))
     print(f"latency spread (median/max above the fastest): unpruned {spread(times['unpruned'])}, "
           f"pruned {spread(times['pruned'])}")
-    print(f"param sparsity reached: {reached:.4f} (asked {args.sparsity})")
-    print(f"conv channels : {_layers(after['conv_channels'])}")
-    print(f"heads         : {_layers(after['heads'])}   ('-' = attention block removed)")
-    print(f"FFN units     : {_layers(after['ffn_units'])}   ('-' = FFN block removed)")
-    print(f"pruned vs gated model, max relative error over all hidden states: {error:.2e}")
-    print(f"exported to {path}  (load with: prune.load_pruned({str(path)!r}))")
+    print(f"param sparsity reached: {result.reached:.4f} (asked {args.sparsity})")
+    print(f"conv channels : {_layers(result.after['conv_channels'])}")
+    print(f"heads         : {_layers(result.after['heads'])}   ('-' = attention block removed)")
+    print(f"FFN units     : {_layers(result.after['ffn_units'])}   ('-' = FFN block removed)")
+    print(f"pruned vs gated model, max relative error over all hidden states: {result.error:.2e}")
+    print(f"exported to {result.path}  (load with: prune.load_pruned({str(result.path)!r}))")
     return 0
 
 
@@ -461,6 +393,7 @@ def _layers(values: List[Optional[int]]) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .checkpoints.convert import FORMATS
     from .extract import DEFAULT_MAX_BATCH_SECONDS
     from .data.manifest import AUDIO_EXTENSIONS
 
@@ -514,10 +447,11 @@ def build_parser() -> argparse.ArgumentParser:
                                    "DPHuBERT file; pruned or not) as OUT. --to onnx: inputs waveforms (batch, "
                                    "samples) float32 and lengths (batch,) int64; outputs hidden_K (batch, frames, "
                                    "dim) per layer, then frames (batch,) int64. The graph is checked against torch "
-                                   "on a padded batch; a float32 graph off by more than 1e-4 is removed.")
+                                   "on a padded batch; a float32 graph off by more than 1e-4 is removed. --to "
+                                   "prune: an export folder (model.safetensors + config.json, prune.load_pruned).")
     p.add_argument("model", help="an export folder or any checkpoint prune inspect reads")
-    p.add_argument("out", help="the file to write, e.g. model.onnx")
-    p.add_argument("--to", required=True, help="output format: onnx")
+    p.add_argument("out", help="the file to write, e.g. model.onnx (a folder for --to prune)")
+    p.add_argument("--to", required=True, help=f"output format: {', '.join(sorted(FORMATS))}")
     p.add_argument("--layers", type=int, nargs="+", default=None, metavar="K",
                    help="output only these hidden states (0: the input to the first layer); the layers above "
                         "the highest are left out of the graph (default: all)")
@@ -576,14 +510,7 @@ def main(argv: Optional[List[str]] = None) -> None:
         return pretrain(argv[1:])
     args = build_parser().parse_args(argv)
     from .checkpoints import ExportError
-    from .models import PRESETS
 
-    if args.command == "preview":
-        if args.preset not in PRESETS:
-            raise SystemExit(f"prune preview: unknown --preset {args.preset!r}; "
-                             f"choose from {', '.join(sorted(PRESETS))}")
-        if not 0.0 <= args.sparsity < 1.0:
-            raise SystemExit(f"prune preview: --sparsity must be in [0, 1), got {args.sparsity}")
     try:
         code = args.func(args)
         sys.stdout.flush()  # a reader gone away (`| head`) shows here, not at exit

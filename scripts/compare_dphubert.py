@@ -48,7 +48,9 @@ from prune.train.config import ConfigError, check_run_dir, compose, validate
 from prune.data.dataset import Batch, collate
 from prune.train.distributed import DistEnv
 from prune.evaluate.probe import corpus_features, encoder_layers, fit_probe
-from prune.train.recipe import PruneRecipe, _diff, load_teacher
+from prune.train.recipe import PruneRecipe
+from prune.train.resume import _diff
+from prune.train.student import load_teacher
 
 log = logging.getLogger("compare_dphubert")
 

@@ -132,3 +132,54 @@ def test_config_that_does_not_match_the_weights(tmp_path, pruned):
     (out / "config.json").write_text(json.dumps(info))
     with pytest.raises(ExportError, match=r"missing keys .*layers\.1\.attention\.q_proj\.weight"):
         load_pruned(out)
+
+
+# ------------------------------------------------------------------- the exporter seam (FORMATS)
+def test_convert_to_prune_writes_an_export_folder(tmp_path, pruned, capsys):
+    from prune.cli import main
+
+    gated, model = pruned
+    src = export_pruned(model, tmp_path / "src", source=gated.config)
+    with pytest.raises(SystemExit) as done:
+        main(["convert", str(src), str(tmp_path / "copy"), "--to", "prune"])
+    assert done.value.code == 0
+    assert capsys.readouterr().out.startswith(f"wrote {tmp_path / 'copy'} (model.safetensors + config.json, ")
+    a, b = load_pruned(src).state_dict(), load_pruned(tmp_path / "copy").state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # an option of another format, and an existing folder, are one line before any compute
+    for out, args, message in [("new", ["--layers", "1"], "--layers is an option of --to onnx, not of --to prune"),
+                               ("copy", [], "the folder is not empty (pass --overwrite to replace it)")]:
+        with pytest.raises(SystemExit) as bad:
+            main(["convert", str(src), str(tmp_path / out), "--to", "prune", *args])
+        assert str(bad.value).startswith("prune convert: ") and message in str(bad.value), str(bad.value)
+    assert not (tmp_path / "new").exists()
+
+
+def test_preview_writes_through_the_formats_table(tmp_path, monkeypatch):
+    """``prune.preview.preview`` (the library side of ``prune preview``) writes through
+    FORMATS["prune"]: a format swapped in there is what it writes with."""
+    from prune.checkpoints import convert
+    from prune.preview import preview
+
+    written = []
+    native = convert.FORMATS[convert.NATIVE]
+
+    def recording(model, out, options):
+        written.append((out, sorted(options)))
+        return native.write(model, out, options)
+
+    monkeypatch.setitem(convert.FORMATS, convert.NATIVE, convert.Format(None, native.check, recording))
+    result = preview("wavlm_base_tiny", 0.5, tmp_path / "preview", repeats=1, seconds=0.5)
+    assert written == [(tmp_path / "preview", ["metadata", "overwrite", "source"])]
+    assert abs(result.reached - 0.5) < 0.01 and result.error < 1e-5 and load_pruned(result.path)
+    assert result.after["params"] < result.before["params"] and set(result.times) == {"unpruned", "pruned"}
+
+
+def test_preview_checks_its_export_folder_before_any_compute(tmp_path, monkeypatch):
+    import prune.preview as preview_module
+
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "x").write_text("x")
+    monkeypatch.setattr(preview_module, "build_preset", lambda *a: pytest.fail("built before the check"))
+    with pytest.raises(ExportError, match="not empty"):
+        preview_module.preview("wavlm_base_tiny", 0.5, tmp_path / "out")

@@ -102,7 +102,7 @@ def test_config_changes_sees_through_how_a_path_is_written(tmp_path, monkeypatch
     """The resume check: a relative path (recorded by an older run) and the absolute one of the
     same file are the same config; a file that no longer exists may be replaced; another
     existing file is a different config."""
-    from prune.train.recipe import config_changes
+    from prune.train.resume import config_changes
 
     monkeypatch.chdir(tmp_path)
     for name in ("a.tsv", "b.tsv"):

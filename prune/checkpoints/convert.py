@@ -1,24 +1,41 @@
-"""``prune convert MODEL OUT --to FORMAT``: a model ``load_pretrained`` reads, written in another
-format. ``FORMATS`` is the table of output formats: one entry (checks, then the conversion) each."""
+"""Writing a model in an output format: ``FORMATS`` is the table of them, one entry (checks, then
+the writer) each, and ``write_model`` the one place every model is written through: the
+pruning recipe's and pre-training's exports, ``prune export``, ``prune preview`` and
+``prune convert MODEL OUT --to FORMAT`` (a model ``load_pretrained`` reads, written in another
+format). A new format is one entry here and one module for its writer."""
 
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
+from ..measured import num_params
 from ..models import Wav2Vec2Model
+from .export import CONFIG, WEIGHTS, check_export_path, export_pruned
+
+NATIVE = "prune"  # prune's own export folder: what load_pruned reads with torch and safetensors alone
 
 
 @dataclass(frozen=True)
 class Format:
-    """An output format: ``suffix`` OUT must end with; ``check()`` raises before the model is
-    loaded (a missing extra); ``convert(model, out, options)`` writes OUT and returns the lines to print."""
+    """An output format: ``suffix`` OUT must end with (None: OUT is a folder); ``check()`` raises
+    before the model is loaded (a missing extra); ``write(model, out, options)`` writes OUT and
+    returns the lines to print; ``options``: the ``prune convert`` options it takes."""
 
-    suffix: str
+    suffix: Optional[str]
     check: Callable[[], None]
-    convert: Callable[[Wav2Vec2Model, Path, Dict], List[str]]
+    write: Callable[[Wav2Vec2Model, Path, Dict[str, Any]], List[str]]
+    options: Tuple[str, ...] = ()
+
+
+def _to_native(model: Wav2Vec2Model, out: Path, options: Dict[str, Any]) -> List[str]:
+    """``export_pruned``: the options ``source`` (the unpruned config), ``metadata``, ``overwrite``."""
+    path = export_pruned(model, out, source=options.get("source"), metadata=options.get("metadata"),
+                         overwrite=options.get("overwrite", False))
+    return [f"wrote {path} ({WEIGHTS} + {CONFIG}, {model.config.architecture}, "
+            f"{num_params(model):,} parameters)"]
 
 
 def _onnx_check() -> None:
@@ -51,16 +68,48 @@ def _to_onnx(model: Wav2Vec2Model, out: Path, options: Dict) -> List[str]:
 
 
 FORMATS: Dict[str, Format] = {
-    "onnx": Format(".onnx", _onnx_check, _to_onnx),
+    NATIVE: Format(None, lambda: None, _to_native),
+    "onnx": Format(".onnx", _onnx_check, _to_onnx, ("layers", "quantize")),
 }
 
 
-def check_convert(model_path: os.PathLike, out: os.PathLike, to: str, overwrite: bool = False) -> Format:
-    """Everything about the command line that can be checked before loading anything."""
+def check_output(out: os.PathLike, to: str, overwrite: bool = False) -> Format:
+    """The format ``to``, once ``out`` is known to take it (raised now: before any compute)."""
     if to not in FORMATS:
         raise ValueError(f"--to {to}: unknown format; choose from {', '.join(sorted(FORMATS))}")
     fmt = FORMATS[to]
-    out = Path(out)
+    if fmt.suffix is None:
+        check_export_path(out, overwrite, flag="--overwrite")
+    else:
+        _check_output_file(Path(out), to, fmt, overwrite)
+    return fmt
+
+
+def write_model(model: Wav2Vec2Model, out: os.PathLike, to: str = NATIVE, overwrite: bool = False,
+                **options: Any) -> List[str]:
+    """Write ``model`` to ``out`` as ``to`` (options: the format's own, e.g. ``source`` and
+    ``metadata`` for the native export, ``layers`` for ONNX); returns the lines to print."""
+    fmt = check_output(out, to, overwrite)
+    fmt.check()
+    return fmt.write(model, Path(out), {**options, "overwrite": overwrite})
+
+
+def check_convert(model_path: os.PathLike, out: os.PathLike, to: str, overwrite: bool = False,
+                  options: Optional[Dict[str, Any]] = None) -> Format:
+    """Everything about the command line that can be checked before loading anything; ``options``:
+    the ``prune convert`` options given (not None), each one the format must take."""
+    fmt = check_output(out, to, overwrite)
+    for name in options or {}:
+        if name not in fmt.options:
+            takes = [f"--to {other}" for other, f in sorted(FORMATS.items()) if name in f.options]
+            raise ValueError(f"--{name} is an option of {' and '.join(takes)}, not of --to {to}")
+    if not Path(model_path).exists():
+        raise ValueError(f"{model_path} does not exist")
+    fmt.check()
+    return fmt
+
+
+def _check_output_file(out: Path, to: str, fmt: Format, overwrite: bool) -> None:
     if out.suffix != fmt.suffix:
         raise ValueError(f"{out}: an output for --to {to} must end in {fmt.suffix}")
     if out.is_dir():
@@ -72,20 +121,14 @@ def check_convert(model_path: os.PathLike, out: os.PathLike, to: str, overwrite:
         ancestor = ancestor.parent
     if not ancestor.is_dir() or not os.access(ancestor, os.W_OK | os.X_OK):
         raise ValueError(f"{out}: cannot write into {ancestor} (not a writable folder)")
-    if not Path(model_path).exists():
-        raise ValueError(f"{model_path} does not exist")
-    fmt.check()
-    return fmt
 
 
 def convert(model_path: os.PathLike, out: os.PathLike, to: str, layers: Optional[Sequence[int]] = None,
             quantize: Optional[str] = None, overwrite: bool = False) -> List[str]:
     """Load ``model_path`` (anything ``load_pretrained`` reads) and write it to ``out`` as ``to``;
     returns the lines to print. Bad input raises before any compute."""
-    from .onnx_export import check_layers
     from .pretrained import load_pretrained
 
-    fmt = check_convert(model_path, out, to, overwrite)
-    model = load_pretrained(model_path)
-    check_layers(layers, model.config.encoder_num_layers)
-    return fmt.convert(model, Path(out), {"layers": layers, "quantize": quantize})
+    options = {k: v for k, v in {"layers": layers, "quantize": quantize}.items() if v is not None}
+    fmt = check_convert(model_path, out, to, overwrite, options)
+    return fmt.write(load_pretrained(model_path), Path(out), {**options, "overwrite": overwrite})

@@ -21,7 +21,9 @@ MAX_LISTED = 12  # keys named in one error message; the rest are counted
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be loaded: unreadable, unsafe to unpickle, of an unsupported model
-    family, or whose weights do not match its config. The message names the file and the keys."""
+    family, or whose weights do not match its config; also a training checkpoint that is damaged or
+    incomplete (``prune.train.checkpoint``). The message names the file and the keys. A ValueError:
+    bad input, which every command reports in one line."""
 
 
 @dataclass(frozen=True)

@@ -31,7 +31,7 @@ def _teacher_for(model_path: str, teacher: Optional[str]) -> Wav2Vec2Model:
                          f"config.json), which does not exist here: pass --teacher PATH")
     from omegaconf import OmegaConf
 
-    from ..train.recipe import load_teacher
+    from ..train.student import load_teacher
 
     return load_teacher(OmegaConf.create(train_cfg))
 

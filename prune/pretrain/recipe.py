@@ -23,7 +23,7 @@ import torch
 from omegaconf import MISSING, DictConfig, OmegaConf
 from torch import Tensor
 
-from ..checkpoints import export_pruned
+from ..checkpoints.convert import write_model
 from ..models import PRESETS, build_preset, preset_config
 from ..train.checkpoint import load_latest, save_checkpoint
 from ..train.config import (ConfigError, ProbeConfig, check_manifests, check_optim, check_probe, check_run_dir,
@@ -33,12 +33,17 @@ from ..data.dataset import Batch, collate, format_skipped, validate_manifest
 from ..faults import maybe_fail
 from ..data.manifest import ManifestError, read_manifest
 from .masked_prediction import IGNORE, MaskedPrediction, masked_loss, span_mask
+from ..train.resume import check_resume_config
 from ..train.rundir import claim_run_dir
+from ..train.schedule import warmup_linear_decay
 from .clusters import HOP_LENGTH, ClusterTargets, mfcc_features, num_frames
 
 log = logging.getLogger(__name__)
 
 REQUIRED = ("step", "config", "model", "optimizer", "targets", "rng", "history")  # a whole checkpoint
+# what a resume may change: the name, the probe of the result, and every trainer key but trainer.steps
+RESUMABLE = ("name", "probe", "trainer.seed", "trainer.threads", "trainer.log_every", "trainer.valid_every",
+             "trainer.ckpt_every", "trainer.keep_last")
 
 
 # ------------------------------------------------------------------------------------ config
@@ -236,20 +241,13 @@ class Pretrainer:
         state = load_latest(self.ckpt_dir, REQUIRED, kind="pre-training")
         if state is None:
             return None
-        now = OmegaConf.to_container(self.cfg, resolve=True)
-        changed = [k for k in ("model", "targets", "masking", "data", "optim") if state["config"].get(k) != now.get(k)]
-        if changed or state["config"]["trainer"]["steps"] != now["trainer"]["steps"]:
-            raise ValueError(f"{self.run_dir} was started with a different config "
-                             f"({', '.join(changed) or 'trainer.steps'}); resume with the same config "
-                             f"or use a new run directory")
+        check_resume_config(state["config"], OmegaConf.to_container(self.cfg, resolve=True), self.run_dir,
+                            ignore=RESUMABLE)
         return state
 
     def lr_at(self, step: int) -> float:
-        o, total = self.cfg.optim, self.cfg.trainer.steps
-        s = step + 1
-        scale = s / max(1, o.warmup_steps) if s <= o.warmup_steps \
-            else max(0.0, (total - s) / max(1, total - o.warmup_steps))
-        return o.lr * scale
+        o = self.cfg.optim
+        return o.lr * warmup_linear_decay(step, o.warmup_steps, self.cfg.trainer.steps)
 
     def loss(self, batch: Batch, g: torch.Generator) -> Tuple[Tensor, Dict[str, float]]:
         """The masked-prediction loss of ``batch`` (its labels: the frames' cluster ids)."""
@@ -340,7 +338,8 @@ class Pretrainer:
         encoder = self.model.encoder.eval()
         meta = {"pretrain": {"steps": self.step, "history": self.history[-1:], "skipped_files": self.skipped,
                              "config": OmegaConf.to_container(self.cfg, resolve=True)}}
-        path = export_pruned(encoder, self.run_dir / "export", metadata=meta, overwrite=True)
+        path = self.run_dir / "export"
+        write_model(encoder, path, metadata=meta, overwrite=True)
         if self.cfg.probe.corpus is not None:
             self.probe_report(encoder)
         return path

@@ -12,6 +12,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 
 from ..atomic import atomic_write
+from ..checkpoints.keymap import CheckpointError  # the library's one: ``except prune.CheckpointError`` catches these
 from ..faults import maybe_fail
 
 log = logging.getLogger(__name__)
@@ -20,11 +21,6 @@ _NAME = re.compile(r"^step_(\d{8})\.pt$")
 # what PruneRecipe._restore reads: a file without them is not a whole training checkpoint
 REQUIRED = ("step", "stage", "epoch", "batch_in_epoch", "config", "student_config", "student", "lagrangian",
             "optimizer", "scheduler", "scaler", "rng", "nonfinite_total", "history")
-
-
-class CheckpointError(RuntimeError, ValueError):
-    """No usable training checkpoint. A ValueError too: bad input, which ``prune train`` reports
-    in one line like ``prune resume`` does."""
 
 
 def checkpoint_files(folder: Path) -> List[Tuple[int, Path]]:

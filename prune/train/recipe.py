@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import random
 import shutil
 import sys
@@ -30,25 +29,26 @@ from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from ..calibrate import calibrate
-from ..checkpoints import export_pruned
+from ..checkpoints.convert import write_model
 from ..compile import compile_encoder
 from ..gates import HardConcrete
-from ..models import Wav2Vec2Model, build_encoder, build_preset
 from ..models.config import EncoderConfig
-from ..structures import GateConfig, GatedEncoder
-from .checkpoint import load_latest, save_checkpoint
-from .config import PATH_KEYS, path_values
+from ..structures import GatedEncoder
+from .checkpoint import checkpoint_files, load_latest, save_checkpoint
+from .config import absolute_paths, validate
 from ..data.dataset import AudioDataset, Batch, LengthBucketSampler, collate, format_skipped, validate_manifest
 from .objective import Distillation, Objective
 from .distributed import DistEnv, all_ranks, barrier, init_distributed
+from .resume import check_resume_config
+from .rundir import claim_run_dir, is_rank_zero
+from .schedule import warmup_linear_decay
+from .student import DONE, FINAL, PRUNE, build_student, cut_config, load_teacher
 from ..faults import maybe_fail, maybe_stall, nan_loss
 from ..lagrangian import Lagrangian
 from ..measures import MEASURES
 from ..data.manifest import ManifestError, read_manifest
 
 log = logging.getLogger(__name__)
-
-PRUNE, FINAL, DONE = "prune", "final", "done"
 
 
 class Student(nn.Module):
@@ -66,21 +66,6 @@ class Student(nn.Module):
     def forward(self, waveforms: Tensor, lengths: Tensor) -> Any:
         """waveforms (batch, samples), lengths (batch,) -> the objective's student output."""
         return self.objective.student_output(self.encoder, waveforms, lengths)
-
-
-def load_teacher(cfg: DictConfig) -> Wav2Vec2Model:
-    """The frozen teacher: from a checkpoint, or a preset with seeded random weights."""
-    if cfg.checkpoint is not None:
-        from ..checkpoints.pretrained import load_pretrained
-
-        teacher = load_pretrained(cfg.checkpoint)
-    else:
-        with torch.random.fork_rng():
-            torch.manual_seed(cfg.seed)
-            teacher = build_preset(cfg.preset, **cfg.overrides)
-    teacher.eval()
-    teacher.requires_grad_(False)
-    return teacher
 
 
 class PruneRecipe:
@@ -116,10 +101,7 @@ class PruneRecipe:
             layers = [layer for g in cfg.distill.layers for layer in g]
             if max(layers) > n:
                 raise ValueError(f"distill.layers: {layers} must lie in [0, {n}] for this {n}-layer teacher")
-        student = build_encoder(self.source_config.replace(encoder_layer_drop=cfg.distill.student_layer_drop))
-        student.load_state_dict(self.teacher.state_dict())
-        gated = GatedEncoder(student, GateConfig(**cfg.pruning.gates), skip_closed=cfg.pruning.skip_closed,
-                             skip_min_closed=cfg.pruning.skip_min_closed)
+        gated = build_student(cfg, self.source_config, teacher_weights=self.teacher.state_dict())
         self.objective = Distillation.from_config(cfg.distill, self.source_config.encoder_embed_dim)
         self.lagrangian = Lagrangian(gated, cfg.pruning.target_kind, cfg.pruning.target,
                                      cfg.pruning.warmup_steps, cfg.pruning.macs_seconds).to(self.env.device)
@@ -188,10 +170,7 @@ class PruneRecipe:
         warmup = o.warmup_steps if self.stage == PRUNE or o.final_warmup_steps is None else o.final_warmup_steps
 
         def model_lr(step: int) -> float:  # linear warm-up, then linear decay to 0 at the stage's end
-            s = step - stage_start + 1
-            if s <= warmup:
-                return s / max(1, warmup)
-            return max(0.0, (stage_steps - s) / max(1, stage_steps - warmup))
+            return warmup_linear_decay(step - stage_start, warmup, stage_steps)
 
         # the gates' and multipliers' lrs: constant, or on the model's schedule (DPHuBERT: one
         # LinearDecayLRScheduler over every param group, lightning.py configure_optimizers)
@@ -438,13 +417,10 @@ class PruneRecipe:
         return path
 
     def _restore(self, state: Dict[str, Any]) -> None:
-        changed = config_changes(state["config"], OmegaConf.to_container(self.cfg, resolve=True))
-        if changed:
-            raise ValueError(f"{self.run_dir} was started with a different config ({', '.join(changed)}); "
-                             f"resume with the same config or use a new run directory")
+        check_resume_config(state["config"], OmegaConf.to_container(self.cfg, resolve=True), self.run_dir)
         self.stage = state["stage"]
         if self.stage != PRUNE:
-            compiled = build_encoder(EncoderConfig.from_dict(state["student_config"]))
+            compiled = build_student(self.cfg, self.source_config, cut_config=cut_config(state))
             self._set_student(Student(compiled, self.objective))
         self.student.load_state_dict(state["student"])
         self.lagrangian.load_state_dict(state["lagrangian"])
@@ -480,7 +456,7 @@ class PruneRecipe:
                     "nonfinite_steps_skipped": self.nonfinite_total,
                     "skipped_files": self.skipped_files(), "history": self.history[-1:] if self.history else [],
                     "config": OmegaConf.to_container(self.cfg, resolve=True)}
-            export_pruned(model, path, source=self.source_config, metadata=meta, overwrite=True)
+            write_model(model, path, source=self.source_config, metadata=meta, overwrite=True)
             from ..evaluate.report import write_report
 
             write_report(self.run_dir, self.teacher, model, self.cfg, meta)
@@ -567,6 +543,40 @@ class PruneRecipe:
         shutdown_distributed()
 
 
+class Interrupted(Exception):
+    """Ctrl-C during ``run_pruning``: the ``step`` the run stopped at and its newest ``checkpoint``
+    (None: none yet, a resume starts from step 0); ``step`` None: stopped before training started,
+    the run directory left as it was."""
+
+    def __init__(self, step: Optional[int] = None, checkpoint: Optional[Path] = None):
+        super().__init__(f"stopped at step {step}" if step is not None else "stopped before training started")
+        self.step, self.checkpoint = step, checkpoint
+
+
+def run_pruning(cfg: DictConfig, run_dir: Path) -> Path:
+    """Validate, then run the recipe in ``run_dir`` (resuming if it holds checkpoints); returns the
+    export. The run directory is locked for this process; a start that fails leaves it as it was
+    (``rundir.claim_run_dir``). Ctrl-C raises ``Interrupted``."""
+    cfg = absolute_paths(cfg)
+    recipe = run = None
+    try:
+        with claim_run_dir(run_dir, main=is_rank_zero()) as run:
+            validate(cfg, run_dir)
+            run.lock()
+            recipe = PruneRecipe(cfg, run_dir)
+            try:
+                recipe.setup()
+                run.started(cfg)
+                return recipe.train()
+            finally:
+                recipe.cleanup()
+    except KeyboardInterrupt:
+        if run is None or not run.is_started:
+            raise Interrupted() from None
+        saved = checkpoint_files(recipe.ckpt_dir)
+        raise Interrupted(recipe.step, saved[0][1] if saved else None) from None
+
+
 def progress_bar(total: int, initial: int, enabled: bool, stream=None, desc: str = "prune", unit: str = "step"):
     """A tqdm bar, on a terminal only: written to a file or pipe its redraws flood the log (the
     loop logs a ``progress_line`` every trainer.log_every steps either way)."""
@@ -587,43 +597,6 @@ def progress_line(step: int, total: int, stage: str, parts: Dict[str, Tensor], t
         if target is not None:
             line += f" (target {target:.3f})"
     return f"{line}  {seconds_per_step:.2f} s/step"
-
-
-def finished_export(run_dir: Path) -> Optional[Path]:
-    """The export of a run that has nothing left to do (its newest checkpoint is past the last
-    step, its export and report are written), else None."""
-    run_dir = Path(run_dir)
-    export = run_dir / "export"
-    if not ((export / "config.json").is_file() and (run_dir / "report.json").is_file()):
-        return None
-    state = load_latest(run_dir / "checkpoints", mmap=True)  # the stage alone: tensors stay on disk
-    if state is None:
-        return None
-    tr = state["config"]["trainer"]
-    last = state["stage"] == DONE or (state["stage"] == FINAL and state["step"] >= tr["prune_steps"] + tr["final_steps"])
-    return export if last else None
-
-
-def config_changes(saved: Dict[str, Any], now: Dict[str, Any]) -> List[str]:
-    """The keys by which a run's config differs from the one its checkpoint was made with.
-    Logging and speed settings may change; a path key may be written another way (relative,
-    absolute, through a link) for the same file, or point to the new place of a file that moved
-    (the recorded one no longer exists: logged)."""
-    changed = _diff(saved, now, ignore=("logging", "trainer.log_every", "trainer.threads"))
-    old, new = path_values(saved), path_values(now)
-    moved = [k for k in changed if k in PATH_KEYS and k in old and k in new and not os.path.exists(old[k])]
-    for key in moved:
-        log.warning("%s: the run was made with %s, which no longer exists; going on with %s", key, old[key], new[key])
-    return [k for k in changed if k not in moved and not (k in old and k in new and _same_file(old[k], new[k]))]
-
-
-def _same_file(a: str, b: str) -> bool:
-    if os.path.abspath(a) == os.path.abspath(b):  # a recorded relative path: relative to here, as before
-        return True
-    try:
-        return os.path.samefile(a, b)
-    except OSError:
-        return False
 
 
 def cut_record(lag: Lagrangian, target_size: float, gates_size: float, cut_size: float, p: DictConfig,
@@ -669,15 +642,3 @@ def similarity_points(history: List[Dict[str, Any]]) -> Optional[Dict[str, Any]]
     layers = next(iter(points.values()))["layers"]
     return {"layers": layers, "points": {name: {k: e[k] for k in ("step", "stage", "valid_distill_loss", "cos", "l1")}
                                          for name, e in points.items()}}
-
-
-def _diff(a: Any, b: Any, ignore: Tuple[str, ...], prefix: str = "") -> List[str]:
-    """Dotted keys whose values differ between two plain configs."""
-    if prefix.rstrip(".") in ignore:
-        return []
-    if isinstance(a, dict) and isinstance(b, dict):
-        out: List[str] = []
-        for k in sorted(set(a) | set(b)):
-            out += _diff(a.get(k), b.get(k), ignore, f"{prefix}{k}.")
-        return out
-    return [] if a == b else [prefix.rstrip(".")]

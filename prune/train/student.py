@@ -1,17 +1,55 @@
-"""The student held by a training checkpoint (``checkpoints/step_*.pt``), rebuilt without the
-trainer: what ``prune export`` exports and ``prune inspect`` describes."""
+"""The student of a pruning run, built in one place (``build_student``) from the teacher's
+architecture and weights and the run's gate and skip settings: by the recipe, by its resume, and
+by ``prune export`` / ``prune inspect``, which rebuild the student a training checkpoint
+(``checkpoints/step_*.pt``) holds without the trainer."""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Dict, Optional, Tuple, Union
+from typing import Any, Dict, Mapping, Optional, Tuple, Union
 
 import torch
 
-from ..models import EncoderConfig, Wav2Vec2Model, build_encoder, preset_config
+from ..models import EncoderConfig, Wav2Vec2Model, build_encoder, build_preset, preset_config
 from ..structures import GateConfig, GatedEncoder
 from .checkpoint import check_keys
-from .recipe import PRUNE
+
+PRUNE, FINAL, DONE = "prune", "final", "done"  # the stages of a run, as its checkpoints record them
+SKIP_KEYS = ("skip_closed", "skip_min_closed")  # pruning.* settings of GatedEncoder's closed-block skipping
+
+
+def load_teacher(cfg: Mapping[str, Any]) -> Wav2Vec2Model:
+    """The frozen teacher of a ``teacher`` config section: from a checkpoint, or a preset with
+    seeded random weights."""
+    if cfg["checkpoint"] is not None:
+        from ..checkpoints.pretrained import load_pretrained
+
+        teacher = load_pretrained(cfg["checkpoint"])
+    else:
+        with torch.random.fork_rng():
+            torch.manual_seed(cfg["seed"])
+            teacher = build_preset(cfg["preset"], **cfg["overrides"])
+    teacher.eval()
+    teacher.requires_grad_(False)
+    return teacher
+
+
+def build_student(cfg: Mapping[str, Any], source: EncoderConfig,
+                  teacher_weights: Optional[Dict[str, torch.Tensor]] = None,
+                  cut_config: Optional[Dict[str, Any]] = None) -> Union[GatedEncoder, Wav2Vec2Model]:
+    """The student of the run configured by ``cfg`` (a typed or plain training config), whose
+    teacher has the architecture ``source``: gated (``pruning.gates``, the skip settings, the
+    student's ``distill.student_layer_drop``), starting from ``teacher_weights`` when given; or,
+    after the pruning stage, the cut model whose architecture ``cut_config`` records (its weights
+    come from the checkpoint)."""
+    if cut_config is not None:
+        return build_encoder(EncoderConfig.from_dict(cut_config))
+    student = build_encoder(source.replace(encoder_layer_drop=cfg["distill"]["student_layer_drop"]))
+    if teacher_weights is not None:
+        student.load_state_dict(teacher_weights)
+    pruning = cfg["pruning"]
+    skip = {key: pruning[key] for key in SKIP_KEYS if key in pruning}  # absent in checkpoints made before them
+    return GatedEncoder(student, GateConfig(**pruning["gates"]), **skip)
 
 
 def read_training_checkpoint(path: Path) -> Optional[Dict[str, Any]]:
@@ -44,18 +82,18 @@ def source_config(state: Dict[str, Any], path: Path) -> EncoderConfig:
     return load_pretrained(teacher["checkpoint"]).config
 
 
+def cut_config(state: Dict[str, Any]) -> Optional[Dict[str, Any]]:
+    """The cut student's architecture a checkpoint records; None in the pruning stage (gated)."""
+    return None if state["stage"] == PRUNE else state["student_config"]
+
+
 def student_from_checkpoint(state: Dict[str, Any], path: Path
                             ) -> Tuple[Union[GatedEncoder, Wav2Vec2Model], EncoderConfig]:
     """(the student's encoder, the unpruned architecture): a ``GatedEncoder`` in the pruning
     stage, the cut ``Wav2Vec2Model`` after it."""
     source = source_config(state, path)
     encoder = {k[len("encoder."):]: v for k, v in state["student"].items() if k.startswith("encoder.")}
-    if state["stage"] == PRUNE:
-        cfg = state["config"]
-        model = GatedEncoder(build_encoder(source.replace(encoder_layer_drop=cfg["distill"]["student_layer_drop"])),
-                             GateConfig(**cfg["pruning"]["gates"]))
-    else:
-        model = build_encoder(EncoderConfig.from_dict(state["student_config"]))
+    model = build_student(state["config"], source, cut_config=cut_config(state))
     model.load_state_dict(encoder)
     return model.eval(), source
 
@@ -88,3 +126,21 @@ def inspect_training_checkpoint(path: Path, state: Dict[str, Any]) -> str:
         lines += [f"training:       step {step}, {state['stage']} stage: cut ({plan})",
                   *structure_lines(model, describe(source))]
     return "\n".join(lines)
+
+
+def export_training_checkpoint(checkpoint: Path, out: Path, overwrite: bool = False) -> Dict[str, Any]:
+    """Export the student a training checkpoint holds to the folder ``out`` (cut first if it is
+    still gated), with the unpruned architecture and the checkpoint's step and stage recorded;
+    ``out`` is checked before anything is loaded. Returns the checkpoint's state."""
+    from ..checkpoints.convert import NATIVE, check_output, write_model
+    from ..compile import compile_encoder
+    from .checkpoint import load_checkpoint
+
+    check_output(out, NATIVE, overwrite)  # before any loading
+    state = load_checkpoint(Path(checkpoint))
+    model, source = student_from_checkpoint(state, Path(checkpoint))
+    if isinstance(model, GatedEncoder):
+        model = compile_encoder(model.eval())
+    write_model(model.eval(), out, NATIVE, overwrite=overwrite, source=source,
+                metadata={"from_checkpoint": str(checkpoint), "step": state["step"], "stage": state["stage"]})
+    return state
