@@ -266,7 +266,7 @@ def export(args: argparse.Namespace) -> int:
     from .train.student import export_training_checkpoint
 
     state = export_training_checkpoint(Path(args.checkpoint), Path(args.out), args.overwrite)
-    print(f"exported step {state['step']} ({state['stage']} stage) to {args.out}")
+    print(f"exported step {state['step']} ({state['stage']} stage) to {Path(args.out)}")
     return 0
 
 
