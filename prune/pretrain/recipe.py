@@ -34,7 +34,7 @@ from ..faults import maybe_fail
 from ..data.manifest import ManifestError, read_manifest
 from .masked_prediction import IGNORE, MaskedPrediction, masked_loss, span_mask
 from ..train.resume import check_resume_config
-from ..train.rundir import claim_run_dir
+from ..train.rundir import Runner, run_claimed
 from ..train.schedule import warmup_linear_decay
 from .clusters import HOP_LENGTH, ClusterTargets, mfcc_features, num_frames
 
@@ -188,12 +188,9 @@ def get_batch(waves: List[Tensor], labels: List[Tensor], indices: List[int], max
 
 
 # -------------------------------------------------------------------------------------- loop
-class Pretrainer:
+class Pretrainer(Runner):
     def __init__(self, cfg: DictConfig, run_dir: Path):
-        self.cfg = cfg
-        self.run_dir = Path(run_dir)
-        self.ckpt_dir = self.run_dir / "checkpoints"
-        self.step = 0
+        super().__init__(cfg, run_dir)
         self.history: List[Dict[str, float]] = []
 
     def setup(self) -> None:
@@ -366,16 +363,7 @@ class Pretrainer:
 def run_pretraining(cfg: DictConfig, run_dir: Path) -> Path:
     """Validate, then pre-train in ``run_dir`` (resuming from its checkpoints): locked for this
     process, and left as it was by a start that fails (``rundir.claim_run_dir``)."""
-    with claim_run_dir(run_dir) as run:
-        validate_pretrain(cfg, run_dir)
-        run.lock()
-        trainer = Pretrainer(cfg, run_dir)
-        try:
-            trainer.setup()
-            run.started(cfg)
-            return trainer.train()
-        finally:
-            trainer.cleanup()
+    return run_claimed(run_dir, cfg, lambda: validate_pretrain(cfg, run_dir), lambda: Pretrainer(cfg, run_dir))
 
 
 def typed_pretrain(cfg: Any) -> DictConfig:

@@ -29,6 +29,8 @@ class _GatedBlock(Structure):
     block_attr: str
     unit_field: str  # the LayerGates fields this block fills
     block_field: str
+    kept_config: str  # the config fields of the block's presence and of its unit count
+    count_config: str
 
     def __init__(self, config: EncoderConfig, layer: int, exists: bool, n: int, units_on: bool, units_init: float,
                  block_on: bool, gates: GateConfig):
@@ -56,6 +58,48 @@ class _GatedBlock(Structure):
         units = keep[self.unit_kind]
         return units.sum(), any_kept(units), keep[self.block_kind][0]
 
+    def params(self, like: Tensor) -> Tensor:
+        """The block's cost formula at the expected kept units, times P(block kept)."""
+        if not self.exists:
+            return like
+        units, any_unit, kept = self._counts(like)
+        return kept * self.block_params(units, any_unit)
+
+    def macs(self, frames: List[int], like: Tensor) -> Tensor:
+        if not self.exists:
+            return like
+        units, _, kept = self._counts(like)
+        return kept * self.block_macs(frames[-1], units)
+
+    def block_params(self, units: Tensor, any_unit: Tensor) -> Tensor:
+        """Params of the block with ``units`` kept (``any_unit``: P(at least one))."""
+        raise NotImplementedError
+
+    def block_macs(self, frames: int, units: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def plan(self, plan: CutPlan) -> None:
+        """A closed block leaves the layer's residual path only; an open one keeps its open units
+        (``plan_units``), with their soft gate values times the block's folded into its output."""
+        if not self.exists:
+            return
+        unit_mask, block_scale = self._cut_masks()
+        if block_scale == 0:
+            plan.config[self.kept_config][self.layer] = False
+            self.record_kept(plan.config, torch.zeros(0, dtype=torch.long))
+            return
+        kept = kept_index(unit_mask, self.n)
+        self.plan_units(plan, kept, soft_values(unit_mask, self.n) * block_scale, block_scale)
+        self.record_kept(plan.config, kept)
+
+    def plan_units(self, plan: CutPlan, kept: Tensor, scales: Tensor, block_scale) -> None:
+        """kept: the open units' indices; scales (n,): each unit's soft value x the block's."""
+        raise NotImplementedError
+
+    def record_kept(self, config: Dict[str, Any], kept: Tensor) -> None:
+        config[self.count_config][self.layer] = len(kept)
+
     def _cut_masks(self):
         """The eval masks: (unit mask or None, the block's scale: 1.0 or its soft value)."""
         masks = self.masks()
@@ -80,6 +124,7 @@ class AttentionBlock(_GatedBlock):
     kind = "attention"
     group = "attention"
     unit_kind, block_kind, unit_field, block_field = HEADS, ATTENTION_BLOCK, "heads", "attention"
+    kept_config, count_config = "encoder_attention_kept", "encoder_num_heads"
     unit_attr, block_attr = "head_gate", "layer_gate"
 
     def __init__(self, config: EncoderConfig, layer: int, gates: GateConfig):
@@ -88,37 +133,18 @@ class AttentionBlock(_GatedBlock):
                          gates.init_mean, gates.attention_layers, gates)
         self.num_heads = self.n
 
-    def params(self, like: Tensor) -> Tensor:
-        if not self.exists:
-            return like
-        heads, any_head, kept = self._counts(like)
+    def block_params(self, heads: Tensor, any_head: Tensor) -> Tensor:
         c = self.config
-        return kept * attention_params(c.encoder_embed_dim, c.encoder_head_dim, heads, any_head, c.is_wavlm,
-                                       c.encoder_layer_norm_first)
+        return attention_params(c.encoder_embed_dim, c.encoder_head_dim, heads, any_head, c.is_wavlm,
+                                c.encoder_layer_norm_first)
 
-    def macs(self, frames: List[int], like: Tensor) -> Tensor:
-        if not self.exists:
-            return like
-        heads, _, kept = self._counts(like)
+    def block_macs(self, frames: int, heads: Tensor) -> Tensor:
         c = self.config
-        return kept * attention_macs(frames[-1], c.encoder_embed_dim, c.encoder_head_dim, heads, c.is_wavlm)
+        return attention_macs(frames, c.encoder_embed_dim, c.encoder_head_dim, heads, c.is_wavlm)
 
-    @torch.no_grad()
-    def plan(self, plan: CutPlan) -> None:
-        """Keep the open heads' q/k/v rows and out_proj columns, folding each head's soft gate value
-        and the block's into out_proj; a closed block leaves the layer's residual path only."""
-        if not self.exists:
-            return
-        head_mask, block_scale = self._cut_masks()
-        cfg, layer = plan.config, self.layer
-        if block_scale == 0:
-            cfg["encoder_attention_kept"][layer] = False
-            cfg["encoder_num_heads"][layer] = 0
-            if cfg.get("encoder_head_index") is not None:
-                cfg["encoder_head_index"][layer] = []
-            return
-        kept = kept_index(head_mask, self.num_heads)
-        prefix = LAYER.format(layer) + "attention."
+    def plan_units(self, plan: CutPlan, kept: Tensor, scales: Tensor, block_scale) -> None:
+        """The open heads' q/k/v rows and out_proj columns (WavLM: their gate constants)."""
+        prefix = LAYER.format(self.layer) + "attention."
         plan.scale(prefix + "out_proj.bias", block_scale)
         if len(kept) > 0:
             d = self.config.encoder_head_dim
@@ -126,14 +152,16 @@ class AttentionBlock(_GatedBlock):
             for name in ("q_proj", "k_proj", "v_proj"):
                 plan.select(prefix + name + ".weight", 0, rows)
                 plan.select(prefix + name + ".bias", 0, rows)
-            plan.scale(prefix + "out_proj.weight", soft_values(head_mask, self.num_heads).repeat_interleave(d)
-                       * block_scale, dim=1)
+            plan.scale(prefix + "out_proj.weight", scales.repeat_interleave(d), dim=1)
             plan.select(prefix + "out_proj.weight", 1, rows)
             if self.config.is_wavlm:
                 plan.select(prefix + "gru_rel_pos_const", 1, kept)
-        cfg["encoder_num_heads"][layer] = len(kept)
-        if cfg.get("encoder_head_index") is not None:
-            cfg["encoder_head_index"][layer] = [cfg["encoder_head_index"][layer][i] for i in kept.tolist()]
+
+    def record_kept(self, config: Dict[str, Any], kept: Tensor) -> None:
+        super().record_kept(config, kept)
+        if config.get("encoder_head_index") is not None:  # which original heads remain (WavLM's bias)
+            config["encoder_head_index"][self.layer] = [config["encoder_head_index"][self.layer][i]
+                                                        for i in kept.tolist()]
 
 
 class FeedForwardBlock(_GatedBlock):
@@ -142,6 +170,7 @@ class FeedForwardBlock(_GatedBlock):
     kind = "feed_forward"
     group = "feed_forward"
     unit_kind, block_kind, unit_field, block_field = FFN_UNITS, FFN_BLOCK, "units", "ffn"
+    kept_config, count_config = "encoder_ff_kept", "encoder_ff_interm_features"
     unit_attr, block_attr = "unit_gate", "layer_gate"
 
     def __init__(self, config: EncoderConfig, layer: int, gates: GateConfig):
@@ -150,37 +179,19 @@ class FeedForwardBlock(_GatedBlock):
                          gates.ffn_units_init_mean, gates.ffn_layers, gates)
         self.num_units = self.n
 
-    def params(self, like: Tensor) -> Tensor:
-        if not self.exists:
-            return like
-        units, any_unit, kept = self._counts(like)
+    def block_params(self, units: Tensor, any_unit: Tensor) -> Tensor:
         c = self.config
-        return kept * feed_forward_params(c.encoder_embed_dim, units, any_unit, c.encoder_layer_norm_first)
+        return feed_forward_params(c.encoder_embed_dim, units, any_unit, c.encoder_layer_norm_first)
 
-    def macs(self, frames: List[int], like: Tensor) -> Tensor:
-        if not self.exists:
-            return like
-        units, _, kept = self._counts(like)
-        return kept * feed_forward_macs(frames[-1], self.config.encoder_embed_dim, units)
+    def block_macs(self, frames: int, units: Tensor) -> Tensor:
+        return feed_forward_macs(frames, self.config.encoder_embed_dim, units)
 
-    @torch.no_grad()
-    def plan(self, plan: CutPlan) -> None:
-        """Keep the open units' intermediate rows and output columns, folding their soft gate values
-        and the block's into output_dense."""
-        if not self.exists:
-            return
-        unit_mask, block_scale = self._cut_masks()
-        cfg, layer = plan.config, self.layer
-        if block_scale == 0:
-            cfg["encoder_ff_kept"][layer] = False
-            cfg["encoder_ff_interm_features"][layer] = 0
-            return
-        kept = kept_index(unit_mask, self.num_units)
-        prefix = LAYER.format(layer) + "feed_forward."
+    def plan_units(self, plan: CutPlan, kept: Tensor, scales: Tensor, block_scale) -> None:
+        """The open units' intermediate rows and output_dense columns."""
+        prefix = LAYER.format(self.layer) + "feed_forward."
         plan.scale(prefix + "output_dense.bias", block_scale)
         if len(kept) > 0:
             plan.select(prefix + "intermediate_dense.weight", 0, kept)
             plan.select(prefix + "intermediate_dense.bias", 0, kept)
-            plan.scale(prefix + "output_dense.weight", soft_values(unit_mask, self.num_units) * block_scale, dim=1)
+            plan.scale(prefix + "output_dense.weight", scales, dim=1)
             plan.select(prefix + "output_dense.weight", 1, kept)
-        cfg["encoder_ff_interm_features"][layer] = len(kept)

@@ -40,7 +40,7 @@ from ..data.dataset import AudioDataset, Batch, LengthBucketSampler, collate, fo
 from .objective import Distillation, Objective
 from .distributed import DistEnv, all_ranks, barrier, init_distributed
 from .resume import check_resume_config
-from .rundir import claim_run_dir, is_rank_zero
+from .rundir import Runner, is_rank_zero, run_claimed
 from .schedule import warmup_linear_decay
 from .student import DONE, FINAL, PRUNE, build_student, cut_config, load_teacher
 from ..faults import maybe_fail, maybe_stall, nan_loss
@@ -68,13 +68,10 @@ class Student(nn.Module):
         return self.objective.student_output(self.encoder, waveforms, lengths)
 
 
-class PruneRecipe:
+class PruneRecipe(Runner):
     def __init__(self, cfg: DictConfig, run_dir: Path):
-        self.cfg = cfg
-        self.run_dir = Path(run_dir)
-        self.ckpt_dir = self.run_dir / "checkpoints"
+        super().__init__(cfg, run_dir)
         self.export_dir = self.run_dir / "export"
-        self.step = 0
         self.stage = PRUNE
         self.epoch = 0
         self.batch_in_epoch = 0
@@ -556,25 +553,21 @@ class Interrupted(Exception):
 def run_pruning(cfg: DictConfig, run_dir: Path) -> Path:
     """Validate, then run the recipe in ``run_dir`` (resuming if it holds checkpoints); returns the
     export. The run directory is locked for this process; a start that fails leaves it as it was
-    (``rundir.claim_run_dir``). Ctrl-C raises ``Interrupted``."""
+    (``rundir.run_claimed``). Ctrl-C raises ``Interrupted``."""
     cfg = absolute_paths(cfg)
-    recipe = run = None
+    made: List[PruneRecipe] = []
+
+    def recipe() -> PruneRecipe:
+        made.append(PruneRecipe(cfg, run_dir))
+        return made[0]
+
     try:
-        with claim_run_dir(run_dir, main=is_rank_zero()) as run:
-            validate(cfg, run_dir)
-            run.lock()
-            recipe = PruneRecipe(cfg, run_dir)
-            try:
-                recipe.setup()
-                run.started(cfg)
-                return recipe.train()
-            finally:
-                recipe.cleanup()
+        return run_claimed(run_dir, cfg, lambda: validate(cfg, run_dir), recipe, main=is_rank_zero())
     except KeyboardInterrupt:
-        if run is None or not run.is_started:
+        if not made or not made[0].started:
             raise Interrupted() from None
-        saved = checkpoint_files(recipe.ckpt_dir)
-        raise Interrupted(recipe.step, saved[0][1] if saved else None) from None
+        saved = checkpoint_files(made[0].ckpt_dir)
+        raise Interrupted(made[0].step, saved[0][1] if saved else None) from None
 
 
 def progress_bar(total: int, initial: int, enabled: bool, stream=None, desc: str = "prune", unit: str = "step"):

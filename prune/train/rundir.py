@@ -27,7 +27,7 @@ import os
 import socket
 import time
 from pathlib import Path
-from typing import Dict, Iterator, Optional
+from typing import Callable, Dict, Iterator, Optional
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -227,6 +227,45 @@ def claim_run_dir(run_dir: Path, main: bool = True) -> Iterator[RunDir]:
         raise
     finally:
         run._lock.release()
+
+
+class Runner:
+    """A training loop in a run directory, as ``run_claimed`` drives it: ``setup()``, ``train()``
+    (returns the export), ``cleanup()``. Base of the pruning recipe and of pre-training."""
+
+    def __init__(self, cfg: DictConfig, run_dir: Path):
+        self.cfg = cfg
+        self.run_dir = Path(run_dir)
+        self.ckpt_dir = self.run_dir / "checkpoints"
+        self.step = 0
+        self.started = False  # its start recorded: from then on the run directory is kept as it is
+
+    def setup(self) -> None:
+        raise NotImplementedError
+
+    def train(self) -> Path:
+        raise NotImplementedError
+
+    def cleanup(self) -> None:
+        raise NotImplementedError
+
+
+def run_claimed(run_dir: Path, cfg: DictConfig, validate: Callable[[], None], runner: Callable[[], Runner],
+                main: bool = True) -> Path:
+    """One run's life in ``run_dir``: claim the folder, ``validate()`` (before anything is written),
+    lock it, build the ``runner()`` and set it up, record the start, train; the runner is cleaned up
+    whatever happens, and a start that fails leaves the folder as it was (``claim_run_dir``)."""
+    with claim_run_dir(run_dir, main=main) as run:
+        validate()
+        run.lock()
+        loop = runner()
+        try:
+            loop.setup()
+            run.started(cfg)
+            loop.started = True
+            return loop.train()
+        finally:
+            loop.cleanup()
 
 
 def _log_files(run_dir: Path) -> list:
