@@ -245,3 +245,13 @@ def test_max_cut_shift_is_checked(tmp_path):
     assert compose("tiny_demo").pruning.max_cut_shift == 0.05
     with pytest.raises(ConfigError, match=r"pruning\.max_cut_shift: must be in \[pruning\.tolerance=0\.005, 1\]"):
         validate(compose("tiny_demo", [*base, "pruning.max_cut_shift=0.001"]))
+
+
+@pytest.mark.parametrize("seconds", ["0", "-1.5", "nan"])
+def test_macs_seconds_must_be_positive(tmp_path, seconds):
+    train, valid = noise_corpus(tmp_path)
+    base = [f"data.train_manifest={train}", f"data.valid_manifest={valid}", "pruning.target_kind=macs"]
+    with pytest.raises(ConfigError, match=r"^pruning\.macs_seconds: the utterance length the MACs are counted on "
+                                          r"must be a positive number of seconds, got"):
+        validate(compose("tiny_demo", [*base, f"pruning.macs_seconds={seconds}"]))
+    validate(compose("tiny_demo", [*base, "pruning.macs_seconds=2.5"]))

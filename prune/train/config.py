@@ -282,6 +282,9 @@ def check_target(p: DictConfig, teacher: Optional[EncoderConfig]) -> None:
     measure = measures.MEASURES.get(p.target_kind)
     if measure is None:
         raise ConfigError(f"pruning.target_kind: must be one of {measures.names()}, got {p.target_kind!r}")
+    if not (isinstance(p.macs_seconds, (int, float)) and math.isfinite(p.macs_seconds) and p.macs_seconds > 0):
+        raise ConfigError(f"pruning.macs_seconds: the utterance length the MACs are counted on must be a "
+                          f"positive number of seconds, got {p.macs_seconds}")
     try:
         measure.check_target(p.target, None if teacher is None else measure.size_of(teacher, p.macs_seconds))
     except ValueError as e:
