@@ -101,16 +101,20 @@ def blockers(config: EncoderConfig) -> List[str]:
             reasons.append(f"layer {i} has neither block but, {POST_NORM_LAYER} (a transformers layer has "
                            f"both blocks)")
     kept = kept_layers(config)
+    by_heads: Dict[int, List[int]] = {}  # a head count below the full one -> the layers keeping it
     for i in kept:
         if config.encoder_num_heads[i] != heads:
-            reasons.append(f"layer {i} keeps {config.encoder_num_heads[i]} of {heads} heads (transformers' "
-                           f"attention has hidden_size // num_attention_heads wide heads, all of them)")
+            by_heads.setdefault(config.encoder_num_heads[i], []).append(i)
         elif config.is_wavlm and config.encoder_head_index[i] != list(range(heads)):
             reasons.append(f"layer {i}'s heads are reordered ({config.encoder_head_index[i]}) against WavLM's "
                            f"relative position bias")
-        if config.encoder_ff_interm_features[i] == 0 and config.encoder_layer_norm_first:
-            reasons.append(f"layer {i}'s FFN keeps no unit, only its output bias, and has no final_layer_norm "
-                           f"left; transformers' pre-norm FFN has one")
+    for count, layers in by_heads.items():
+        reasons.append(f"{_layers(layers)} keep{'s' if len(layers) == 1 else ''} {count} of {heads} heads "
+                       f"(transformers' attention has hidden_size // num_attention_heads wide heads, all of them)")
+    empty = [i for i in kept if config.encoder_ff_interm_features[i] == 0]
+    if empty and config.encoder_layer_norm_first:
+        reasons.append(f"the FFN of {_layers(empty)} keeps no unit, only its output bias, and has no "
+                       f"final_layer_norm left; transformers' pre-norm FFN has one")
     widths = {}
     for i in kept:
         widths.setdefault(config.encoder_ff_interm_features[i], i)
@@ -121,6 +125,10 @@ def blockers(config: EncoderConfig) -> List[str]:
     if not kept and config.encoder_layer_norm_first and not any(config.encoder_attention_kept + config.encoder_ff_kept):
         reasons.append("no transformer layer is left")  # (other shapes without a kept layer are named above)
     return reasons
+
+
+def _layers(indices: Sequence[int]) -> str:
+    return f"layer {indices[0]}" if len(indices) == 1 else f"layers {', '.join(map(str, indices))}"
 
 
 def check_holdable(config: EncoderConfig) -> List[int]:
