@@ -8,6 +8,7 @@
     prune inspect PATH                                  size and structure of any supported checkpoint
     prune preview [--preset P] [--sparsity S]           gate a preset with seeded random gates, cut, export
     prune convert MODEL OUT.onnx --to onnx [--layers K ...] [--quantize int8]   an ONNX graph, checked with onnxruntime
+    prune convert MODEL OUT --to hf                     a transformers folder (AutoModel.from_pretrained)
     prune manifest FOLDER OUT_DIR                       train.tsv + valid.tsv for a folder of audio
     prune extract MODEL AUDIO --layer K --out DIR       hidden states of every file, one .npy each
 
@@ -340,11 +341,12 @@ def preview(args: argparse.Namespace) -> int:
 def convert(args: argparse.Namespace) -> int:
     """``prune convert MODEL OUT --to FORMAT``: write a model in another format (and check it)."""
     from .checkpoints.convert import convert as convert_model
+    from .checkpoints.hf_export import TransformersUnavailable
     from .checkpoints.onnx_export import OnnxUnavailable
 
     try:
         lines = convert_model(args.model, args.out, args.to, args.layers, args.quantize, args.overwrite)
-    except OnnxUnavailable as e:
+    except (OnnxUnavailable, TransformersUnavailable) as e:
         raise _fail("convert", e)
     print("\n".join(lines))
     return 0
@@ -442,15 +444,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="outputs/preview", help="export folder")
     p.add_argument("--overwrite", action="store_true", help="replace an existing export folder")
     p.set_defaults(func=preview)
-    p = sub.add_parser("convert", help="write a model in another format: an ONNX graph (checked with onnxruntime)",
+    p = sub.add_parser("convert", help="write a model in another format: an ONNX graph (checked with onnxruntime), "
+                                       "a transformers folder",
                        description="Write MODEL (an export folder, a Hugging Face folder, a fairseq / torchaudio / "
                                    "DPHuBERT file; pruned or not) as OUT. --to onnx: inputs waveforms (batch, "
                                    "samples) float32 and lengths (batch,) int64; outputs hidden_K (batch, frames, "
                                    "dim) per layer, then frames (batch,) int64. The graph is checked against torch "
                                    "on a padded batch; a float32 graph off by more than 1e-4 is removed. --to "
-                                   "prune: an export folder (model.safetensors + config.json, prune.load_pruned).")
+                                   "prune: an export folder (model.safetensors + config.json, prune.load_pruned). "
+                                   "--to hf: a transformers save_pretrained folder (config.json, model.safetensors, "
+                                   "preprocessor_config.json) checked against prune on a padded batch; a pruned "
+                                   "shape transformers cannot hold (heads or FFN widths that differ per layer, a "
+                                   "block removed alone, pruned channels under a LayerNorm) is refused in one line.")
     p.add_argument("model", help="an export folder or any checkpoint prune inspect reads")
-    p.add_argument("out", help="the file to write, e.g. model.onnx (a folder for --to prune)")
+    p.add_argument("out", help="the file to write, e.g. model.onnx (a folder for --to prune and --to hf)")
     p.add_argument("--to", required=True, help=f"output format: {', '.join(sorted(FORMATS))}")
     p.add_argument("--layers", type=int, nargs="+", default=None, metavar="K",
                    help="output only these hidden states (0: the input to the first layer); the layers above "

@@ -196,7 +196,7 @@ def test_bad_input_is_one_line_before_any_compute(case, wavlm_export, tmp_path, 
     if case == "unreadable":
         _need_onnx()  # the file is read after the extra is checked
     code, text = _convert(capsys, *args)
-    expected = {"to": "--to tflite: unknown format; choose from onnx, prune", "suffix": "must end in .onnx",
+    expected = {"to": "--to tflite: unknown format; choose from hf, onnx, prune", "suffix": "must end in .onnx",
                 "folder": "not a writable folder", "model": "missing does not exist",
                 "unreadable": "garbage.pt"}[case]
     assert code == 1 and expected in text and len(text.strip().splitlines()) == 1, text

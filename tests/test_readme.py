@@ -73,10 +73,14 @@ def _readme_commands():
     return commands
 
 
-def _has_onnx() -> bool:
+def _has(*modules: str) -> bool:
     import importlib.util
 
-    return all(importlib.util.find_spec(m) is not None for m in ("onnx", "onnxscript", "onnxruntime"))
+    return all(importlib.util.find_spec(m) is not None for m in modules)
+
+
+def _has_onnx() -> bool:
+    return _has("onnx", "onnxscript", "onnxruntime")
 
 
 def _runs(probe_corpus: Path):
@@ -116,6 +120,9 @@ def _runs(probe_corpus: Path):
              "data.max_samples=8000", f"data.train_manifest={probe_corpus / 'train.tsv'}",
              f"data.valid_manifest={probe_corpus / 'valid.tsv'}", f"probe.corpus={probe_corpus}", "probe.steps=2"],
             0, {}),
+        # without transformers (the hf extra): one line saying how to install it, exit 1
+        "prune convert outputs/demo_teacher/export outputs/demo_teacher_hf --to hf": (
+            [], 0 if _has("transformers") else 1, {}),
     }, {"/path/to/audio": str(repo / "data" / "demo_corpus" / "audio"),  # the user's own files
         "/path/to/hubert": str(repo / "data" / "demo_teacher"),
         "DPHuBERT-sp0.75.pth": str(repo / "tests" / "fixtures" / "dphubert" / "hubert_pruned.pth"),  # made by its code
@@ -167,5 +174,7 @@ def test_readme_commands_work_from_another_directory(tmp_path):
     assert (user / STOPPED_RUN / "export").is_dir() and (user / "outputs" / "step500" / "config.json").is_file()
     assert (user / "data" / "my_corpus" / "valid.tsv").is_file() and (user / "outputs" / "mine" / "export").is_dir()
     assert (user / "outputs" / "demo_teacher" / "export").is_dir() and (user / "outputs" / "preview").is_dir()
+    if _has("transformers"):
+        assert (user / "outputs" / "demo_teacher_hf" / "config.json").is_file()
     assert len(list((user / "features" / "demo").rglob("*.npy"))) == 280
     assert (user / "features" / "two" / "layer_2").is_dir() and (user / "features" / "two" / "extract.json").is_file()

@@ -67,9 +67,24 @@ def _to_onnx(model: Wav2Vec2Model, out: Path, options: Dict) -> List[str]:
                   f"{', '.join(f'hidden_{k}' for k in layers)}, frames; {out.stat().st_size / 1e6:.1f} MB)"]
 
 
+def _hf_check() -> None:
+    from .hf_export import require_transformers
+
+    require_transformers()
+
+
+def _to_hf(model: Wav2Vec2Model, out: Path, options: Dict) -> List[str]:
+    """A transformers ``save_pretrained`` folder, checked against prune on a padded batch; a shape
+    transformers cannot hold is refused before anything is written."""
+    from .hf_export import export_hf
+
+    return export_hf(model, out, options.get("overwrite", False))
+
+
 FORMATS: Dict[str, Format] = {
     NATIVE: Format(None, lambda: None, _to_native),
     "onnx": Format(".onnx", _onnx_check, _to_onnx, ("layers", "quantize")),
+    "hf": Format(None, _hf_check, _to_hf),
 }
 
 

@@ -8,7 +8,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Dict, Optional, Union
+from typing import Any, Callable, Dict, Optional, Union
 
 import torch
 from safetensors import SafetensorError
@@ -65,8 +65,6 @@ def export_pruned(model: Wav2Vec2Model, path: PathLike, source: Optional[Encoder
     ``source``: the unpruned model's config, recorded with its size for comparison.
     """
     path = check_export_path(path, overwrite)
-    parent = path.parent
-    parent.mkdir(parents=True, exist_ok=True)
     actual = num_params(model)
     expected = count_params(model.config)
     if actual != expected:  # the config must describe these weights
@@ -74,15 +72,27 @@ def export_pruned(model: Wav2Vec2Model, path: PathLike, source: Optional[Encoder
     info = {"format": FORMAT, "version": FORMAT_VERSION, "config": model.config.to_dict(),
             "pruned": describe(model.config), "source": describe(source) if source is not None else None,
             "metadata": metadata or {}}
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=parent))
-    try:
+
+    def write(tmp: Path) -> None:
         state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
         save_file(state, str(tmp / WEIGHTS), metadata={"format": FORMAT})
         with open(tmp / CONFIG, "w") as f:
             json.dump(info, f, indent=2)
-            f.flush()
-            os.fsync(f.fileno())
-        fsync_path(tmp / WEIGHTS)
+
+    return write_folder(path, write)
+
+
+def write_folder(path: Path, write: Callable[[Path], None]) -> Path:
+    """``write(tmp)`` fills a temporary folder beside ``path``, which is then renamed into place
+    (replacing what ``path`` held), so no half-written folder exists at ``path``. Every file is
+    fsynced before the rename and the parent after it. ``path`` was checked by ``check_export_path``."""
+    parent = path.parent
+    parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=parent))
+    try:
+        write(tmp)
+        for file in sorted(p for p in tmp.rglob("*") if p.is_file()):
+            fsync_path(file)
         _plain_permissions(tmp)
         maybe_fail("during_export")  # PRUNE_FAULT=during_export (tests): dies before the rename
         if path.exists():
@@ -105,8 +115,8 @@ def _plain_permissions(folder: Path) -> None:
     umask = os.umask(0)
     os.umask(umask)
     folder.chmod(0o777 & ~umask)
-    for child in folder.iterdir():
-        child.chmod(0o666 & ~umask)
+    for child in folder.rglob("*"):
+        child.chmod((0o777 if child.is_dir() else 0o666) & ~umask)
 
 
 def read_export_info(path: PathLike) -> Dict[str, Any]:

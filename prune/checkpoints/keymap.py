@@ -178,9 +178,16 @@ _SIMPLE_LITERAL = re.compile(r"(?:[A-Za-z0-9_]|\\\.)*")
 
 def _source_names(prune_key: str, rules: Sequence[Rule], prefix: str = "") -> str:
     """The source key(s) that would provide ``prune_key``, e.g.
-    ``encoder.layers.1.fc1.weight (for encoder.transformer.layers.1.feed_forward.intermediate_dense.weight)``.
-    Only rules written as literal text and capture groups are inverted; others are skipped."""
-    sources = []
+    ``encoder.layers.1.fc1.weight (for encoder.transformer.layers.1.feed_forward.intermediate_dense.weight)``."""
+    sources = source_keys(prune_key, rules, prefix)
+    return f"{' or '.join(sources)} (for {prune_key})" if sources else prune_key
+
+
+def source_keys(prune_key: str, rules: Sequence[Rule], prefix: str = "") -> List[str]:
+    """The key table read backwards: every source key that a rule of ``rules`` maps to ``prune_key``
+    (several where the format has more than one spelling, e.g. both weight-norm conventions). Only
+    rules written as literal text and capture groups are inverted; others are skipped."""
+    sources: List[str] = []
     for rule in rules:
         targets = (rule.target,) if isinstance(rule.target, str) else rule.target
         for template in targets:
@@ -190,7 +197,7 @@ def _source_names(prune_key: str, rules: Sequence[Rule], prefix: str = "") -> st
             source = _fill_pattern(rule.pattern, groups)
             if source is not None and re.fullmatch(rule.pattern, source) and prefix + source not in sources:
                 sources.append(prefix + source)
-    return f"{' or '.join(sources)} (for {prune_key})" if sources else prune_key
+    return sources
 
 
 def _match_template(template: str, key: str) -> Optional[Dict[int, str]]:
