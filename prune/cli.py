@@ -342,7 +342,7 @@ def profile(args: argparse.Namespace) -> int:
     """``prune profile``: time each block kind of a model over a grid of kept widths on this machine and
     write the latency table (``prune.latency_profile``) for pruning.target_kind=latency."""
     from .latency import LatencyTableError, save_table
-    from .latency_profile import grid_sizes, profile as run_profile
+    from .latency_profile import check_clock, grid_sizes, profile as run_profile
     from .models import PRESETS, preset_config
 
     if (args.model is None) == (args.preset is None):
@@ -356,6 +356,7 @@ def profile(args: argparse.Namespace) -> int:
         raise ValueError(f"--head-points must be >= 1, got {args.head_points}")
     if not args.seconds >= 0.025:
         raise ValueError(f"--seconds must be at least one frame (0.025 s), got {args.seconds}")
+    check_clock(args.clock, args.threads, args.device)
     if args.device == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda: torch sees no CUDA device here; profile with --device cpu or on the GPU "
                          "machine")
@@ -372,14 +373,15 @@ def profile(args: argparse.Namespace) -> int:
         config = load_pretrained(args.model).config
     torch.set_num_threads(args.threads)
     table = run_profile(config, args.seconds, args.batch, args.threads, args.device, args.repeats,
-                        args.conv_points, args.ffn_points, args.head_points, progress=print)
+                        args.conv_points, args.ffn_points, args.head_points, progress=print, clock=args.clock)
     try:
         save_table(table, out)
     except LatencyTableError as e:  # a table profile made itself should always be valid
         raise ValueError(str(e)) from None
     conv, projection, heads, units = grid_sizes(table)
     print(f"latency table: {out} ({conv} conv, {projection} projection, {heads} attention, {units} FFN grid points; "
-          f"{args.seconds:g} s, batch {args.batch}, {args.threads} thread(s), {args.device}); use it with "
+          f"{args.seconds:g} s, batch {args.batch}, {args.threads} thread(s), {args.device}, {args.clock} clock; "
+          f"whole pass / sum of parts {table['scale']:.3f}); use it with "
           f"pruning.target_kind=latency pruning.latency_table={out} trainer.threads={args.threads}")
     return 0
 
@@ -502,6 +504,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--conv-points", type=int, default=4, help="grid widths per conv channel axis (default: 4)")
     p.add_argument("--ffn-points", type=int, default=8, help="grid widths of the FFN units, besides 0 (default: 8)")
     p.add_argument("--head-points", type=int, default=None, help="grid head counts besides 0 (default: every count)")
+    p.add_argument("--clock", choices=["wall", "thread"], default="wall",
+                   help="wall: elapsed time (default); thread: this thread's CPU time, which other processes' "
+                        "load does not inflate (a shared machine; --threads 1 only)")
     p.add_argument("--out", required=True, help="the latency table to write (JSON)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     p.set_defaults(func=profile)
