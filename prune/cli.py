@@ -10,6 +10,7 @@
     prune convert MODEL OUT.onnx --to onnx [--layers K ...] [--quantize int8]   an ONNX graph, checked with onnxruntime
     prune convert MODEL OUT --to hf                     a transformers folder (AutoModel.from_pretrained)
     prune manifest FOLDER OUT_DIR                       train.tsv + valid.tsv for a folder of audio
+    prune profile [--preset P | MODEL] --out FILE       a latency table of this machine (pruning.target_kind=latency)
     prune extract MODEL AUDIO --layer K --out DIR       hidden states of every file, one .npy each
 
 `prune train` alone lists the recipes; `prune train RECIPE --help` lists every config key with the
@@ -338,6 +339,54 @@ def preview(args: argparse.Namespace) -> int:
     return 0
 
 
+def profile(args: argparse.Namespace) -> int:
+    """``prune profile``: time each block kind of a model over a grid of kept widths on this machine and
+    write the latency table (``prune.latency_profile``) for pruning.target_kind=latency."""
+    from .latency import LatencyTableError, save_table
+    from .latency_profile import check_clock, grid_sizes, profile as run_profile
+    from .models import PRESETS, preset_config
+
+    if (args.model is None) == (args.preset is None):
+        raise ValueError("give either --preset P or MODEL (a checkpoint prune inspect reads), not both or neither")
+    if args.preset is not None and args.preset not in PRESETS:
+        raise ValueError(f"unknown --preset {args.preset!r}; choose from {', '.join(sorted(PRESETS))}")
+    for name in ("batch", "threads", "repeats", "conv_points", "ffn_points"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.head_points is not None and args.head_points < 1:
+        raise ValueError(f"--head-points must be >= 1, got {args.head_points}")
+    if not args.seconds >= 0.025:
+        raise ValueError(f"--seconds must be at least one frame (0.025 s), got {args.seconds}")
+    check_clock(args.clock, args.threads, args.device)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: torch sees no CUDA device here; profile with --device cpu or on the GPU "
+                         "machine")
+    out = Path(args.out)
+    if out.exists() and not args.overwrite:
+        raise ValueError(f"--out {out} exists; pass --overwrite to replace it")
+    if out.is_dir():
+        raise ValueError(f"--out {out} is a folder; give a file name such as {out / 'latency.json'}")
+    if args.preset is not None:
+        config = preset_config(args.preset)
+    else:
+        from .checkpoints import load_pretrained
+
+        config = load_pretrained(args.model).config
+    torch.set_num_threads(args.threads)
+    table = run_profile(config, args.seconds, args.batch, args.threads, args.device, args.repeats,
+                        args.conv_points, args.ffn_points, args.head_points, progress=print, clock=args.clock)
+    try:
+        save_table(table, out)
+    except LatencyTableError as e:  # a table profile made itself should always be valid
+        raise ValueError(str(e)) from None
+    conv, projection, heads, units = grid_sizes(table)
+    print(f"latency table: {out} ({conv} conv, {projection} projection, {heads} attention, {units} FFN grid points; "
+          f"{args.seconds:g} s, batch {args.batch}, {args.threads} thread(s), {args.device}, {args.clock} clock; "
+          f"whole pass / sum of parts {table['scale']:.3f}); use it with "
+          f"pruning.target_kind=latency pruning.latency_table={out} trainer.threads={args.threads}")
+    return 0
+
+
 def convert(args: argparse.Namespace) -> int:
     """``prune convert MODEL OUT --to FORMAT``: write a model in another format (and check it)."""
     from .checkpoints.convert import convert as convert_model
@@ -444,6 +493,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="outputs/preview", help="export folder")
     p.add_argument("--overwrite", action="store_true", help="replace an existing export folder")
     p.set_defaults(func=preview)
+    p = sub.add_parser("profile", help="a latency table of this machine: each block kind timed over kept widths")
+    p.add_argument("model", nargs="?", default=None, help="a checkpoint prune inspect reads (or give --preset)")
+    p.add_argument("--preset", default=None, help="a name from prune.models.PRESETS (instead of MODEL)")
+    p.add_argument("--seconds", type=float, default=1.0, help="utterance length the blocks are timed on (default: 1)")
+    p.add_argument("--batch", type=int, default=1, help="utterances per pass (default: 1)")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads; training must use the same "
+                                                           "(trainer.threads) (default: 1)")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="where to time (default: cpu)")
+    p.add_argument("--repeats", type=int, default=10, help="timed passes of each grid point, interleaved; the "
+                                                           "fastest is kept (default: 10)")
+    p.add_argument("--conv-points", type=int, default=4, help="grid widths per conv channel axis (default: 4)")
+    p.add_argument("--ffn-points", type=int, default=8, help="grid widths of the FFN units, besides 0 (default: 8)")
+    p.add_argument("--head-points", type=int, default=None, help="grid head counts besides 0 (default: every count)")
+    p.add_argument("--clock", choices=["wall", "thread"], default="wall",
+                   help="wall: elapsed time (default); thread: this thread's CPU time, which other processes' "
+                        "load does not inflate (a shared machine; --threads 1 only)")
+    p.add_argument("--out", required=True, help="the latency table to write (JSON)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    p.set_defaults(func=profile)
     p = sub.add_parser("convert", help="write a model in another format: an ONNX graph (checked with onnxruntime), "
                                        "a transformers folder",
                        description="Write MODEL (an export folder, a Hugging Face folder, a fairseq / torchaudio / "

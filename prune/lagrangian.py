@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Dict
+from typing import Any, Dict, Mapping, Optional
 
 import torch
 from torch import Tensor, nn
@@ -27,12 +27,15 @@ class Lagrangian(nn.Module):
 
     kind: a registered size measure (``prune.measures``): "params" (target = fraction of params
     removed), "param_count" (target = params to keep, absolute), or "macs" (target = fraction of
-    MACs removed, on ``seconds`` of audio).
+    MACs removed, on ``seconds`` of audio), "latency" / "latency_ms" (fraction of the latency
+    removed / milliseconds to keep, read from the latency table in ``settings["table"]``).
+    ``settings``: what the measure ``needs`` (``prune.measures.Need``), by name.
     """
 
-    def __init__(self, gated: GatedEncoder, kind: str, target: float, warmup_steps: int, seconds: float = 1.0):
+    def __init__(self, gated: GatedEncoder, kind: str, target: float, warmup_steps: int, seconds: float = 1.0,
+                 settings: Optional[Mapping[str, Any]] = None):
         super().__init__()
-        self.measure = measures.get(kind)
+        self.measure = measures.get(kind).bind(settings or {})
         self.kind = kind
         self.seconds = seconds
         self.warmup_steps = warmup_steps
@@ -54,7 +57,7 @@ class Lagrangian(nn.Module):
         return self.target_sparsity * min(1.0, step / self.warmup_steps)
 
     def expected_size(self, gated: GatedEncoder) -> Tensor:
-        return self.measure.expected(gated, self.seconds)
+        return self.measure.expected_of(gated, self.seconds)
 
     def size_of(self, config: EncoderConfig) -> float:
         """The size of a plain (cut) model, in the target's unit."""

@@ -41,18 +41,21 @@ def measured_macs(model: nn.Module, seconds: float = 1.0) -> int:
     return counter.get_total_flops() // 2
 
 
-def interleaved(fns: Dict[str, Callable[[], object]], repeats: int, warmup: int = 1) -> Dict[str, List[float]]:
+def interleaved(fns: Dict[str, Callable[[], object]], repeats: int, warmup: int = 1,
+                clock: Callable[[], float] = time.perf_counter) -> Dict[str, List[float]]:
     """Seconds of each call, ``repeats`` times round-robin after ``warmup`` calls each, so drift
-    and other load on the machine hit every function alike."""
+    and other load on the machine hit every function alike. ``clock``: wall time by default;
+    ``time.thread_time`` counts only this thread's CPU time (one torch thread: the work itself,
+    without the time other processes held the core)."""
     for fn in fns.values():
         for _ in range(warmup):
             fn()
     times: Dict[str, List[float]] = {k: [] for k in fns}
     for _ in range(repeats):
         for name, fn in fns.items():
-            t0 = time.perf_counter()
+            t0 = clock()
             fn()
-            times[name].append(time.perf_counter() - t0)
+            times[name].append(clock() - t0)
     return times
 
 

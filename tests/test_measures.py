@@ -25,16 +25,17 @@ def gated():
     return GatedEncoder(build_preset("hubert_base_tiny")).train()
 
 
-def test_the_registry_holds_the_three_measures_and_target_kinds_follows_it(monkeypatch):
-    assert measures.names() == ("params", "param_count", "macs") == prune.lagrangian.TARGET_KINDS
-    assert [MEASURES[k].unit for k in measures.names()] == ["params", "params", "MACs"]
+def test_the_registry_holds_the_five_measures_and_target_kinds_follows_it(monkeypatch):
+    kinds = ("params", "param_count", "macs", "latency", "latency_ms")
+    assert measures.names() == kinds == prune.lagrangian.TARGET_KINDS
+    assert [MEASURES[k].unit for k in measures.names()] == ["params", "params", "MACs", "ms", "ms"]
     toy = Measure("toy", "things", size=lambda config, seconds: 1.0, expected=lambda gated, seconds: torch.ones(()))
     monkeypatch.setitem(MEASURES, "toy", toy)
-    assert prune.lagrangian.TARGET_KINDS == ("params", "param_count", "macs", "toy")  # not a copy made at import
+    assert prune.lagrangian.TARGET_KINDS == (*kinds, "toy")  # not a copy made at import
     with pytest.raises(ValueError, match="already registered"):
         measures.register(toy)
     with pytest.raises(ValueError, match=r"^pruning.target_kind must be one of \('params', 'param_count', 'macs', "
-                                         r"'toy'\), got 'flops'$"):
+                                         r"'latency', 'latency_ms', 'toy'\), got 'flops'$"):
         measures.get("flops")
 
 

@@ -98,6 +98,11 @@ def _runs(probe_corpus: Path):
         "prune train tiny_demo --multirun pruning.target=0.5,0.75": (train, 0, {}),
         "prune train tiny_demo pruning.target_kind=macs pruning.target=0.6": (
             [*train, "hydra.run.dir=outputs/tiny_demo_macs"], 0, {}),
+        "prune profile --preset hubert_base_tiny --threads 1 --out outputs/latency.json": (
+            ["--conv-points", "2", "--ffn-points", "2"], 0, {}),
+        ("prune train tiny_demo pruning.target_kind=latency pruning.target=0.5 "
+         "pruning.latency_table=outputs/latency.json trainer.threads=1"): (
+            [t for t in train if t != "trainer.threads=1"] + ["hydra.run.dir=outputs/tiny_demo_latency"], 0, {}),
         f"prune resume {STOPPED_RUN}": ([], 0, {}),
         "prune export outputs/.../checkpoints/step_00000500.pt outputs/step500": ([], 0, {}),
         "prune manifest /path/to/audio data/my_corpus": ([], 0, {}),
@@ -173,6 +178,7 @@ def test_readme_commands_work_from_another_directory(tmp_path):
     assert len(sweeps) == 1 and (sweeps[0].parent / "pruning.target=0.75" / "export").is_dir()
     assert (user / STOPPED_RUN / "export").is_dir() and (user / "outputs" / "step500" / "config.json").is_file()
     assert (user / "data" / "my_corpus" / "valid.tsv").is_file() and (user / "outputs" / "mine" / "export").is_dir()
+    assert "latency target, table" in (user / "outputs" / "tiny_demo_latency" / "report.txt").read_text()
     assert (user / "outputs" / "demo_teacher" / "export").is_dir() and (user / "outputs" / "preview").is_dir()
     if _has("transformers"):
         assert (user / "outputs" / "demo_teacher_hf" / "config.json").is_file()

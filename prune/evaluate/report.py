@@ -41,6 +41,49 @@ def _cpu_copy(model: Wav2Vec2Model) -> Wav2Vec2Model:
     return copy.eval()
 
 
+def table_latencies(table_path: str, models: Dict[str, Wav2Vec2Model], repeats: int = LATENCY_REPEATS
+                    ) -> Dict[str, Any]:
+    """A latency target's check (#18): each model's latency as the table predicts it and as measured
+    here under the table's conditions (its utterance length, batch, threads and clock; CPU copies,
+    interleaved, the fastest of ``repeats``), in milliseconds."""
+    from ..latency import load_table
+    from ..latency_profile import CLOCKS
+
+    table = load_table(table_path)
+    clock = table.data.get("clock", "wall")
+    x = torch.randn(table.batch, int(round(table.seconds * SAMPLE_RATE)))
+    copies = {name: _cpu_copy(m) for name, m in models.items()}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(table.threads)
+    try:
+        with torch.no_grad():
+            times = interleaved({name: (lambda m=m: m(x)) for name, m in copies.items()}, repeats,
+                                clock=CLOCKS.get(clock, CLOCKS["wall"]))
+    finally:
+        torch.set_num_threads(threads)
+    return {"table": table_path, "seconds": table.seconds, "batch": table.batch, "threads": table.threads,
+            "clock": clock, "device": table.data["machine"].get("device", "cpu"),
+            "predicted_ms": {name: 1e3 * table.latency(m.config) for name, m in models.items()},
+            "measured_ms": {name: 1e3 * fastest(t) for name, t in times.items()}}
+
+
+def needs_of(kind: str) -> List[str]:
+    """The names of what the size measure ``kind`` needs (``prune.measures.Need``)."""
+    from ..measures import MEASURES
+
+    return [need.name for need in MEASURES[kind].needs] if kind in MEASURES else []
+
+
+def latency_line(check: Dict[str, Any]) -> str:
+    """The report's line on a latency target: predicted next to measured, per model."""
+    pairs = ", ".join(f"{name} {check['predicted_ms'][name]:.1f} ms predicted / {check['measured_ms'][name]:.1f} ms "
+                      f"measured ({check['predicted_ms'][name] / check['measured_ms'][name] - 1:+.1%})"
+                      for name in check["measured_ms"])
+    return (f"latency target, table {check['table']} ({check['seconds']:g} s, batch {check['batch']}, "
+            f"{check['threads']} thread(s), {check['clock']} clock, profiled on {check['device']}; measured here on "
+            f"the CPU, fastest of {LATENCY_REPEATS}): {pairs}")
+
+
 def layer_chart(before: Dict[str, Any], after: Dict[str, Any], path: Path, title: str = "") -> Path:
     """Bar charts of the kept units of each kind of ``prune.structures.SHOWN`` (conv channels, heads,
     FFN units) per layer (removed blocks at 0)."""
@@ -171,6 +214,10 @@ def write_report(run_dir: Path, teacher: Wav2Vec2Model, pruned: Wav2Vec2Model, c
              f"CPU latency: the fastest of {LATENCY_REPEATS} passes, the models interleaved; the median and max "
              f"above it: " + ", ".join(f"{name} {spread(t)}" for name, t in times.items()),
              target_line(meta)]
+    check = None
+    if cfg is not None and "table" in needs_of(cfg.pruning.target_kind):  # a latency target
+        check = table_latencies(cfg.pruning.latency_table, {"teacher": teacher, "pruned": pruned})
+        lines.append(latency_line(check))
     if meta.get("similarity"):
         lines.append(similarity_table(meta["similarity"]))
     if probes:
@@ -190,6 +237,7 @@ def write_report(run_dir: Path, teacher: Wav2Vec2Model, pruned: Wav2Vec2Model, c
               "cpu_latency_spread_seconds": {name: {"min": min(t), "median": statistics.median(t), "max": max(t)}
                                              for name, t in times.items()},
               "cpu_latency_method": f"fastest of {LATENCY_REPEATS} forward passes, the models interleaved",
+              **({"latency_target": check} if check else {}),
               **({"phone_probe": {"corpus": str(corpus), "steps": cfg.probe.steps, "seeds": list(cfg.probe.seeds),
                                   **probes}} if probes else {}),
               **{k: v for k, v in meta.items() if k != "config"}}

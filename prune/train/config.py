@@ -71,10 +71,13 @@ class DataConfig:
 
 @dataclass
 class PruningConfig:
-    target_kind: str = "params"  # params | param_count | macs
-    target: float = 0.75  # sparsity for params/macs; params to keep for param_count
+    target_kind: str = "params"  # params | param_count | macs | latency | latency_ms
+    target: float = 0.75  # sparsity for params/macs/latency; params to keep for param_count; ms to keep for latency_ms
     warmup_steps: int = 5000  # the target rises linearly from 0
     macs_seconds: float = 1.0  # utterance length the MACs target is measured on
+    # latency / latency_ms targets: the table of `prune profile ... --threads T --out FILE` (its length, batch and
+    # threads; trainer.threads must be T); latency = fraction of the teacher's table latency removed, latency_ms = ms kept
+    latency_table: Optional[str] = None
     tolerance: float = 0.005  # the exported size must land within this fraction of the target size
     max_cut_shift: float = 0.05  # a cut that moves the size more than this fraction of the target: training missed it
     calibrate: bool = True  # shift the gates' thresholds at the cut until the size is within tolerance
@@ -214,7 +217,8 @@ def check_run_dir(run_dir: Path) -> None:
                           f"({e.strerror}); choose a folder on a regular disk with hydra.run.dir=PATH") from None
 
 
-PATH_KEYS = ("teacher.checkpoint", "data.train_manifest", "data.valid_manifest", "probe.corpus")
+PATH_KEYS = ("teacher.checkpoint", "data.train_manifest", "data.valid_manifest", "probe.corpus",
+             "pruning.latency_table")
 
 
 def absolute_paths(cfg: DictConfig, keys: Tuple[str, ...] = PATH_KEYS) -> DictConfig:
@@ -275,16 +279,37 @@ def check_optim(o: DictConfig, lrs: Tuple[str, ...]) -> None:
         raise ConfigError(f"optim.clip_grad_norm: must be a positive number or null, got {o.clip_grad_norm}")
 
 
-def check_target(p: DictConfig, teacher: Optional[EncoderConfig]) -> None:
+def measure_settings(p: Any, threads: Optional[int] = None, teacher: Optional[EncoderConfig] = None,
+                     check: bool = True) -> Dict[str, Any]:
+    """What the measure ``pruning.target_kind`` needs (``prune.measures.Need``: a latency table),
+    loaded from its ``pruning.*`` key and, with ``check``, checked against ``trainer.threads``
+    (``threads``) and the teacher (None: not known yet); ConfigError naming the key."""
+    measure = measures.MEASURES.get(p["target_kind"])
+    settings: Dict[str, Any] = {}
+    for need in () if measure is None else measure.needs:
+        value = p.get(need.key) if hasattr(p, "get") else None
+        if value is None:
+            raise ConfigError(f"pruning.{need.key}: pruning.target_kind={measure.name} needs it; {need.hint}")
+        try:
+            settings[need.name] = need.load(value)
+            if check:
+                need.check(settings[need.name], teacher, threads)
+        except ValueError as e:
+            raise ConfigError(f"pruning.{need.key}: {e}") from None
+    return settings
+
+
+def check_target(p: DictConfig, teacher: Optional[EncoderConfig], threads: Optional[int] = None) -> None:
     """``pruning.target_kind`` names a registered size measure and ``pruning.target`` reads for it
     (``teacher``: the unpruned architecture, None while it is not known before the checkpoint is
-    loaded)."""
+    loaded; ``threads``: trainer.threads, which a latency table must have been made with)."""
     measure = measures.MEASURES.get(p.target_kind)
     if measure is None:
         raise ConfigError(f"pruning.target_kind: must be one of {measures.names()}, got {p.target_kind!r}")
     if not (isinstance(p.macs_seconds, (int, float)) and math.isfinite(p.macs_seconds) and p.macs_seconds > 0):
         raise ConfigError(f"pruning.macs_seconds: the utterance length the MACs are counted on must be a "
                           f"positive number of seconds, got {p.macs_seconds}")
+    measure = measure.bind(measure_settings(p, threads, teacher))
     try:
         measure.check_target(p.target, None if teacher is None else measure.size_of(teacher, p.macs_seconds))
     except ValueError as e:
@@ -344,7 +369,7 @@ def validate(cfg: DictConfig, run_dir: Optional[Path] = None) -> None:
             raise ConfigError(f"teacher.random_init: true, but teacher.checkpoint={t.checkpoint} is given; "
                               f"drop one of them")
         num_layers = None  # known once loaded
-    check_target(p, preset_config(t.preset, **t.overrides) if t.checkpoint is None else None)
+    check_target(p, preset_config(t.preset, **t.overrides) if t.checkpoint is None else None, tr.threads)
     if not 0.0 <= p.skip_min_closed <= 1.0:
         raise ConfigError(f"pruning.skip_min_closed: must be in [0, 1], got {p.skip_min_closed}")
     if not 0.0 < p.tolerance < 0.5:

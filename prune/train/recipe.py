@@ -35,7 +35,7 @@ from ..gates import HardConcrete
 from ..models.config import EncoderConfig
 from ..structures import GatedEncoder
 from .checkpoint import checkpoint_files, load_latest, save_checkpoint
-from .config import absolute_paths, validate
+from .config import absolute_paths, measure_settings, validate
 from ..data.dataset import AudioDataset, Batch, LengthBucketSampler, collate, format_skipped, validate_manifest
 from .objective import Distillation, Objective
 from .distributed import DistEnv, all_ranks, barrier, init_distributed
@@ -100,8 +100,9 @@ class PruneRecipe(Runner):
                 raise ValueError(f"distill.layers: {layers} must lie in [0, {n}] for this {n}-layer teacher")
         gated = build_student(cfg, self.source_config, teacher_weights=self.teacher.state_dict())
         self.objective = Distillation.from_config(cfg.distill, self.source_config.encoder_embed_dim)
+        settings = measure_settings(cfg.pruning, cfg.trainer.threads, self.source_config)  # a latency table
         self.lagrangian = Lagrangian(gated, cfg.pruning.target_kind, cfg.pruning.target,
-                                     cfg.pruning.warmup_steps, cfg.pruning.macs_seconds).to(self.env.device)
+                                     cfg.pruning.warmup_steps, cfg.pruning.macs_seconds, settings).to(self.env.device)
         self._set_student(Student(gated, self.objective))
 
         state = load_latest(self.ckpt_dir)

@@ -106,6 +106,7 @@ def inspect_training_checkpoint(path: Path, state: Dict[str, Any]) -> str:
     from ..checkpoints.export import describe
     from ..checkpoints.inspect import _share, _si, structure_lines
     from ..lagrangian import Lagrangian
+    from .config import measure_settings
 
     model, source = student_from_checkpoint(state, path)
     cfg, step = state["config"], state["step"]
@@ -113,7 +114,8 @@ def inspect_training_checkpoint(path: Path, state: Dict[str, Any]) -> str:
     plan = f"{tr['prune_steps']} pruning + {tr['final_steps']} final steps"
     lines = [f"checkpoint:     {path}", "format:         prune training checkpoint"]
     if isinstance(model, GatedEncoder):
-        lag = Lagrangian(model, p["target_kind"], p["target"], p["warmup_steps"], p["macs_seconds"])
+        lag = Lagrangian(model, p["target_kind"], p["target"], p["warmup_steps"], p["macs_seconds"],
+                         measure_settings(p, check=False))
         params, macs = model.expected_params().item(), model.expected_macs(1.0).item()
         full = describe(source)
         lines += [f"training:       step {step}, pruning stage: gated, not cut yet ({plan})",

@@ -1,0 +1,225 @@
+"""The profiler behind ``prune profile``: times the real modules of an encoder (``prune.models``) at
+each grid width on this machine and makes a latency table (``prune.latency``).
+
+Every block kind is built at each grid point with the shape a compiled model gives it (a conv
+layer at kept in/out channels with its norm over the unpruned count, the feature projection with
+its phantom once channels are removed, an attention block at kept heads, an FFN at kept units,
+each block with its residual add and, pre-norm, its LayerNorm), fed a random input of the shape it
+sees for ``seconds`` of audio and ``batch`` utterances, and all of them are timed round-robin
+(``prune.measured.interleaved``), the fastest of ``repeats`` kept: load on a shared machine hits
+every grid point alike.
+
+The parts timed one by one add up to less than a whole pass (at HuBERT Base, 1 s, one thread:
+about 8% less, alike at every sparsity: what runs between the blocks, and the allocator and cache
+state a block finds inside a pass and not alone), so the profile also times the unpruned model's
+whole pass, in the same rounds, and the table's ``scale`` (whole / sum of its parts) multiplies
+every prediction.
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, List, Optional, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from .latency import FORMAT, VERSION, LatencyTable, fingerprint, machine
+from .measured import fastest, interleaved
+from .models.components import (ConvLayerBlock, ConvolutionalPositionalEmbedding, FeatureProjection, FeedForward,
+                                PhantomLayerNorm, RelativePositionBias, SelfAttention, WavLMSelfAttention,
+                                normalize_waveforms)
+from .models.config import SAMPLE_RATE, EncoderConfig
+from .models.model import build_encoder
+from .structures import conv_frames
+
+
+def widths(full: int, points: int, low: int = 4) -> List[int]:
+    """0, then ``low`` halvings below full/points (full/(2 points), full/(4 points), ...), then
+    ``points`` widths evenly up to ``full`` (full/points, ..., full); no repeats. Small blocks cost
+    mostly fixed overhead, not width: a linear stretch from full/points down to 0 overestimates
+    them (a conv layer at 17 channels by 3x at HuBERT Base shape), hence the denser low end."""
+    even = {round(full * k / points) for k in range(1, points + 1)}
+    halvings = {round(full / points / 2 ** k) for k in range(1, low + 1)}
+    return sorted({0, *(w for w in even | halvings if w >= 1)})
+
+
+# wall: elapsed time (what a user waits); thread: this thread's CPU time, which other processes' load
+# on a shared machine does not inflate (a 150 ms forward pass on a core shared with others is
+# preempted in every repeat, a 1 ms block is not: wall-clock tables then under-predict whole models)
+CLOCKS: Dict[str, Callable[[], float]] = {"wall": time.perf_counter, "thread": time.thread_time}
+
+
+def check_clock(clock: str, threads: int, device: str) -> None:
+    """ValueError (one line) for a clock that cannot time this profile."""
+    if clock not in CLOCKS:
+        raise ValueError(f"--clock must be one of {', '.join(CLOCKS)}, got {clock!r}")
+    if clock == "thread" and (threads != 1 or device != "cpu"):
+        raise ValueError("--clock thread counts one CPU thread's time: use it with --threads 1 --device cpu")
+
+
+def _sync(device: torch.device) -> Callable[[], None]:
+    return torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+
+
+def profile(config: EncoderConfig, seconds: float = 1.0, batch: int = 1, threads: int = 1, device: str = "cpu",
+            repeats: int = 10, conv_points: int = 4, ffn_points: int = 8, head_points: Optional[int] = None,
+            progress: Optional[Callable[[str], None]] = None, clock: str = "wall") -> Dict[str, Any]:
+    """The latency table (a dict, ``prune.latency``'s JSON) of ``config``'s model on this machine.
+
+    conv_points / ffn_points: even grid widths per conv axis / for the FFN units (``widths``: plus 0
+    and a few halvings below the first);
+    head_points: None for every head count 0..H, else that many plus 0. The caller sets torch's
+    threads (``threads`` is recorded). clock: ``CLOCKS`` (``thread``: one CPU thread only)."""
+    check_clock(clock, threads, device)
+    with torch.no_grad(), warnings.catch_warnings():  # a block at 0 channels has zero-size weights
+        warnings.filterwarnings("ignore", "Initializing zero-element tensors is a no-op")
+        timed = plan(config, seconds, batch, threads, device, conv_points, ffn_points, head_points)
+        if progress is not None:
+            progress(f"timing {len(timed.fns)} modules x {repeats} repeats, interleaved ({timed.frames} frames, "
+                     f"batch {batch}, {torch.get_num_threads()} thread(s), {device}) ...")
+        return timed.table(interleaved(timed.fns, repeats, warmup=2, clock=CLOCKS[clock]), repeats, clock)
+
+
+@dataclass
+class Plan:
+    """The timed calls of a profile (name -> call, each one grid point; the modules and inputs
+    live in their closures) and how their times make the table (``table``). Other timings can
+    join ``fns`` in one interleaved round (scripts/latency_error.py times the cut models so)."""
+
+    fns: Dict[str, Callable[[], Any]]
+    frames: int
+    make: Callable[[Dict[str, float]], Dict[str, Any]]
+
+    def table(self, times: Dict[str, Sequence[float]], repeats: int, clock: str = "wall") -> Dict[str, Any]:
+        """The table from each call's repeated seconds (the fastest of each is kept)."""
+        return {**self.make({k: fastest(times[k]) for k in self.fns}), "repeats": repeats, "clock": clock}
+
+
+def plan(config: EncoderConfig, seconds: float = 1.0, batch: int = 1, threads: int = 1, device: str = "cpu",
+         conv_points: int = 4, ffn_points: int = 8, head_points: Optional[int] = None) -> Plan:
+    """Build every grid point's module and input (see ``profile``); call under ``torch.no_grad()``."""
+    dev = torch.device(device)
+    sync = _sync(dev)
+    D, eps = config.encoder_embed_dim, config.layer_norm_eps
+    samples = int(round(seconds * SAMPLE_RATE))
+    frames = conv_frames(config, seconds)
+    if frames[-1] < 1:
+        raise ValueError(f"{seconds} s of audio gives no frame; profile at least 0.025 s")
+    T = frames[-1]
+    fns: Dict[str, Callable[[], Any]] = {}
+
+    def add(name: str, module: nn.Module, fn: Callable[[nn.Module], Any]) -> None:
+        module = module.to(dev).eval()
+        fns[name] = lambda: (fn(module), sync())
+
+    # conv layers: (kept in, kept out) -> seconds; layer 0 reads the waveform's one channel
+    full = [c for c, _, _ in config.extractor_conv_layer_config]
+    conv_grid = []
+    for i, (_, kernel, stride) in enumerate(config.extractor_conv_layer_config):
+        ins = [1] if i == 0 else widths(full[i - 1], conv_points)  # layer 0 reads the waveform
+        outs = widths(full[i], conv_points)
+        conv_grid.append((ins, outs))
+        frames_in = samples if i == 0 else frames[i - 1]
+        for c_in in ins:
+            x = torch.randn(batch, c_in, frames_in, device=dev)
+            for c_out in outs:
+                norm = None
+                if config.extractor_mode == "layer_norm":
+                    norm = PhantomLayerNorm(c_out, full[i], eps)
+                elif i == 0:  # one group per channel, as the builder (which keeps an empty one at 0)
+                    norm = nn.GroupNorm(max(c_out, 1), c_out, eps=eps)
+                block = ConvLayerBlock(c_in, c_out, kernel, stride, config.extractor_conv_bias, norm)
+                add(f"conv{i}:{c_in}:{c_out}", block, lambda m, x=x: m(x, None))
+    # the feature projection at the last layer's kept channels (its input is the transposed conv output)
+    channels = widths(full[-1], conv_points)
+    for c in channels:
+        x = torch.randn(batch, c, T, device=dev).transpose(1, 2)
+        add(f"projection:{c}", FeatureProjection(c, D, 0.0, full[-1], eps), lambda m, x=x: m(x))
+    # transformer blocks: every layer has the same input shape, so one curve serves them all
+    H = max(config.encoder_num_heads)
+    heads = list(range(H + 1)) if head_points is None else widths(H, head_points, low=0)
+    units = widths(max(config.encoder_ff_interm_features), ffn_points)
+    x = torch.randn(batch, T, D, device=dev)
+    bias = None
+    if config.is_wavlm:
+        bias = RelativePositionBias(config.encoder_num_buckets, config.encoder_max_distance,
+                                    config.original_num_heads).to(dev)(T)
+    pre = config.encoder_layer_norm_first
+    for h in heads:
+        if config.is_wavlm:
+            attention = WavLMSelfAttention(D, h, config.encoder_head_dim, 0.0, list(range(h)))
+        else:
+            attention = SelfAttention(D, h, config.encoder_head_dim, 0.0)
+        add(f"attention:{h}", _Block(attention, D, eps, pre and h > 0), lambda m: m(x, bias))
+    for u in units:
+        add(f"ffn:{u}", _Block(FeedForward(D, u, 0.0, 0.0), D, eps, pre and u > 0), lambda m: m(x))
+    wave = torch.randn(batch, samples, device=dev)
+    add("fixed", _Fixed(config), lambda m: m(wave, x))
+    add("whole", build_encoder(config), lambda m: m(wave))  # the unpruned model's whole pass: the scale
+
+    def make(times: Dict[str, float]) -> Dict[str, Any]:
+        table = {"format": FORMAT, "version": VERSION, "machine": machine(device), "threads": threads,
+                 "seconds": seconds, "batch": batch, "model": fingerprint(config), "fixed": times["fixed"],
+                 "conv": [{"in": ins, "out": outs, "seconds": [[times[f"conv{i}:{a}:{b}"] for b in outs]
+                                                               for a in ins]} for i, (ins, outs) in enumerate(conv_grid)],
+                 "projection": {"channels": channels, "seconds": [times[f"projection:{c}"] for c in channels]},
+                 "attention": {"heads": heads, "seconds": [times[f"attention:{h}"] for h in heads]},
+                 "ffn": {"units": units, "seconds": [times[f"ffn:{u}"] for u in units]}, "scale": 1.0}
+        parts = LatencyTable(table).latency(config)
+        return {**table, "scale": times["whole"] / parts, "whole": {"measured": times["whole"], "parts": parts}}
+
+    return Plan(fns, T, make)
+
+
+class _Block(nn.Module):
+    """A transformer block as a layer runs it: [LayerNorm ->] block -> residual add."""
+
+    def __init__(self, block: nn.Module, embed_dim: int, eps: float, norm: bool):
+        super().__init__()
+        self.block = block
+        self.norm = nn.LayerNorm(embed_dim, eps=eps) if norm else None
+
+    def forward(self, x: Tensor, *args: Any) -> Tensor:
+        """x: (batch, frames, embed_dim) -> same shape."""
+        h = x if self.norm is None else self.norm(x)
+        if isinstance(self.block, SelfAttention):
+            return x + self.block(h, None, *args)
+        return x + self.block(h)
+
+
+class _Fixed(nn.Module):
+    """The parts no gate changes: the waveform normalisation (if the model has it), the positional
+    conv and its residual add, the transformer's LayerNorm, post-norm's two LayerNorms per layer
+    (they run whether or not the layer's blocks are kept), WavLM's position bias."""
+
+    def __init__(self, config: EncoderConfig):
+        super().__init__()
+        D, eps = config.encoder_embed_dim, config.layer_norm_eps
+        self.normalize = config.normalize_waveform
+        self.pos_conv = ConvolutionalPositionalEmbedding(D, config.encoder_pos_conv_kernel,
+                                                         config.encoder_pos_conv_groups)
+        self.layer_norm = nn.LayerNorm(D, eps=eps)
+        norms = 0 if config.encoder_layer_norm_first else 2 * config.encoder_num_layers
+        self.norms = nn.ModuleList(nn.LayerNorm(D, eps=eps) for _ in range(norms))
+        self.rel_pos_bias = RelativePositionBias(config.encoder_num_buckets, config.encoder_max_distance,
+                                                 config.original_num_heads) if config.is_wavlm else None
+
+    def forward(self, waveforms: Tensor, x: Tensor) -> Tensor:
+        """waveforms: (batch, samples); x: (batch, frames, embed_dim) -> x's shape."""
+        if self.normalize:
+            normalize_waveforms(waveforms)
+        x = self.layer_norm(x + self.pos_conv(x))
+        if self.rel_pos_bias is not None:
+            self.rel_pos_bias(x.shape[1])
+        for norm in self.norms:
+            x = norm(x)
+        return x
+
+
+def grid_sizes(table: Dict[str, Any]) -> Sequence[int]:
+    """(conv points, projection points, head points, FFN points) of a table: for messages."""
+    return (sum(len(c["in"]) * len(c["out"]) for c in table["conv"]), len(table["projection"]["channels"]),
+            len(table["attention"]["heads"]), len(table["ffn"]["units"]))
