@@ -6,7 +6,7 @@
     prune export CHECKPOINT OUT                         export the student of a training checkpoint
     prune evaluate MODEL [--manifest M] [--probe DIR]   hidden states vs the teacher; phone-recognition PER
     prune inspect PATH                                  size and structure of any supported checkpoint
-    prune preview [--preset P] [--sparsity S]           gate a preset with seeded random gates, cut, export
+    prune preview [--preset P] [--sparsity S] [--uniform]  gate a preset with seeded random gates, cut, export
     prune convert MODEL OUT.onnx --to onnx [--layers K ...] [--quantize int8]   an ONNX graph, checked with onnxruntime
     prune convert MODEL OUT --to hf                     a transformers folder (AutoModel.from_pretrained)
     prune manifest FOLDER OUT_DIR                       train.tsv + valid.tsv for a folder of audio
@@ -323,7 +323,7 @@ def preview(args: argparse.Namespace) -> int:
         raise ValueError(f"--sparsity must be in [0, 1), got {args.sparsity}")
     torch.set_num_threads(args.threads)
     result = run_preview(args.preset, args.sparsity, args.out, seed=args.seed, seconds=args.seconds,
-                         repeats=args.repeats, overwrite=args.overwrite, progress=print)
+                         repeats=args.repeats, overwrite=args.overwrite, progress=print, uniform=args.uniform)
     times = result.times
     print(comparison_table([("unpruned", result.before, fastest(times["unpruned"]), None),
                             ("pruned", result.after, fastest(times["pruned"]), None)],
@@ -492,6 +492,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, default=5, help="timed forward passes per model (interleaved, fastest)")
     p.add_argument("--out", default="outputs/preview", help="export folder")
     p.add_argument("--overwrite", action="store_true", help="replace an existing export folder")
+    p.add_argument("--uniform", action="store_true",
+                   help="a shape transformers holds (as pruning.uniform=true): one FFN width, layers whole, all heads")
     p.set_defaults(func=preview)
     p = sub.add_parser("profile", help="a latency table of this machine: each block kind timed over kept widths")
     p.add_argument("model", nargs="?", default=None, help="a checkpoint prune inspect reads (or give --preset)")

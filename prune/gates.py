@@ -46,6 +46,8 @@ class HardConcrete(nn.Module):
         self.bias = temperature * math.log(-self.limit_l / self.limit_r)
         self.log_alpha = nn.Parameter(torch.empty(n))
         self._cache: Optional[Tuple[Tuple[int, int], Tensor]] = None
+        # the units the eval mask keeps, when a shape forces them (``force``); None: the plain mask
+        self.forced: Optional[Tensor] = None
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -67,16 +69,48 @@ class HardConcrete(nn.Module):
         s = torch.sigmoid((torch.log(u) - torch.log1p(-u) + self.log_alpha) / self.temperature)
         return torch.clamp(s * (self.limit_r - self.limit_l) + self.limit_l, 0.0, 1.0)
 
+    def plain_count(self) -> int:
+        """How many units the plain eval mask keeps: ``n - round(n - L0)`` (whatever is forced)."""
+        with torch.no_grad():
+            return self.n - round(self.n - self.l0_norm().item())
+
+    def top(self, k: int) -> Tensor:
+        """The indices (sorted, long, CPU) of the ``k`` units with the highest ``log_alpha``: the
+        ones the plain eval mask would keep first."""
+        if not 0 <= k <= self.n:
+            raise ValueError(f"a gate group of {self.n} cannot keep {k} units")
+        return torch.topk(self.log_alpha.detach().cpu(), k).indices.sort().values
+
+    def force(self, index: Optional[Tensor]) -> None:
+        """Make the eval mask keep exactly the units ``index`` (long; None: back to the plain mask),
+        each at its soft value, as the plain mask's survivors (a shape imposed at the cut: uniform
+        widths, whole layers, ``pruning.shape``, ``pruning.round_to``). Training samples are not
+        affected. A unit kept only because of the forcing keeps its soft value too: the value the
+        model was trained with around it (see docs/design.md, "Forced counts")."""
+        if index is not None:
+            index = torch.as_tensor(index, dtype=torch.long).flatten().cpu()
+            if index.numel() and not (0 <= int(index.min()) and int(index.max()) < self.n):
+                raise ValueError(f"a forced index of a gate group of {self.n} reaches {int(index.max())}")
+        self.forced = index
+        self._cache = None
+
     def eval_mask(self) -> Tensor:
-        """(n,) the deterministic mask: ``round(n - L0)`` zeros, survivors at their soft value."""
+        """(n,) the deterministic mask: ``round(n - L0)`` zeros (or, when forced, zeros outside the
+        forced units), survivors at their soft value."""
         key = (self.log_alpha._version, self.log_alpha.data_ptr())
         if self._cache is not None and self._cache[0] == key:
             return self._cache[1]
         with torch.no_grad():
-            num_zeros = round(self.n - self.l0_norm().item())
             soft = torch.sigmoid(self.log_alpha / self.temperature * EVAL_LOGIT_SCALE)
-            if num_zeros > 0:
-                soft[torch.topk(soft, k=num_zeros, largest=False).indices] = 0.0
+            if self.forced is not None:
+                keep = torch.zeros_like(soft, dtype=torch.bool)
+                keep[self.forced.to(soft.device)] = True
+                # a kept unit stays nonzero even where its soft value underflows (the cut keeps the nonzeros)
+                soft = torch.where(keep, soft.clamp_min(torch.finfo(soft.dtype).tiny), torch.zeros_like(soft))
+            else:
+                num_zeros = round(self.n - self.l0_norm().item())
+                if num_zeros > 0:
+                    soft[torch.topk(soft, k=num_zeros, largest=False).indices] = 0.0
         self._cache = (key, soft)
         return soft
 

@@ -33,14 +33,20 @@ class Lagrangian(nn.Module):
     """
 
     def __init__(self, gated: GatedEncoder, kind: str, target: float, warmup_steps: int, seconds: float = 1.0,
-                 settings: Optional[Mapping[str, Any]] = None):
+                 settings: Optional[Mapping[str, Any]] = None, shape_terms: Optional[nn.Module] = None,
+                 target_size: Optional[float] = None):
+        """shape_terms: ``prune.shape.ShapeTerms`` toward an explicit shape's counts (their
+        multipliers train with these); target_size: the size to reach instead of ``target``'s (an
+        explicit shape that fixes every count has its own size)."""
         super().__init__()
         self.measure = measures.get(kind).bind(settings or {})
         self.kind = kind
         self.seconds = seconds
         self.warmup_steps = warmup_steps
         self.full = self.measure.size_of(gated.config, seconds)
-        self.target_sparsity = self.measure.target_sparsity(target, self.full)
+        self.target_sparsity = (self.measure.target_sparsity(target, self.full) if target_size is None
+                                else 1.0 - target_size / self.full)
+        self.shape_terms = shape_terms
         if not 0.0 < self.target_sparsity < 1.0:
             raise ValueError(f"pruning.target gives a sparsity of {self.target_sparsity:.4f}, outside (0, 1)")
         self.lambda1 = nn.Parameter(torch.zeros(()))
@@ -68,9 +74,12 @@ class Lagrangian(nn.Module):
         sparsity = 1.0 - size / self.full
         diff = sparsity - self.target_at(step)
         penalty = self.lambda1 * diff + self.lambda2 * diff * diff
+        if self.shape_terms is not None:
+            progress = 1.0 if self.warmup_steps <= 0 else min(1.0, step / self.warmup_steps)
+            penalty = penalty + self.shape_terms(gated, progress)
         return {"penalty": penalty, "expected_sparsity": sparsity, "expected_size": size}
 
     def flip_grads(self) -> None:
-        for p in (self.lambda1, self.lambda2):
+        for p in self.parameters():
             if p.grad is not None:
                 p.grad.neg_()

@@ -21,7 +21,8 @@ from .compile import compile_encoder
 from .measured import interleaved
 from .models import SAMPLE_RATE, build_preset
 from .seeded import set_random_gates
-from .structures import GatedEncoder
+from .shape import Shape, Shaper, uniform_gates
+from .structures import GateConfig, GatedEncoder
 
 
 @dataclass(frozen=True)
@@ -35,19 +36,24 @@ class Preview:
 
 
 def preview(preset: str, sparsity: float, out: os.PathLike, seed: int = 0, seconds: float = 2.0,
-            repeats: int = 5, overwrite: bool = False, progress: Optional[Callable[[str], None]] = None
-            ) -> Preview:
+            repeats: int = 5, overwrite: bool = False, progress: Optional[Callable[[str], None]] = None,
+            uniform: bool = False) -> Preview:
     """Gate ``preset`` (weights and gates seeded by ``seed``) at ``sparsity``, cut it, compare the
     cut model with the gated one on a padded batch of two ``seconds``-long utterances, time both
     models interleaved (``repeats`` passes each), and export the cut model to ``out``. The
-    export folder is checked before any compute; ``progress`` gets a line as the work starts."""
+    export folder is checked before any compute; ``progress`` gets a line as the work starts.
+    ``uniform``: gates and cut of ``pruning.uniform=true`` (a shape transformers holds)."""
     out = Path(out)
     check_output(out, NATIVE, overwrite)  # fail before any compute
     torch.manual_seed(seed)
     if progress is not None:
         progress(f"building {preset} (random weights) and gating it ...")
-    gated = GatedEncoder(build_preset(preset))
-    reached = set_random_gates(gated, sparsity, seed=seed)
+    model = build_preset(preset)
+    shaper = Shaper(uniform=uniform)  # uniform: the gates and the forced shape of pruning.uniform=true
+    gated = GatedEncoder(model, uniform_gates(GateConfig(), Shape(), model.config) if uniform else None,
+                         uniform=uniform)
+    reached = set_random_gates(gated, sparsity, seed=seed, size=shaper.sized(GatedEncoder.expected_params))
+    shaper.apply(gated)
     gated.eval()
     compiled = compile_encoder(gated)
 
@@ -61,5 +67,5 @@ def preview(preset: str, sparsity: float, out: os.PathLike, seed: int = 0, secon
                             repeats=repeats)
     error = max(((a - e).abs().max() / e.abs().max()).item() for a, e in zip(actual, expected))
     write_model(compiled, out, NATIVE, overwrite=overwrite, source=gated.config,
-                metadata={"preview": {"preset": preset, "sparsity": sparsity, "seed": seed}})
+                metadata={"preview": {"preset": preset, "sparsity": sparsity, "seed": seed, "uniform": uniform}})
     return Preview(describe(gated.config), describe(compiled.config), reached, error, times, out)

@@ -103,6 +103,12 @@ def _runs(probe_corpus: Path):
         ("prune train tiny_demo pruning.target_kind=latency pruning.target=0.5 "
          "pruning.latency_table=outputs/latency.json trainer.threads=1"): (
             [t for t in train if t != "trainer.threads=1"] + ["hydra.run.dir=outputs/tiny_demo_latency"], 0, {}),
+        "prune train tiny_demo pruning.uniform=true pruning.round_to=8": (
+            [*train, "hydra.run.dir=outputs/tiny_demo_uniform"], 0, {}),
+        "prune train tiny_demo pruning.uniform=true pruning.shape.ffn=16 pruning.round_to=8": (
+            [*train, "hydra.run.dir=outputs/tiny_demo_shape"], 0, {}),
+        "prune preview --preset wavlm_base_tiny --sparsity 0.5 --uniform --out outputs/preview_uniform": (
+            ["--repeats", "1"], 0, {}),
         f"prune resume {STOPPED_RUN}": ([], 0, {}),
         "prune export outputs/.../checkpoints/step_00000500.pt outputs/step500": ([], 0, {}),
         "prune manifest /path/to/audio data/my_corpus": ([], 0, {}),
@@ -136,7 +142,7 @@ def _runs(probe_corpus: Path):
 
 
 def test_readme_commands_work_from_another_directory(tmp_path):
-    """15 processes, each importing torch (~4 s) and most training a few steps: ~125 s of CPU."""
+    """18 processes, each importing torch (~4 s) and most training a few steps: ~150 s of CPU."""
     import os
 
     from helpers_train import demo_corpus_split

@@ -13,20 +13,28 @@ from ..models.config import EncoderConfig
 from ..models.gating import ExtractorGates, Gates, LayerGates
 from .base import CONV_CHANNELS, NO_GATES, GateConfig, Structure, open_index
 from .costs import conv_frames, fixed_params, pos_conv_macs
-from .extractor import ConvChannels, FeatureProjectionInput
+from .extractor import ConvChannels, FeatureProjectionInput, exact_in_transformers
 from .transformer import AttentionBlock, FeedForwardBlock
 
 
-def structures_of(config: EncoderConfig, gates: GateConfig = NO_GATES) -> List[Structure]:
+def structures_of(config: EncoderConfig, gates: GateConfig = NO_GATES, uniform: bool = False) -> List[Structure]:
     """Every prunable structure of a model with ``config``, in cost-summation order: the conv layers'
     channels, the feature projection's input, each layer's attention block, each layer's FFN block.
-    With ``NO_GATES`` they only count the plain model's costs."""
+    With ``NO_GATES`` they only count the plain model's costs. ``uniform``: the structures of a
+    transformers-shaped cut (``prune.shape``): conv channels gated only where transformers can hold
+    the cut exactly, and one gate per layer (the attention block's) deciding both its blocks."""
+    exact = exact_in_transformers(config) if uniform else [True] * len(config.extractor_conv_layer_config)
     convs: List[ConvChannels] = []
     for i in range(len(config.extractor_conv_layer_config)):
-        convs.append(ConvChannels(config, i, gates, convs[-1] if convs else None))
+        convs.append(ConvChannels(config, i, gates, convs[-1] if convs else None, gated=exact[i]))
     layers = range(config.encoder_num_layers)
-    return [*convs, FeatureProjectionInput(config, convs[-1]),
-            *(AttentionBlock(config, l, gates) for l in layers), *(FeedForwardBlock(config, l, gates) for l in layers)]
+    attention = [AttentionBlock(config, l, gates) for l in layers]
+    feed_forward = [FeedForwardBlock(config, l, gates) for l in layers]
+    if uniform:
+        for a, f in zip(attention, feed_forward):
+            if a.exists and f.exists:
+                f.tie_block_to(a)
+    return [*convs, FeatureProjectionInput(config, convs[-1]), *attention, *feed_forward]
 
 
 def total_params(config: EncoderConfig, structures: Iterable[Structure], like: Tensor) -> Tensor:
@@ -70,7 +78,7 @@ class GatedEncoder(nn.Module):
     """
 
     def __init__(self, model: Wav2Vec2Model, gates: Optional[GateConfig] = None, skip_closed: bool = True,
-                 skip_min_closed: float = 0.3):
+                 skip_min_closed: float = 0.3, uniform: bool = False):
         super().__init__()
         self.model = model
         self.skip_closed = skip_closed  # compute only the open units of each pass (same numbers, less work)
@@ -78,7 +86,8 @@ class GatedEncoder(nn.Module):
         # (scripts/benchmark.py: +15% step time with ~17% of FFN units closed, at HuBERT Base shape)
         self.skip_min_closed = skip_min_closed
         self.gate_config = gates = gates or GateConfig()
-        structures = structures_of(model.config, gates)
+        self.uniform = uniform  # the structures of a transformers-shaped cut (structures_of)
+        structures = structures_of(model.config, gates, uniform)
         groups: Dict[str, List[Structure]] = {}
         for structure in structures:
             groups.setdefault(structure.group, []).append(structure)
@@ -113,6 +122,13 @@ class GatedEncoder(nn.Module):
         for structure, m, f in zip(self.structures, masks, flags):
             if structure.layer is not None:
                 fields[structure.layer].update(structure.layer_fields(m, f, self.skip_min_closed))
+        for structure in self.structures:  # a tied block takes its owner's draw: one decision per layer
+            owner = getattr(structure, "block_owner", None)
+            if owner is not None:
+                f = fields[structure.layer]
+                f[structure.block_field] = f[owner.block_field]
+                if self.skip_closed:
+                    f[structure.block_field + "_on"] = f[owner.block_field + "_on"]
         return Gates(extractor=self._extractor_gates(convs), layers=[LayerGates(**f) for f in fields],
                      skipping=self.skip_closed)
 

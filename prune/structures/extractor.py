@@ -21,6 +21,22 @@ def has_conv_norm(config: EncoderConfig, index: int) -> bool:
     return config.extractor_mode == "layer_norm" or index == 0
 
 
+def exact_in_transformers(config: EncoderConfig) -> List[bool]:
+    """Per conv layer: can a standard transformers model hold it with channels removed, exactly?
+    A removed channel must leave no trace but in its own rows and the next layer's columns. That
+    holds where no LayerNorm over the channels follows: conv layer 0's GroupNorm has one group per
+    channel (transformers' ``Wav2Vec2GroupNormConvLayer``: num_groups = channels), so it slices;
+    layers 1.. of a ``group_norm`` extractor have no norm. It fails for a LayerNorm over the
+    channels, whose mean and variance counted the removed channels as zeros (prune keeps them with
+    ``PhantomLayerNorm``, transformers' ``nn.LayerNorm`` cannot): every layer of a ``layer_norm``
+    extractor, and the last layer of any extractor, which the feature projection's LayerNorm reads
+    (prune also carries the removed channels' normalised value in ``feature_projection.phantom``)."""
+    n = len(config.extractor_conv_layer_config)
+    if config.extractor_mode == "layer_norm":
+        return [False] * n
+    return [i < n - 1 for i in range(n)]
+
+
 class ConvChannels(Structure):
     """Output channels of conv layer ``index``. Its cut slices that layer's rows and the next
     layer's input columns; the last layer's channels also shape the feature projection
@@ -29,11 +45,13 @@ class ConvChannels(Structure):
     kind = "conv_channels"
     group = "conv"
 
-    def __init__(self, config: EncoderConfig, index: int, gates: GateConfig, previous: Optional["ConvChannels"]):
+    def __init__(self, config: EncoderConfig, index: int, gates: GateConfig, previous: Optional["ConvChannels"],
+                 gated: bool = True):
         super().__init__(config)
         self.index = index
         self.channels, self.kernel, _ = config.extractor_conv_layer_config[index]
-        self.gate = make_gate(self.channels, gates.conv_channels, gates.init_mean, gates.init_std)
+        # gated=False: this layer's channels are not pruned (uniform mode: a layer transformers cannot cut exactly)
+        self.gate = make_gate(self.channels, gates.conv_channels and gated, gates.init_mean, gates.init_std)
         self._previous = (previous,)  # a reference, not a submodule: the gate belongs to its own layer
 
     def gates(self):

@@ -40,12 +40,28 @@ class _GatedBlock(Structure):
         self.n = n if exists else 0
         setattr(self, self.unit_attr, make_gate(self.n, units_on, units_init, gates.init_std))
         setattr(self, self.block_attr, make_gate(1, block_on and exists, gates.init_mean, gates.init_std))
+        self._block_owner: tuple = ()  # (block,) whose block gate also decides this one (``tie_block_to``)
+
+    def tie_block_to(self, owner: "_GatedBlock") -> None:
+        """Let ``owner``'s block gate decide this block too (uniform mode: a layer is removed whole,
+        one decision for its attention and FFN blocks). This block's own block gate goes; the
+        owner keeps the gate (its state-dict name, its place in the gate groups), this block reads
+        its keep probability, its eval mask and, through ``GatedEncoder.sample_gates``, its sample."""
+        setattr(self, self.block_attr, None)
+        self._block_owner = (owner,)
+
+    @property
+    def block_owner(self) -> Optional["_GatedBlock"]:
+        return self._block_owner[0] if self._block_owner else None
 
     def _gate_of(self, kind: str) -> Optional[HardConcrete]:
+        if kind == self.block_kind and self._block_owner:
+            return self._block_owner[0]._gate_of(self._block_owner[0].block_kind)
         return getattr(self, self.unit_attr if kind == self.unit_kind else self.block_attr)
 
     def gates(self) -> Dict[str, HardConcrete]:
-        found = {kind: self._gate_of(kind) for kind in (self.unit_kind, self.block_kind)}
+        """Its own gates (a tied block gate belongs to its owner)."""
+        found = {self.unit_kind: getattr(self, self.unit_attr), self.block_kind: getattr(self, self.block_attr)}
         return {kind: gate for kind, gate in found.items() if gate is not None}
 
     def keep(self, like: Tensor) -> Dict[str, Tensor]:
@@ -102,9 +118,8 @@ class _GatedBlock(Structure):
 
     def _cut_masks(self):
         """The eval masks: (unit mask or None, the block's scale: 1.0 or its soft value)."""
-        masks = self.masks()
-        block = masks.get(self.block_kind)
-        return masks.get(self.unit_kind), 1.0 if block is None else block[0]
+        units, block = self._gate_of(self.unit_kind), self._gate_of(self.block_kind)
+        return None if units is None else units(), 1.0 if block is None else block()[0]
 
     def layer_fields(self, masks: Dict[str, Tensor], flags: Optional[Dict[str, Tensor]],
                      min_closed: float) -> Dict[str, Any]:

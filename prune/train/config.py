@@ -70,6 +70,16 @@ class DataConfig:
 
 
 @dataclass
+class ShapeConfig:
+    """An explicit uniform shape, landed exactly at the cut (needs pruning.uniform=true); null: free."""
+
+    layers: Optional[int] = None  # transformer layers kept (removed whole: attention + FFN)
+    heads: Optional[int] = None  # heads per kept layer (below the teacher's: prune/ONNX exports only, not --to hf)
+    ffn: Optional[int] = None  # FFN units per kept layer
+    conv: Optional[Any] = None  # channels per conv layer: a list (one per layer) or one number (every prunable one)
+
+
+@dataclass
 class PruningConfig:
     target_kind: str = "params"  # params | param_count | macs | latency | latency_ms
     target: float = 0.75  # sparsity for params/macs/latency; params to keep for param_count; ms to keep for latency_ms
@@ -84,6 +94,12 @@ class PruningConfig:
     skip_closed: bool = True  # compute only the units whose gate sample is nonzero (same result, less work)
     skip_min_closed: float = 0.3  # ... in groups with at least this fraction closed (gathering costs too)
     gates: GateConfig = field(default_factory=GateConfig)  # which structures are gated, initial drop rates
+    # uniform: a shape transformers holds. One FFN width in every kept layer, layers removed whole,
+    # every head kept, conv channels pruned only where transformers cuts them exactly (not the last
+    # conv layer, none in a layer_norm extractor); docs/configs.md
+    uniform: bool = False  # a shape transformers holds: one FFN width, layers whole, all heads (docs/configs.md)
+    shape: ShapeConfig = field(default_factory=ShapeConfig)  # explicit kept counts (with uniform)
+    round_to: int = 1  # FFN units and conv channels kept in multiples of this at the cut (not heads, not blocks)
 
 
 @dataclass
@@ -316,6 +332,27 @@ def check_target(p: DictConfig, teacher: Optional[EncoderConfig], threads: Optio
         raise ConfigError(str(e)) from None
 
 
+def check_shape_config(p: DictConfig, teacher: Optional[EncoderConfig]) -> None:
+    """``pruning.uniform``, ``pruning.shape`` and ``pruning.round_to`` (``teacher``: the unpruned
+    architecture, None while unknown: then the shape is checked once the teacher is loaded)."""
+    from ..shape import Shape, check_shape
+
+    if not isinstance(p.get("uniform", False), bool):
+        raise ConfigError(f"pruning.uniform: must be true or false, got {p.uniform!r}")
+    round_to = p.get("round_to", 1)
+    if not isinstance(round_to, int) or isinstance(round_to, bool) or round_to < 1:
+        raise ConfigError(f"pruning.round_to: must be a whole number >= 1, got {round_to!r}")
+    shape = Shape.from_config(p.get("shape"))
+    if shape.given() and not p.get("uniform", False):
+        raise ConfigError("pruning.shape: an explicit shape is a uniform one (the same count in every layer); "
+                          "add pruning.uniform=true")
+    if teacher is not None:
+        try:
+            check_shape(shape, teacher, GateConfig(**p.gates), bool(p.get("uniform", False)), round_to)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+
+
 # The Lagrangian raises the size target over pruning.warmup_steps and needs about a third of the
 # pruning stage at the full target to settle on it; otherwise the cut, not the training, sets the
 # size (a short run with the default 5000-step warm-up kept 1 head per layer). An lr warm-up longer
@@ -370,6 +407,7 @@ def validate(cfg: DictConfig, run_dir: Optional[Path] = None) -> None:
                               f"drop one of them")
         num_layers = None  # known once loaded
     check_target(p, preset_config(t.preset, **t.overrides) if t.checkpoint is None else None, tr.threads)
+    check_shape_config(p, preset_config(t.preset, **t.overrides) if t.checkpoint is None else None)
     if not 0.0 <= p.skip_min_closed <= 1.0:
         raise ConfigError(f"pruning.skip_min_closed: must be in [0, 1], got {p.skip_min_closed}")
     if not 0.0 < p.tolerance < 0.5:

@@ -46,6 +46,7 @@ from .student import DONE, FINAL, PRUNE, build_student, cut_config, load_teacher
 from ..faults import maybe_fail, maybe_stall, nan_loss
 from ..lagrangian import Lagrangian
 from ..measures import MEASURES
+from ..shape import Shape, Shaper, ShapeTerms, check_shape
 from ..data.manifest import ManifestError, read_manifest
 
 log = logging.getLogger(__name__)
@@ -98,11 +99,17 @@ class PruneRecipe(Runner):
             layers = [layer for g in cfg.distill.layers for layer in g]
             if max(layers) > n:
                 raise ValueError(f"distill.layers: {layers} must lie in [0, {n}] for this {n}-layer teacher")
+        self.shaper, shape = shaper_of(cfg.pruning, self.source_config)  # checked before any training
         gated = build_student(cfg, self.source_config, teacher_weights=self.teacher.state_dict())
         self.objective = Distillation.from_config(cfg.distill, self.source_config.encoder_embed_dim)
-        settings = measure_settings(cfg.pruning, cfg.trainer.threads, self.source_config)  # a latency table
-        self.lagrangian = Lagrangian(gated, cfg.pruning.target_kind, cfg.pruning.target,
-                                     cfg.pruning.warmup_steps, cfg.pruning.macs_seconds, settings).to(self.env.device)
+        p = cfg.pruning
+        settings = measure_settings(p, cfg.trainer.threads, self.source_config)  # a latency table
+        measure = MEASURES[p.target_kind].bind(settings)
+        self.lagrangian = Lagrangian(
+            gated, p.target_kind, p.target, p.warmup_steps, p.macs_seconds, settings,
+            shape_terms=ShapeTerms(gated, shape) if shape.given() else None,
+            target_size=self.shaper.fixed_size(gated, lambda g: measure.expected_of(g, p.macs_seconds)),
+        ).to(self.env.device)
         self._set_student(Student(gated, self.objective))
 
         state = load_latest(self.ckpt_dir)
@@ -338,10 +345,13 @@ class PruneRecipe(Runner):
         lag, p = self.lagrangian, self.cfg.pruning
         target_size = lag.target_size
         gated.eval()
-        gates_size = lag.expected_size(gated).item()
-        calibrated = p.calibrate and abs(gates_size - target_size) > p.tolerance * target_size
+        size = self.shaper.sized(lag.expected_size)  # uniform / shape / round_to forced at every measurement
+        gates_size = size(gated).item()
+        calibrated = (p.calibrate and not self.shaper.fixes_all(gated)
+                      and abs(gates_size - target_size) > p.tolerance * target_size)
         if calibrated:
-            calibrate(gated, lag.expected_size, target_size, p.tolerance)
+            calibrate(gated, size, target_size, p.tolerance)
+            self.shaper.apply(gated)  # the forced units of the gates as calibrated
         compiled = compile_encoder(gated)
         self.cut = cut_record(lag, target_size, gates_size, lag.size_of(compiled.config), p, calibrated)
         if self.env.is_main:
@@ -591,6 +601,21 @@ def progress_line(step: int, total: int, stage: str, parts: Dict[str, Tensor], t
         if target is not None:
             line += f" (target {target:.3f})"
     return f"{line}  {seconds_per_step:.2f} s/step"
+
+
+def shaper_of(p: DictConfig, teacher: EncoderConfig) -> Tuple[Shaper, Shape]:
+    """The cut's shaper for ``pruning`` (uniform, shape, round_to), the shape checked against the
+    loaded teacher (a one-line ConfigError before any training)."""
+    from ..structures import GateConfig
+    from .config import ConfigError
+
+    shape = Shape.from_config(p.get("shape"))
+    uniform, round_to = bool(p.get("uniform", False)), p.get("round_to", 1)
+    try:
+        check_shape(shape, teacher, GateConfig(**p.gates), uniform, round_to)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    return Shaper(uniform, shape, round_to), shape
 
 
 def cut_record(lag: Lagrangian, target_size: float, gates_size: float, cut_size: float, p: DictConfig,

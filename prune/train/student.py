@@ -49,7 +49,13 @@ def build_student(cfg: Mapping[str, Any], source: EncoderConfig,
         student.load_state_dict(teacher_weights)
     pruning = cfg["pruning"]
     skip = {key: pruning[key] for key in SKIP_KEYS if key in pruning}  # absent in checkpoints made before them
-    return GatedEncoder(student, GateConfig(**pruning["gates"]), **skip)
+    gates = GateConfig(**pruning["gates"])
+    uniform = bool(pruning.get("uniform", False))  # absent in checkpoints made before it
+    if uniform:
+        from ..shape import Shape, uniform_gates
+
+        gates = uniform_gates(gates, Shape.from_config(pruning.get("shape")), source)
+    return GatedEncoder(student, gates, uniform=uniform, **skip)
 
 
 def read_training_checkpoint(path: Path) -> Optional[Dict[str, Any]]:
@@ -142,6 +148,11 @@ def export_training_checkpoint(checkpoint: Path, out: Path, overwrite: bool = Fa
     state = load_checkpoint(Path(checkpoint))
     model, source = student_from_checkpoint(state, Path(checkpoint))
     if isinstance(model, GatedEncoder):
+        from ..shape import Shape, Shaper
+
+        p = state["config"]["pruning"]  # the run's imposed shape (uniform, shape, round_to), without calibration
+        Shaper(bool(p.get("uniform", False)), Shape.from_config(p.get("shape")), p.get("round_to", 1)).apply(
+            model.eval())
         model = compile_encoder(model.eval())
     write_model(model.eval(), out, NATIVE, overwrite=overwrite, source=source,
                 metadata={"from_checkpoint": str(checkpoint), "step": state["step"], "stage": state["stage"]})
