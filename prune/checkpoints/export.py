@@ -8,7 +8,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Dict, Optional, Union
+from typing import Any, Callable, Dict, Optional, Union
 
 import torch
 from safetensors import SafetensorError
@@ -58,11 +58,14 @@ def check_export_path(path: PathLike, overwrite: bool = False, flag: str = "over
 
 
 def export_pruned(model: Wav2Vec2Model, path: PathLike, source: Optional[EncoderConfig] = None,
-                  metadata: Optional[Dict[str, Any]] = None, overwrite: bool = False) -> Path:
+                  metadata: Optional[Dict[str, Any]] = None, overwrite: bool = False,
+                  extra: Optional[Callable[[Path], None]] = None) -> Path:
     """Write ``model`` to the folder ``path`` atomically: everything goes to a temporary folder
     beside it that is renamed into place only once complete, so no half-written export exists.
 
     ``source``: the unpruned model's config, recorded with its size for comparison.
+    ``extra(folder)``: writes more files into the temporary folder (a training run's task head),
+    so they appear with the model or not at all; ``load_pruned`` reads only its own two.
     """
     path = check_export_path(path, overwrite)
     parent = path.parent
@@ -82,6 +85,10 @@ def export_pruned(model: Wav2Vec2Model, path: PathLike, source: Optional[Encoder
             json.dump(info, f, indent=2)
             f.flush()
             os.fsync(f.fileno())
+        if extra is not None:
+            extra(tmp)
+            for child in tmp.iterdir():
+                fsync_path(child)
         fsync_path(tmp / WEIGHTS)
         _plain_permissions(tmp)
         maybe_fail("during_export")  # PRUNE_FAULT=during_export (tests): dies before the rename
