@@ -127,12 +127,18 @@ class PruneRecipe(Runner):
     def _setup_data(self) -> None:
         """Check every file up front (a manifest with nothing usable stops here, before any
         compute); files that fail later, at read time, are skipped and counted by the dataset."""
-        d = self.cfg.data
+        d, t = self.cfg.data, self.cfg.get("task")
+        # a CTC target is the whole utterance's: no random crops, and a file longer than
+        # data.max_samples is left out (as fairseq's fine-tuning filters by max_sample_size)
+        whole = t is not None and t.kind == "ctc"
+        crop = None if whole else d.max_samples
         manifest = read_manifest(d.train_manifest)
         good, self.skipped_upfront = validate_manifest(manifest, d.min_samples)
+        if whole:
+            good = self._fitting(manifest, good, self.skipped_upfront)
         if self.skipped_upfront and self.env.is_main:
             log.warning("%s", format_skipped(self.skipped_upfront, len(manifest)))
-        self.dataset = AudioDataset(manifest.subset(good), max_samples=d.max_samples, min_samples=d.min_samples,
+        self.dataset = AudioDataset(manifest.subset(good), max_samples=crop, min_samples=d.min_samples,
                                     seed=self.cfg.trainer.seed)
         self.sampler = LengthBucketSampler(self.dataset.lengths,
                                            batch_size=d.batch_size if d.max_batch_samples is None else None,
@@ -142,11 +148,14 @@ class PruneRecipe(Runner):
         self.valid = None
         if d.valid_manifest is not None:
             valid = read_manifest(d.valid_manifest)
-            valid_good, _ = validate_manifest(valid, d.min_samples)
-            self.valid = AudioDataset(valid.subset(valid_good), max_samples=d.max_samples,
+            valid_good, valid_skipped = validate_manifest(valid, d.min_samples)
+            if whole:
+                valid_good = self._fitting(valid, valid_good, valid_skipped)
+            # a task's metric is on whole utterances (as prune evaluate --task measures it)
+            tasked = t is not None and t.kind != "none"
+            self.valid = AudioDataset(valid.subset(valid_good), max_samples=None if tasked else d.max_samples,
                                       min_samples=d.min_samples, seed=self.cfg.trainer.seed)
         self.vocab, self.targets = None, None
-        t = self.cfg.get("task")
         if t is not None and t.kind != "none":  # every label checked here, before the teacher is loaded
             from .task import load_targets
 
@@ -154,6 +163,18 @@ class PruneRecipe(Runner):
                 t.labels, t.column, t.kind, t.tokens, self.dataset.manifest.ids,
                 self.valid.manifest.ids if self.valid is not None else [], d.train_manifest,
                 d.valid_manifest or "the valid set")
+
+    def _fitting(self, manifest, good: List[int], skipped: Dict[str, str]) -> List[int]:
+        """``good`` without the files longer than data.max_samples (noted in ``skipped``); none left: an error."""
+        cap = self.cfg.data.max_samples
+        fits = [i for i in good if manifest.entries[i][1] <= cap]
+        for i in sorted(set(good) - set(fits)):
+            skipped[str(manifest.path(i))] = (f"{manifest.entries[i][1]} samples, longer than data.max_samples={cap} "
+                                              f"(task ctc trains on whole utterances)")
+        if not fits:
+            raise ManifestError(f"{manifest}: every usable file is longer than data.max_samples={cap}; task ctc "
+                                f"trains on whole utterances: raise data.max_samples")
+        return fits
 
     def skipped_files(self) -> Dict[str, str]:
         """Every file left out of training so far (path -> reason)."""
