@@ -2,9 +2,11 @@
 
     prune train RECIPE [key=value ...] [--multirun]     prune -> final distillation -> export
     prune pretrain RECIPE [key=value ...]               pre-train a small HuBERT from scratch (the demo teacher)
+    prune finetune MODEL task=ctc task.labels=FILE      fine-tune any checkpoint on a task (no pruning)
     prune resume RUN_DIR                                continue a stopped run where it stopped
     prune export CHECKPOINT OUT                         export the student of a training checkpoint
     prune evaluate MODEL [--manifest M] [--probe DIR]   hidden states vs the teacher; phone-recognition PER
+                         [--task MANIFEST]              the saved task head's PER / accuracy
     prune inspect PATH                                  size and structure of any supported checkpoint
     prune preview [--preset P] [--sparsity S] [--uniform]  gate a preset with seeded random gates, cut, export
     prune convert MODEL OUT.onnx --to onnx [--layers K ...] [--quantize int8]   an ONNX graph, checked with onnxruntime
@@ -201,6 +203,29 @@ def train(argv: List[str]) -> None:
         raise SystemExit(sweep.finish())
 
 
+# --------------------------------------------------------------------------------- finetune
+FINETUNE_RECIPE = "finetune_demo"  # what `prune finetune MODEL` starts from (recipes/finetune_demo.yaml)
+
+
+def finetune(argv: List[str]) -> None:
+    """``prune finetune MODEL [key=value ...]``: ``prune train finetune_demo`` with MODEL (anything
+    load_pretrained reads) as the model to train: no pruning, the task loss (``task.*``), the
+    trainer's run directory, checkpoints, resume, validation, TensorBoard and report."""
+    flags, rest = _split_args(argv)
+    if "--help" in flags or "-h" in flags or not rest or "=" in rest[0]:
+        from .train.usage import train_help
+
+        print("usage: prune finetune MODEL [key=value ...]   (MODEL: an export folder, a Hugging Face folder, a "
+              "fairseq / torchaudio file)\n" + train_help(FINETUNE_RECIPE), file=sys.stdout if rest else sys.stderr)
+        raise SystemExit(0 if ("--help" in flags or "-h" in flags) else 2)
+    model, overrides = rest[0], rest[1:]
+    if not Path(model).exists():
+        raise SystemExit(f"prune finetune: {model} does not exist (give an export folder, a Hugging Face folder "
+                         f"or a fairseq / torchaudio checkpoint)")
+    train([FINETUNE_RECIPE, *flags, "teacher.preset=null", f"teacher.checkpoint={os.path.abspath(model)}",
+           *overrides])
+
+
 # --------------------------------------------------------------------------------- pretrain
 def pretrain(argv: List[str]) -> None:
     """``prune pretrain [RECIPE] key=value ...``: Hydra with recipes/pretrain/ as the config path."""
@@ -273,8 +298,15 @@ def export(args: argparse.Namespace) -> int:
 
 
 def evaluate(args: argparse.Namespace) -> int:
-    if args.manifest is None and args.probe is None:
-        raise ValueError("give --manifest (compare with the teacher), --probe (phone recognition), or both")
+    if args.manifest is None and args.probe is None and args.task is None:
+        raise ValueError("give --manifest (compare with the teacher), --probe (phone recognition), --task MANIFEST "
+                         "(the saved task head's metric), or several")
+    if args.task is not None:  # first: a model without a task head fails before anything runs
+        from .evaluate.task import evaluate_task
+
+        r = evaluate_task(args.model, args.task, args.labels, args.batch_size)
+        print(f"task {r['kind']} ({r['column']} of {r['labels']}) on {args.task} ({r['files']} files): "
+              f"{r['metric']} {r['value']:.4f}")
     if args.manifest is not None:
         from .evaluate.similarity import evaluate_against_teacher
 
@@ -455,6 +487,8 @@ def build_parser() -> argparse.ArgumentParser:
                                  "prune train --help lists recipes and keys)", add_help=False)
     sub.add_parser("pretrain", help="pre-train a small HuBERT from scratch (Hydra: prune pretrain RECIPE ...)",
                    add_help=False)
+    sub.add_parser("finetune", help="fine-tune any checkpoint on a task, no pruning (prune finetune MODEL "
+                                    "task=ctc task.labels=FILE key=value ...)", add_help=False)
     p = sub.add_parser("resume", help="continue a stopped run where it stopped")
     p.add_argument("run_dir", help="the run directory (holds config.yaml and checkpoints/)")
     p.add_argument("paths", nargs="*", metavar="KEY=PATH",
@@ -476,6 +510,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="one probe per seed; the mean and spread are printed (default: 0 1 2, as the report)")
     p.add_argument("--probe-floor", action="store_true",
                    help="also probe a random-init model of the same architecture (the floor)")
+    p.add_argument("--task", default=None, metavar="MANIFEST",
+                   help="the metric of the task head saved with the export (task_head.safetensors) on this manifest")
+    p.add_argument("--labels", default=None, metavar="FILE",
+                   help="label file for --task (default: the one the run was trained with, recorded in task.json)")
     p.add_argument("--batch-size", type=int, default=4, help="utterances per batch for --manifest (default: 4)")
     p.add_argument("--max-samples", type=int, default=160000,
                    help="crop each --manifest file to this many samples at 16 kHz (default: 160000, 10 s)")
@@ -585,6 +623,8 @@ def main(argv: Optional[List[str]] = None) -> None:
         return train(argv[1:])
     if argv and argv[0] == "pretrain":
         return pretrain(argv[1:])
+    if argv and argv[0] == "finetune":
+        return finetune(argv[1:])
     args = build_parser().parse_args(argv)
     from .checkpoints import ExportError
 

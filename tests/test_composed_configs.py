@@ -40,6 +40,9 @@ CASES: List[Tuple[str, str, List[str]]] = [
     ("train", "demo", ["data=librispeech"]),
     ("train", "dphubert_hubert_base", ["data=demo_corpus"]),
     ("train", "tiny_demo", ["+teacher.overrides.encoder_layer_drop=0.0"]),
+    ("train", "finetune_demo", []),
+    ("train", "tiny_demo", ["task=classify", "task.labels=data/demo_corpus/transcripts.tsv"]),
+    ("train", "demo", ["task=ctc", "task.labels=data/demo_corpus/transcripts.tsv", "distill.weight=0"]),
     ("pretrain", "demo_teacher", ["trainer.steps=500"]),
     ("pretrain", "demo_teacher", ["masking.prob=0.5", "trainer.keep_last=4"]),
 ]
@@ -114,7 +117,7 @@ def test_pretraining_composes_from_config_groups_of_its_own():
         "data": ["demo_corpus"], "model": ["demo", "tiny"], "optim": ["default"], "probe": ["demo_corpus", "none"],
         "trainer": ["default"]}
     assert set(config_groups(CONFIG_PACKAGES["train"])) == {
-        "data", "distill", "logging", "optim", "pruning", "teacher", "trainer"}
+        "data", "distill", "logging", "optim", "pruning", "task", "teacher", "trainer"}
     plain = compose_pretrain("demo_teacher", ["model=tiny", "probe=none"])
     assert dict(plain.model.overrides) == {} and plain.model.final_dim == 256 and plain.probe.corpus is None
     assert plain.optim.lr == 1e-3  # the recipe's own keys still apply

@@ -118,6 +118,19 @@ def _runs(probe_corpus: Path):
         "prune inspect outputs/demo/export": ([], 0, {}),
         "prune evaluate outputs/demo/export --manifest data/my_corpus/valid.tsv": (["--max-samples", "8000"], 0, {}),
         "prune evaluate outputs/demo/export --probe data/demo_corpus --probe-floor": (["--probe-steps", "2"], 0, {}),
+        # task runs (#16): whole utterances for ctc, so no short crops
+        ("prune train tiny_demo task=ctc task.labels=data/demo_corpus/transcripts.tsv "
+         "hydra.run.dir=outputs/tiny_ctc"): ([w for w in train if not w.startswith("data.max_samples=")], 0, {}),
+        "prune evaluate outputs/tiny_ctc/export --task data/my_corpus/valid.tsv": ([], 0, {}),
+        "prune train demo task=ctc task.labels=data/demo_corpus/transcripts.tsv distill.weight=0": (
+            [*[w for w in train if not w.startswith("data.max_samples=")], "probe.corpus=null",
+             "hydra.run.dir=outputs/demo_ctc"], 0, {}),
+        "prune train demo task=classify task.labels=data/demo_corpus/transcripts.tsv": (
+            [*train, "probe.corpus=null", "hydra.run.dir=outputs/demo_voice"], 0, {}),
+        "prune finetune outputs/demo/export task=classify": (
+            ["trainer.final_steps=2", "optim.warmup_steps=1", "trainer.log_every=1", "data.batch_size=2",
+             "data.max_samples=8000", "trainer.latency_seconds=0.1", "trainer.threads=1", "logging.tensorboard=false",
+             "hydra.run.dir=outputs/finetuned"], 0, {}),
         "prune extract outputs/demo/export /path/to/audio --layer 4 --out features/demo": ([], 0, {}),
         ("prune extract outputs/demo/export data/my_corpus/train.tsv --layer 2 --layer 4 --float16 "
          "--out features/two"): ([], 0, {}),
@@ -138,6 +151,7 @@ def _runs(probe_corpus: Path):
         "/path/to/hubert": str(repo / "data" / "demo_teacher"),
         "DPHuBERT-sp0.75.pth": str(repo / "tests" / "fixtures" / "dphubert" / "hubert_pruned.pth"),  # made by its code
         "--probe data/demo_corpus": f"--probe {probe_corpus}",
+        "data/demo_corpus/transcripts.tsv": str(repo / "data" / "demo_corpus" / "transcripts.tsv"),
         "outputs/.../checkpoints/step_00000500.pt": f"{STOPPED_RUN}/checkpoints/step_00000002.pt"}
 
 
@@ -189,4 +203,6 @@ def test_readme_commands_work_from_another_directory(tmp_path):
     if _has("transformers"):
         assert (user / "outputs" / "demo_teacher_hf" / "config.json").is_file()
     assert len(list((user / "features" / "demo").rglob("*.npy"))) == 280
+    assert "PER" in outputs["prune evaluate outputs/tiny_ctc/export --task data/my_corpus/valid.tsv"].stdout
+    assert (user / "outputs" / "finetuned" / "export" / "task.json").is_file()
     assert (user / "features" / "two" / "layer_2").is_dir() and (user / "features" / "two" / "extract.json").is_file()

@@ -31,9 +31,10 @@ class Format:
 
 
 def _to_native(model: Wav2Vec2Model, out: Path, options: Dict[str, Any]) -> List[str]:
-    """``export_pruned``: the options ``source`` (the unpruned config), ``metadata``, ``overwrite``."""
+    """``export_pruned``: the options ``source`` (the unpruned config), ``metadata``, ``overwrite``,
+    ``extra`` (writes more files into the export folder before it is renamed into place)."""
     path = export_pruned(model, out, source=options.get("source"), metadata=options.get("metadata"),
-                         overwrite=options.get("overwrite", False))
+                         overwrite=options.get("overwrite", False), extra=options.get("extra"))
     return [f"wrote {path} ({WEIGHTS} + {CONFIG}, {model.config.architecture}, "
             f"{num_params(model):,} parameters)"]
 

@@ -58,11 +58,14 @@ def check_export_path(path: PathLike, overwrite: bool = False, flag: str = "over
 
 
 def export_pruned(model: Wav2Vec2Model, path: PathLike, source: Optional[EncoderConfig] = None,
-                  metadata: Optional[Dict[str, Any]] = None, overwrite: bool = False) -> Path:
+                  metadata: Optional[Dict[str, Any]] = None, overwrite: bool = False,
+                  extra: Optional[Callable[[Path], None]] = None) -> Path:
     """Write ``model`` to the folder ``path`` atomically: everything goes to a temporary folder
     beside it that is renamed into place only once complete, so no half-written export exists.
 
     ``source``: the unpruned model's config, recorded with its size for comparison.
+    ``extra(folder)``: writes more files into the temporary folder (a training run's task head),
+    so they appear with the model or not at all; ``load_pruned`` reads only its own two.
     """
     path = check_export_path(path, overwrite)
     actual = num_params(model)
@@ -78,6 +81,8 @@ def export_pruned(model: Wav2Vec2Model, path: PathLike, source: Optional[Encoder
         save_file(state, str(tmp / WEIGHTS), metadata={"format": FORMAT})
         with open(tmp / CONFIG, "w") as f:
             json.dump(info, f, indent=2)
+        if extra is not None:
+            extra(tmp)
 
     return write_folder(path, write)
 

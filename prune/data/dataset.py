@@ -88,6 +88,10 @@ class AudioDataset(Dataset):
     def set_epoch(self, epoch: int) -> None:
         self.epoch = _check_seed(epoch)
 
+    def batch(self, indices: Sequence[int]) -> Optional[Batch]:
+        """The items at ``indices`` collated, with their utterance ids (None: none usable)."""
+        return collate([self[i] for i in indices], [self.manifest.utterance_id(i) for i in indices])
+
     def __len__(self) -> int:
         return len(self.manifest)
 
@@ -120,23 +124,25 @@ class AudioDataset(Dataset):
         return wave
 
 
-def collate(items: Sequence[Optional[Tensor]]) -> Optional[Batch]:
+def collate(items: Sequence[Optional[Tensor]], ids: Optional[Sequence[str]] = None) -> Optional[Batch]:
     """Zero-pad waveforms into a batch, dropping ``None`` (unusable files).
 
     Args:
         items: waveforms (Tensor, shape (samples,)) or ``None``.
+        ids: the items' utterance ids (``Manifest.utterance_id``), if the batch should carry them.
     Returns:
         a ``Batch``: waveforms (Tensor, shape (B, S), float32, zero-padded to the longest S),
-        lengths (Tensor, shape (B,), long); ``None`` if no item is left.
+        lengths (Tensor, shape (B,), long), ids of the kept items (or None); ``None`` if no item is left.
     """
     waves = [w for w in items if w is not None]
     if not waves:
         return None
+    kept_ids = None if ids is None else [i for w, i in zip(items, ids) if w is not None]
     lengths = torch.tensor([w.numel() for w in waves], dtype=torch.long)
     waveforms = torch.zeros(len(waves), int(lengths.max()), dtype=torch.float32)
     for row, w in zip(waveforms, waves):
         row[:w.numel()] = w
-    return Batch(waveforms, lengths)
+    return Batch(waveforms, lengths, ids=kept_ids)
 
 
 def validate_manifest(manifest: Union[Manifest, str, Path], min_samples: int = MIN_SAMPLES,

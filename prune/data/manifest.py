@@ -71,6 +71,15 @@ class Manifest:
     def lengths(self) -> List[int]:
         return [n for _, n in self.entries]
 
+    def utterance_id(self, index: int) -> str:
+        """Entry ``index``'s utterance id: its file name without the extension (what label files
+        such as the demo corpus's transcripts.tsv are keyed by)."""
+        return Path(self.entries[index][0]).stem
+
+    @property
+    def ids(self) -> List[str]:
+        return [self.utterance_id(i) for i in range(len(self.entries))]
+
     def subset(self, indices: Iterable[int]) -> "Manifest":
         """The entries at ``indices``, in that order (e.g. those ``validate_manifest`` kept)."""
         return Manifest(self.root, [self.entries[i] for i in indices], self.source)

@@ -185,6 +185,13 @@ def similarity_table(similarity: Dict[str, Any]) -> str:
             + format_table(rows))
 
 
+def task_line(task: Dict[str, Any]) -> str:
+    """The report's line on the downstream task: its metric on the valid set at each named point."""
+    points = ", ".join(f"{name} (step {p['step']}) {p['valid_metric']:.4f}" for name, p in task["points"].items())
+    return (f"task {task['kind']} ({task['column']}, {task['classes']} classes; loss = {task['weight']:g} x task + "
+            f"{task['distill_weight']:g} x distillation): valid {task['metric']} " + (points or "not measured (no valid set)"))
+
+
 def write_report(run_dir: Path, teacher: Wav2Vec2Model, pruned: Wav2Vec2Model, cfg: Optional[DictConfig],
                  meta: Dict[str, Any]) -> str:
     """Write report.json, report.txt and layers.png into ``run_dir``; return the text.
@@ -225,6 +232,8 @@ def write_report(run_dir: Path, teacher: Wav2Vec2Model, pruned: Wav2Vec2Model, c
                      f"({cfg.probe.steps} steps), greedy decoding on {corpus}/valid.tsv; mean over probe seeds "
                      f"{list(cfg.probe.seeds)}: " + ", ".join(f"{n} {per_text(r)}" for n, r in probes.items()) +
                      "; random init = the pruned architecture with random weights")
+    if meta.get("task"):
+        lines.append(task_line(meta["task"]))
     if meta.get("skipped_files"):
         lines.append(f"skipped audio files: {len(meta['skipped_files'])} (see report.json)")
     if meta.get("nonfinite_steps_skipped"):

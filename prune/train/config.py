@@ -100,6 +100,7 @@ class PruningConfig:
     uniform: bool = False  # a shape transformers holds: one FFN width, layers whole, all heads (docs/configs.md)
     shape: ShapeConfig = field(default_factory=ShapeConfig)  # explicit kept counts (with uniform)
     round_to: int = 1  # FFN units and conv channels kept in multiples of this at the cut (not heads, not blocks)
+    enabled: bool = True  # false: no gates and no cut, the model is trained as it is (prune finetune; trainer.prune_steps=0)
 
 
 @dataclass
@@ -111,6 +112,7 @@ class DistillConfig:
     reduction: str = "sum"  # sum | mean: how the per-layer losses combine (DPHuBERT: mean)
     layer0: str = "hidden"  # hidden (transformers' hidden_states[0]) | projection (DPHuBERT: before the pos conv)
     student_layer_drop: float = 0.0  # LayerDrop in the student
+    weight: float = 1.0  # loss = task.weight x task loss + distill.weight x distillation; 0: no teacher forward
 
 
 @dataclass
@@ -157,6 +159,23 @@ class ProbeConfig:
     seeds: List[int] = field(default_factory=lambda: [0, 1, 2])  # one probe per seed; the report gives the mean
 
 
+# ------------------------------------------------------------------------------ tasks (#16)
+TASK_KINDS = ("none", "ctc", "classify")
+
+
+@dataclass
+class TaskConfig:
+    kind: str = "none"  # none (distillation alone) | ctc | classify: set by the task group (task=ctc)
+    labels: Optional[str] = None  # TSV keyed by utterance id (header: id + label columns), e.g. transcripts.tsv
+    column: str = "phones"  # the label column (demo corpus: phones | text | voice)
+    tokens: str = "spaces"  # ctc: how a label splits into tokens: spaces | chars
+    layer: Optional[int] = None  # the head's hidden state; null: a learned softmax-weighted sum of all (SUPERB)
+    pooling: str = "mean"  # classify: mean | attentive pooling over the valid frames
+    weight: float = 1.0  # loss = task.weight x task loss + distill.weight x distillation (+ Lagrangian)
+    lr: Optional[float] = None  # the head's lr (a fresh head learns faster than the encoder should); null: optim.lr
+    freeze_extractor: bool = False  # the conv feature extractor is not trained (wav2vec 2.0 fine-tuning)
+
+
 @dataclass
 class TrainConfig:
     name: str = "run"  # the run directory is outputs/NAME/DATE_TIME (or hydra.run.dir=PATH)
@@ -168,6 +187,7 @@ class TrainConfig:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     probe: ProbeConfig = field(default_factory=ProbeConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)
 
 
 def register_schema(name: str, schema_class: type) -> None:
@@ -234,7 +254,7 @@ def check_run_dir(run_dir: Path) -> None:
 
 
 PATH_KEYS = ("teacher.checkpoint", "data.train_manifest", "data.valid_manifest", "probe.corpus",
-             "pruning.latency_table")
+             "pruning.latency_table", "task.labels")
 
 
 def absolute_paths(cfg: DictConfig, keys: Tuple[str, ...] = PATH_KEYS) -> DictConfig:
@@ -420,7 +440,7 @@ def validate(cfg: DictConfig, run_dir: Optional[Path] = None) -> None:
         raise ConfigError(f"data.max_samples: {d.max_samples} is below data.min_samples ({d.min_samples})")
     if d.batch_size < 1:
         raise ConfigError(f"data.batch_size: must be at least 1, got {d.batch_size}")
-    layers = [layer for group in cfg.distill.layers for layer in group]
+    layers = [layer for group in cfg.distill.layers for layer in group] if distills(cfg) else [0]
     if not layers:
         raise ConfigError("distill.layers: no layer to distill")
     if min(layers) < 0:  # hiddens[-1] would silently mean the last layer
@@ -469,8 +489,58 @@ def validate(cfg: DictConfig, run_dir: Optional[Path] = None) -> None:
             raise ConfigError(f"trainer.{key}: must be >= 1, got {tr[key]}")
     check_warmups(cfg)
     check_probe(cfg.probe)
+    check_task(cfg, num_layers)
     if run_dir is not None:
         check_run_dir(run_dir)
+
+
+def distills(cfg: DictConfig) -> bool:
+    """Whether the run distils from the teacher (distill.weight > 0; always with task: none)."""
+    return cfg.task.kind == "none" or cfg.distill.weight > 0
+
+
+def check_task(cfg: DictConfig, num_layers: Optional[int]) -> None:
+    """The ``task`` section and the weights of the loss (``TaskConfig``); the label file's content
+    is checked when the manifests are read (``prune.train.task.load_targets``), still before compute."""
+    from .task import POOLINGS
+    from ..data.labels import TOKENS
+
+    t, d = cfg.task, cfg.distill
+    if t.kind not in TASK_KINDS:
+        raise ConfigError(f"task.kind: must be one of {TASK_KINDS} (task=ctc selects configs/task/ctc.yaml), "
+                          f"got {t.kind!r}")
+    for key, w in (("task.weight", t.weight), ("distill.weight", d.weight)):
+        if not (math.isfinite(w) and w >= 0):
+            raise ConfigError(f"{key}: must be a finite number >= 0, got {w}")
+    if t.kind == "none":
+        if d.weight == 0:
+            raise ConfigError("distill.weight: 0 with task: none leaves nothing to train on; give a task "
+                              "(task=ctc task.labels=FILE) or a distill.weight above 0")
+        if not cfg.pruning.enabled:
+            raise ConfigError("pruning.enabled: false trains the model as it is, which needs a task "
+                              "(task=ctc or task=classify, task.labels=FILE)")
+    else:
+        if t.weight == 0 and d.weight == 0:
+            raise ConfigError("task.weight and distill.weight: both are 0, so the loss is 0; give one of them "
+                              "a weight above 0")
+        if t.labels is None:
+            raise ConfigError(f"task.labels: task {t.kind} needs a label file, a TSV keyed by utterance id "
+                              f"(e.g. task.labels=data/demo_corpus/transcripts.tsv)")
+        if not Path(t.labels).is_file():
+            raise ConfigError(f"task.labels: {t.labels} does not exist")
+        if t.lr is not None and not (math.isfinite(t.lr) and t.lr > 0):
+            raise ConfigError(f"task.lr: must be a positive number or null (optim.lr), got {t.lr}")
+        if t.tokens not in TOKENS:
+            raise ConfigError(f"task.tokens: must be one of {TOKENS}, got {t.tokens!r}")
+        if t.pooling not in POOLINGS:
+            raise ConfigError(f"task.pooling: must be one of {POOLINGS}, got {t.pooling!r}")
+        if t.layer is not None and (t.layer < 0 or (num_layers is not None and t.layer > num_layers)):
+            top = "the teacher's number of layers" if num_layers is None else str(num_layers)
+            raise ConfigError(f"task.layer: must be a hidden-state index from 0 to {top}, or null (all "
+                              f"layers, weighted), got {t.layer}")
+    if not cfg.pruning.enabled and cfg.trainer.prune_steps != 0:
+        raise ConfigError(f"pruning.enabled: false (no pruning), but trainer.prune_steps={cfg.trainer.prune_steps}; "
+                          f"give trainer.prune_steps=0 (the run is trainer.final_steps of training)")
 
 
 def check_random_teacher(t: DictConfig) -> None:

@@ -35,9 +35,9 @@ from ..gates import HardConcrete
 from ..models.config import EncoderConfig
 from ..structures import GatedEncoder
 from .checkpoint import checkpoint_files, load_latest, save_checkpoint
-from .config import absolute_paths, measure_settings, validate
-from ..data.dataset import AudioDataset, Batch, LengthBucketSampler, collate, format_skipped, validate_manifest
-from .objective import Distillation, Objective
+from .config import absolute_paths, distills, measure_settings, validate
+from ..data.dataset import AudioDataset, Batch, LengthBucketSampler, format_skipped, validate_manifest
+from .objective import Objective, Task, build_objective
 from .distributed import DistEnv, all_ranks, barrier, init_distributed
 from .resume import check_resume_config
 from .rundir import Runner, is_rank_zero, run_claimed
@@ -94,14 +94,19 @@ class PruneRecipe(Runner):
         self._setup_data()
         self.teacher = load_teacher(cfg.teacher).to(self.env.device)
         self.source_config: EncoderConfig = self.teacher.config
-        if cfg.teacher.checkpoint is not None:
+        if cfg.teacher.checkpoint is not None and distills(cfg):
             n = self.source_config.encoder_num_layers
             layers = [layer for g in cfg.distill.layers for layer in g]
             if max(layers) > n:
                 raise ValueError(f"distill.layers: {layers} must lie in [0, {n}] for this {n}-layer teacher")
+        t = cfg.task
+        if t.layer is not None and t.layer > self.source_config.encoder_num_layers:
+            raise ValueError(f"task.layer: {t.layer} must lie in [0, {self.source_config.encoder_num_layers}] for "
+                             f"this {self.source_config.encoder_num_layers}-layer model")
         self.shaper, shape = shaper_of(cfg.pruning, self.source_config)  # checked before any training
         gated = build_student(cfg, self.source_config, teacher_weights=self.teacher.state_dict())
-        self.objective = Distillation.from_config(cfg.distill, self.source_config.encoder_embed_dim)
+        self.objective = build_objective(cfg, self.source_config.encoder_embed_dim,
+                                         self.source_config.encoder_num_layers + 1, self.vocab, self.targets)
         p = cfg.pruning
         settings = measure_settings(p, cfg.trainer.threads, self.source_config)  # a latency table
         measure = MEASURES[p.target_kind].bind(settings)
@@ -110,7 +115,14 @@ class PruneRecipe(Runner):
             shape_terms=ShapeTerms(gated, shape) if shape.given() else None,
             target_size=self.shaper.fixed_size(gated, lambda g: measure.expected_of(g, p.macs_seconds)),
         ).to(self.env.device)
-        self._set_student(Student(gated, self.objective))
+        if p.enabled:
+            self._set_student(Student(gated, self.objective))
+        else:  # prune finetune: the teacher's architecture and weights, trained as they are (no gates, no cut)
+            self.stage = FINAL
+            plain = build_student(cfg, self.source_config, cut_config=self.source_config.replace(
+                encoder_layer_drop=cfg.distill.student_layer_drop).to_dict())
+            plain.load_state_dict(self.teacher.state_dict())
+            self._set_student(Student(plain, self.objective))
 
         state = load_latest(self.ckpt_dir)
         if state is not None:
@@ -123,12 +135,18 @@ class PruneRecipe(Runner):
     def _setup_data(self) -> None:
         """Check every file up front (a manifest with nothing usable stops here, before any
         compute); files that fail later, at read time, are skipped and counted by the dataset."""
-        d = self.cfg.data
+        d, t = self.cfg.data, self.cfg.get("task")
+        # a CTC target is the whole utterance's: no random crops, and a file longer than
+        # data.max_samples is left out (as fairseq's fine-tuning filters by max_sample_size)
+        whole = t is not None and t.kind == "ctc"
+        crop = None if whole else d.max_samples
         manifest = read_manifest(d.train_manifest)
         good, self.skipped_upfront = validate_manifest(manifest, d.min_samples)
+        if whole:
+            good = self._fitting(manifest, good, self.skipped_upfront)
         if self.skipped_upfront and self.env.is_main:
             log.warning("%s", format_skipped(self.skipped_upfront, len(manifest)))
-        self.dataset = AudioDataset(manifest.subset(good), max_samples=d.max_samples, min_samples=d.min_samples,
+        self.dataset = AudioDataset(manifest.subset(good), max_samples=crop, min_samples=d.min_samples,
                                     seed=self.cfg.trainer.seed)
         self.sampler = LengthBucketSampler(self.dataset.lengths,
                                            batch_size=d.batch_size if d.max_batch_samples is None else None,
@@ -138,9 +156,33 @@ class PruneRecipe(Runner):
         self.valid = None
         if d.valid_manifest is not None:
             valid = read_manifest(d.valid_manifest)
-            valid_good, _ = validate_manifest(valid, d.min_samples)
-            self.valid = AudioDataset(valid.subset(valid_good), max_samples=d.max_samples,
+            valid_good, valid_skipped = validate_manifest(valid, d.min_samples)
+            if whole:
+                valid_good = self._fitting(valid, valid_good, valid_skipped)
+            # a task's metric is on whole utterances (as prune evaluate --task measures it)
+            tasked = t is not None and t.kind != "none"
+            self.valid = AudioDataset(valid.subset(valid_good), max_samples=None if tasked else d.max_samples,
                                       min_samples=d.min_samples, seed=self.cfg.trainer.seed)
+        self.vocab, self.targets = None, None
+        if t is not None and t.kind != "none":  # every label checked here, before the teacher is loaded
+            from .task import load_targets
+
+            self.vocab, self.targets = load_targets(
+                t.labels, t.column, t.kind, t.tokens, self.dataset.manifest.ids,
+                self.valid.manifest.ids if self.valid is not None else [], d.train_manifest,
+                d.valid_manifest or "the valid set")
+
+    def _fitting(self, manifest, good: List[int], skipped: Dict[str, str]) -> List[int]:
+        """``good`` without the files longer than data.max_samples (noted in ``skipped``); none left: an error."""
+        cap = self.cfg.data.max_samples
+        fits = [i for i in good if manifest.entries[i][1] <= cap]
+        for i in sorted(set(good) - set(fits)):
+            skipped[str(manifest.path(i))] = (f"{manifest.entries[i][1]} samples, longer than data.max_samples={cap} "
+                                              f"(task ctc trains on whole utterances)")
+        if not fits:
+            raise ManifestError(f"{manifest}: every usable file is longer than data.max_samples={cap}; task ctc "
+                                f"trains on whole utterances: raise data.max_samples")
+        return fits
 
     def skipped_files(self) -> Dict[str, str]:
         """Every file left out of training so far (path -> reason)."""
@@ -161,8 +203,18 @@ class PruneRecipe(Runner):
         o = cfg.optim
         gates = [p for n, p in self.student.named_parameters() if n.endswith("log_alpha")]
         gate_ids = {id(p) for p in gates}
-        weights = [p for p in self.student.parameters() if id(p) not in gate_ids]
+        if cfg.get("task") is not None and cfg.task.freeze_extractor:  # the conv stack stays as it is
+            for name, p in self.student.encoder.named_parameters():
+                if ".feature_extractor." in f".{name}":
+                    p.requires_grad_(False)
+        head_ids = ({id(p) for p in self.objective.head.parameters()} if isinstance(self.objective, Task)
+                    and cfg.task.lr is not None else set())  # the task head with its own lr (task.lr)
+        weights = [p for p in self.student.parameters() if id(p) not in gate_ids | head_ids and p.requires_grad]
         groups = [{"params": weights, "lr": o.lr, "weight_decay": o.weight_decay, "name": "model"}]
+        if head_ids:
+            groups.append({"params": list(self.objective.head.parameters()), "lr": cfg.task.lr,
+                           "weight_decay": o.weight_decay, "name": "task_head"})
+        model_groups = len(groups)  # on the model's warm-up + decay schedule
         if self.stage == PRUNE:
             groups += [{"params": gates, "lr": o.gate_lr, "weight_decay": 0.0, "name": "gates"},
                        {"params": list(self.lagrangian.parameters()), "lr": o.lambda_lr, "weight_decay": 0.0,
@@ -180,8 +232,8 @@ class PruneRecipe(Runner):
         # the gates' and multipliers' lrs: constant, or on the model's schedule (DPHuBERT: one
         # LinearDecayLRScheduler over every param group, lightning.py configure_optimizers)
         gate_lr = model_lr if o.gate_lr_schedule == "model" else (lambda step: 1.0)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, [model_lr] + [gate_lr] * (len(groups) - 1),
-                                                           last_epoch=-1)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, [model_lr] * model_groups + [gate_lr] * (len(groups) - model_groups), last_epoch=-1)
         self._set_lr_for_step()
         use_cuda = env.device.type == "cuda"
         self.scaler = torch.amp.GradScaler("cuda", enabled=use_cuda and cfg.trainer.precision == "fp16")
@@ -201,7 +253,7 @@ class PruneRecipe(Runner):
                 if i < self.batch_in_epoch:
                     continue  # resumed mid-epoch: skip what was consumed
                 self.batch_in_epoch = i + 1
-                batch = collate([self.dataset[j] for j in indices])
+                batch = self.dataset.batch(indices)
                 if batch is not None:
                     used = True
                     yield batch
@@ -464,12 +516,35 @@ class PruneRecipe(Runner):
                     "nonfinite_steps_skipped": self.nonfinite_total,
                     "skipped_files": self.skipped_files(), "history": self.history[-1:] if self.history else [],
                     "config": OmegaConf.to_container(self.cfg, resolve=True)}
-            write_model(model, path, source=self.source_config, metadata=meta, overwrite=True)
+            extra = None
+            if isinstance(self.objective, Task):
+                meta["task"] = self._task_record()
+                extra = self._task_writer(meta["task"])
+            write_model(model, path, source=self.source_config, metadata=meta, overwrite=True, extra=extra)
             from ..evaluate.report import write_report
 
             write_report(self.run_dir, self.teacher, model, self.cfg, meta)
         barrier(self.env)
         return path
+
+    def _task_record(self) -> Dict[str, Any]:
+        """The task's settings and its validation metric at each named point, for the export and report."""
+        t = self.cfg.task
+        points = {e["point"]: {k: e[k] for k in ("step", "stage", "valid_task_loss", "valid_metric")}
+                  for e in self.history if "point" in e and "valid_metric" in e}
+        return {"kind": t.kind, "labels": t.labels, "column": t.column, "tokens": t.tokens, "layer": t.layer,
+                "pooling": t.pooling, "weight": t.weight, "distill_weight": self.cfg.distill.weight,
+                "metric": self.task_metric, "higher_is_better": t.kind == "classify",
+                "classes": len(self.vocab), "points": points,
+                "valid_metric": points["end"]["valid_metric"] if "end" in points else None}
+
+    def _task_writer(self, record: Dict[str, Any]):
+        """What writes task_head.safetensors + task.json into the export's temporary folder."""
+        from .task import save_task_files
+
+        info = {**record, "num_hiddens": self.source_config.encoder_num_layers + 1,
+                "dim": self.source_config.encoder_embed_dim, "vocabulary": self.vocab.to_dict()}
+        return lambda folder: save_task_files(folder, self.objective.head, info)
 
     @torch.no_grad()
     def _validate(self, point: Optional[str] = None) -> Optional[float]:
@@ -481,29 +556,63 @@ class PruneRecipe(Runner):
         self.student.eval()
         total, count, size = 0.0, 0, self.cfg.data.batch_size
         cos, l1 = 0.0, 0.0  # (layers,) sums once a batch has been seen
+        task = isinstance(self.objective, Task)
+        distilling = not task or self.objective.distillation is not None
+        task_loss, hits, of = 0.0, 0.0, 0.0  # the task loss and the metric's numerator, denominator
         for start in range(0, len(self.valid), size):
-            batch = collate([self.valid[i] for i in range(start, min(start + size, len(self.valid)))])
+            batch = self.valid.batch(range(start, min(start + size, len(self.valid))))
             if batch is None:
                 continue
-            loss, parts = self._loss(batch) if self.stage != PRUNE else self._valid_loss(batch)
+            if task:
+                batch = batch.to(self.env.device)
+                with self._autocast():
+                    teacher_out = self.objective.teacher_output(self.teacher, batch)
+                    student_out = self.model(batch.waveforms, batch.lengths)
+                    _, parts = self.objective.loss(student_out, teacher_out, batch)
+                a, b = self.objective.counts(student_out, batch)
+                hits, of, task_loss = hits + a, of + b, task_loss + parts["task"].item()
+                loss = parts.get("distill", parts["task"])
+            else:
+                loss, parts = self._loss(batch) if self.stage != PRUNE else self._valid_loss(batch)
             total += loss.item()
-            cos, l1 = cos + parts["layer_cos"].cpu(), l1 + parts["layer_l1"].cpu()
+            if distilling:
+                cos, l1 = cos + parts["layer_cos"].cpu(), l1 + parts["layer_l1"].cpu()
             count += 1
         self.student.train()
         value = total / max(count, 1)
-        entry: Dict[str, Any] = {"step": self.step, "stage": self.stage, "valid_distill_loss": value}
-        if count:
+        entry: Dict[str, Any] = {"step": self.step, "stage": self.stage}
+        if distilling:
+            entry["valid_distill_loss"] = value
+        if count and distilling:
             entry.update(layers=list(self.objective.layers), cos=(cos / count).tolist(), l1=(l1 / count).tolist())
+        metric = ""
+        if task:
+            name = self.task_metric
+            entry.update(valid_task_loss=task_loss / max(count, 1), metric=name, valid_metric=hits / max(of, 1))
+            metric = f"valid task loss {entry['valid_task_loss']:.4f}, {name} {entry['valid_metric']:.4f}"
         if point is not None:
             entry["point"] = point
         self.history.append(entry)
         if self.writer is not None:
-            self.writer.add_scalar("valid/distill_loss", value, self.step)
+            if distilling:
+                self.writer.add_scalar("valid/distill_loss", value, self.step)
+            if task:
+                self.writer.add_scalar("valid/task_loss", entry["valid_task_loss"], self.step)
+                self.writer.add_scalar(f"valid/{self.task_metric}", entry["valid_metric"], self.step)
         similarity = (", cosine to the teacher " + " ".join(f"{c:.3f}" for c in entry["cos"])
-                      + f" (layers {', '.join(map(str, entry['layers']))})") if count else ""
-        log.info("step %d (%s): valid distillation loss %.4f%s%s", self.step, self.stage, value, similarity,
-                 f" [{point}]" if point else "")
-        return value
+                      + f" (layers {', '.join(map(str, entry['layers']))})") if count and distilling else ""
+        what = (f"valid distillation loss {value:.4f}{similarity}" if distilling else "")
+        what = "; ".join(x for x in (metric, what) if x)
+        log.info("step %d (%s): %s%s", self.step, self.stage, what, f" [{point}]" if point else "")
+        return entry.get("valid_metric", value)
+
+    @property
+    def task_metric(self) -> str:
+        """PER / CER / WER / accuracy: the task's validation metric (``task.metric_name``)."""
+        from .task import metric_name
+
+        t = self.cfg.task
+        return metric_name(t.kind, t.column, t.tokens)
 
     def _valid_loss(self, batch: Batch) -> Tuple[Tensor, Dict[str, Tensor]]:
         stage, self.stage = self.stage, FINAL  # the distillation term alone

@@ -1,0 +1,164 @@
+"""Downstream tasks on the encoder's hidden states: the heads, their losses and metrics, and the
+files they are saved as beside an export.
+
+- ``ctc``: a linear CTC head on a learned softmax-weighted sum of every (normalised) hidden state
+  (SUPERB style) or on one layer; greedy decoding; error rate by edit distance (PER / CER / WER
+  by the labels' tokenisation; ``prune.evaluate.probe``'s edit distance and decoder).
+- ``classify``: mean (or attentive) pooling over the valid frames, a linear head, cross-entropy,
+  accuracy.
+
+Saved as ``EXPORT/task_head.safetensors`` (the head's weights) + ``EXPORT/task.json`` (kind,
+settings, vocabulary); ``prune.load_pruned`` ignores both.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..data.labels import Vocabulary
+from ..evaluate.probe import edit_distance, greedy_decode
+from .distill import frame_mask
+
+HEAD_FILE = "task_head.safetensors"
+INFO_FILE = "task.json"
+POOLINGS = ("mean", "attentive")
+
+
+class LayerMix(nn.Module):
+    """The head's input: one hidden state (``layer``), or a softmax-weighted sum of all of them,
+    each normalised (LayerNorm without affine) so that no layer dominates by its scale."""
+
+    def __init__(self, num_hiddens: int, layer: Optional[int] = None):
+        super().__init__()
+        self.layer = layer
+        self.layer_logits = nn.Parameter(torch.zeros(num_hiddens if layer is None else 1))
+
+    def forward(self, hiddens: Sequence[Tensor]) -> Tensor:
+        """hiddens: each (batch, frames, dim) -> (batch, frames, dim)"""
+        if self.layer is not None:
+            return hiddens[self.layer]
+        weights = torch.softmax(self.layer_logits, 0)
+        return sum(w * F.layer_norm(h, h.shape[-1:]) for w, h in zip(weights, hiddens))
+
+
+class CTCHead(nn.Module):
+    """LayerMix -> Linear to the vocabulary (blank = 0)."""
+
+    def __init__(self, num_hiddens: int, dim: int, num_classes: int, layer: Optional[int] = None):
+        super().__init__()
+        self.mix = LayerMix(num_hiddens, layer)
+        self.linear = nn.Linear(dim, num_classes)
+
+    def forward(self, hiddens: Sequence[Tensor], frames: Tensor) -> Tensor:
+        """-> log-probabilities (batch, frames, classes)"""
+        return torch.log_softmax(self.linear(self.mix(hiddens)).float(), -1)
+
+
+class ClassifyHead(nn.Module):
+    """LayerMix -> pooling over the valid frames (mean, or attentive: softmax of a learned score
+    per frame) -> Linear to the classes."""
+
+    def __init__(self, num_hiddens: int, dim: int, num_classes: int, layer: Optional[int] = None,
+                 pooling: str = "mean"):
+        super().__init__()
+        if pooling not in POOLINGS:
+            raise ValueError(f"task.pooling: must be one of {POOLINGS}, got {pooling!r}")
+        self.mix = LayerMix(num_hiddens, layer)
+        self.pooling = pooling
+        self.score = nn.Linear(dim, 1) if pooling == "attentive" else None
+        self.linear = nn.Linear(dim, num_classes)
+
+    def forward(self, hiddens: Sequence[Tensor], frames: Tensor) -> Tensor:
+        """frames (batch,) valid frames -> logits (batch, classes)"""
+        x = self.mix(hiddens)
+        mask = frame_mask(frames, x.shape[1])  # (batch, frames)
+        if self.score is None:
+            weights = mask.to(x.dtype) / mask.sum(1, keepdim=True).clamp(min=1).to(x.dtype)
+        else:
+            weights = torch.softmax(self.score(x).squeeze(-1).masked_fill(~mask, float("-inf")), 1)
+        return self.linear((weights.unsqueeze(-1) * x).sum(1)).float()
+
+
+TaskHead = Union[CTCHead, ClassifyHead]
+Target = Union[int, List[int]]
+
+
+def build_head(kind: str, num_hiddens: int, dim: int, vocab: Vocabulary, layer: Optional[int] = None,
+               pooling: str = "mean") -> TaskHead:
+    if kind == "ctc":
+        return CTCHead(num_hiddens, dim, len(vocab), layer)
+    return ClassifyHead(num_hiddens, dim, len(vocab), layer, pooling)
+
+
+def metric_name(kind: str, column: str, tokens: str) -> str:
+    """PER (phones), CER (characters), WER (words) for ctc; accuracy for classify."""
+    if kind == "classify":
+        return "accuracy"
+    return "PER" if column == "phones" else "CER" if tokens == "chars" else "WER"
+
+
+def task_loss(kind: str, output: Tensor, frames: Tensor, targets: Sequence[Target]) -> Tensor:
+    """CTC (blank 0, zero_infinity, mean over the batch of per-target-length losses) or cross-entropy.
+    output: (batch, frames, classes) log-probabilities, or (batch, classes) logits."""
+    if kind == "ctc":
+        flat = torch.tensor([t for seq in targets for t in seq], dtype=torch.long, device=output.device)
+        target_lengths = torch.tensor([len(seq) for seq in targets], dtype=torch.long, device=output.device)
+        return F.ctc_loss(output.transpose(0, 1), flat, frames, target_lengths, blank=0, zero_infinity=True)
+    return F.cross_entropy(output, torch.tensor(list(targets), dtype=torch.long, device=output.device))
+
+
+@torch.no_grad()
+def task_counts(kind: str, output: Tensor, frames: Tensor, targets: Sequence[Target]) -> Tuple[float, float]:
+    """(numerator, denominator) of the metric over a batch: (edit errors, reference tokens) for
+    ctc (greedy decoding), (correct, utterances) for classify."""
+    if kind == "ctc":
+        errors = sum(edit_distance(greedy_decode(lp, int(n)), seq) for lp, n, seq in zip(output.cpu(), frames, targets))
+        return float(errors), float(sum(len(seq) for seq in targets))
+    correct = (output.argmax(-1).cpu() == torch.tensor(list(targets))).sum().item()
+    return float(correct), float(len(targets))
+
+
+def save_task_files(folder: Path, head: TaskHead, info: Dict[str, Any]) -> None:
+    """Write the head's weights and ``info`` (kind, settings, vocabulary) into ``folder`` (the
+    export's temporary folder: renamed into place with it)."""
+    from safetensors.torch import save_file
+
+    save_file({k: v.detach().cpu().contiguous() for k, v in head.state_dict().items()}, str(folder / HEAD_FILE))
+    with open(folder / INFO_FILE, "w") as f:
+        json.dump(info, f, indent=2, ensure_ascii=False)
+
+
+def load_task_head(folder: Union[str, Path]) -> Tuple[TaskHead, Dict[str, Any], Vocabulary]:
+    """The task head saved beside an export (``save_task_files``): (head in eval mode, info, vocabulary)."""
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    if not (folder / INFO_FILE).is_file() or not (folder / HEAD_FILE).is_file():
+        raise ValueError(f"{folder} has no task head ({INFO_FILE} + {HEAD_FILE}); it is written by a run with "
+                         f"task=ctc or task=classify (prune train / prune finetune)")
+    info = json.loads((folder / INFO_FILE).read_text())
+    vocab = Vocabulary.from_dict(info["vocabulary"])
+    head = build_head(info["kind"], info["num_hiddens"], info["dim"], vocab, info.get("layer"), info.get("pooling", "mean"))
+    head.load_state_dict(load_file(str(folder / HEAD_FILE)))
+    return head.eval(), info, vocab
+
+
+def load_targets(label_file: Union[str, Path], column: str, kind: str, tokens: str, train_ids: Sequence[str],
+                 valid_ids: Sequence[str], train_name: str, valid_name: str
+                 ) -> Tuple[Vocabulary, Dict[str, Target]]:
+    """(the vocabulary of the training split, every train and valid utterance's encoded target),
+    or a ``LabelError`` naming the label file's line: a utterance missing from it, an empty label,
+    a valid label/token the training split never has, a duplicate id, a missing column."""
+    from ..data.labels import read_labels, split_targets
+
+    labels = read_labels(label_file, column)
+    vocab = Vocabulary.build([labels[i].value for i in train_ids if i in labels], kind, tokens)
+    targets = split_targets(labels, train_ids, vocab, label_file, train_name)
+    targets.update(split_targets(labels, valid_ids, vocab, label_file, valid_name))
+    return vocab, targets
