@@ -6,7 +6,7 @@ by ``prune export`` / ``prune inspect``, which rebuild the student a training ch
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Dict, Mapping, Optional, Tuple, Union
+from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
 
 import torch
 
@@ -50,6 +50,15 @@ def build_student(cfg: Mapping[str, Any], source: EncoderConfig,
     pruning = cfg["pruning"]
     skip = {key: pruning[key] for key in SKIP_KEYS if key in pruning}  # absent in checkpoints made before them
     return GatedEncoder(student, GateConfig(**pruning["gates"]), **skip)
+
+
+def hidden_kept(source: EncoderConfig, cut: EncoderConfig) -> Optional[List[int]]:
+    """The positions, in the source's hidden dimension, of the channels a cut model kept (None:
+    the cut left the hidden dimension whole)."""
+    if cut.encoder_embed_dim == source.encoder_embed_dim:
+        return None
+    position = {c: i for i, c in enumerate(source.hidden_index)}
+    return [position[c] for c in cut.hidden_index]
 
 
 def read_training_checkpoint(path: Path) -> Optional[Dict[str, Any]]:
