@@ -173,3 +173,32 @@ def test_training_run_with_the_hidden_gate_resumes_in_the_final_stage(tmp_path):
     assert (full / "export" / "model.safetensors").read_bytes() == (killed / "export" / "model.safetensors").read_bytes()
     config = read_export_info(full / "export")["config"]
     assert config["encoder_hidden_total"] == 32 and config["encoder_embed_dim"] < 32  # channels were cut
+
+
+def test_inspect_describe_and_calibration_know_the_hidden_kind(tmp_path):
+    from prune.calibrate import BUT_BLOCKS, calibrate
+    from prune.checkpoints.export import describe, export_pruned, load_pruned
+    from prune.checkpoints.inspect import structure_lines
+    from prune.structures import HIDDEN
+
+    gated = _gated("hubert_base_tiny", seed=6)
+    compiled = compile_encoder(gated)
+    cfg = compiled.config
+    assert describe(cfg)["hidden_channels"] == cfg.encoder_pos_conv_group_sizes
+    line = next(l for l in structure_lines(compiled) if l.startswith("hidden dim:"))
+    assert f"{cfg.encoder_embed_dim} of 32 channels kept" in line
+    export_pruned(compiled, tmp_path / "out")
+    loaded = load_pruned(tmp_path / "out")
+    assert loaded.config == cfg
+    x = torch.randn(1, 8000)
+    assert max_rel_error(_run(loaded, x, None)[0], _run(compiled, x, None)[0]) == 0
+    assert HIDDEN in BUT_BLOCKS
+    fresh = GatedEncoder(build_preset("hubert_base_tiny"), HIDDEN_ONLY)  # calibration moves the hidden gate
+    full = fresh.expected_params().item()
+    reached = calibrate(fresh, GatedEncoder.expected_params, 0.8 * full, 0.01)
+    assert reached == pytest.approx(0.8 * full, rel=0.01)
+    assert 0 < int((fresh.hidden[0].gate() == 0).sum()) < 32
+
+
+HIDDEN_ONLY = GateConfig(conv_channels=False, attention_heads=False, attention_layers=False, ffn_units=False,
+                         ffn_layers=False, hidden_dim=True)
