@@ -9,11 +9,13 @@ from typing import Callable, Collection, List, Optional
 import torch
 from torch import Tensor
 
-from .structures import CONV_CHANNELS, FFN_UNITS, GATE_KINDS, HEADS, GatedEncoder
+from .structures import CONV_CHANNELS, FFN_UNITS, GATE_KINDS, HEADS, HIDDEN, GatedEncoder
 
 # the gate kinds each calibration pass moves (prune.structures.base names them)
 ALL_GATES = GATE_KINDS
-BUT_BLOCKS = (CONV_CHANNELS, HEADS, FFN_UNITS)  # every kind but the whole-block gates
+# every kind but the whole-block gates; a hidden channel (every layer's width) is a coarse step, as a
+# head is, so it moves with the first pass and stays out of the fine ones
+BUT_BLOCKS = (CONV_CHANNELS, HEADS, FFN_UNITS, HIDDEN)
 FINE_GRAINED = (CONV_CHANNELS, FFN_UNITS)
 # the finest step in MACs: a conv channel costs its layer's frame rate, a unit the final one
 FFN_UNITS_ONLY = (FFN_UNITS,)

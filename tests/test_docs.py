@@ -54,7 +54,7 @@ def test_the_design_note_ends_with_how_to_extend():
     assert last == "How to extend"
     extend = design.split("## How to extend", 1)[1]
     for point in ("A structure", "A size measure", "An objective", "An export format", "A checkpoint importer",
-                  "Walk-through: the hidden dimension"):
+                  "The hidden dimension as a structure"):
         assert re.search(rf"^### {point}", extend, flags=re.M | re.I), point
 
 

@@ -228,3 +228,18 @@ def test_import_prune_does_not_import_onnx():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize("name", ["hubert_base_tiny", "wavlm_large_tiny"])
+def test_a_cut_hidden_dimension_exports_and_matches(name, tmp_path):
+    """A compiled model with a pruned hidden dimension (PhantomLayerNorms over D, the groupwise
+    positional conv; WavLM's gate chunks gathered by the kept channel ids) through onnxruntime."""
+    _need_onnx()
+    from prune.structures import GateConfig
+
+    gated = randomize_gates(GatedEncoder(build_preset(name, encoder_num_layers=3), GateConfig(hidden_dim=True)))
+    model = compile_encoder(gated.eval())
+    assert model.config.encoder_embed_dim < model.config.hidden_total
+    path = export_onnx(model, tmp_path / "m.onnx")
+    errors = verify_onnx(path, model, batch=check_batch(model.config))
+    assert max(errors.values()) < TOL, errors

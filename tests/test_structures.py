@@ -10,11 +10,11 @@ from prune.calibrate import shift_to_size
 from prune.checkpoints.export import describe
 from prune.compile import compile_encoder
 from prune.models import LayerGates, build_preset
-from prune.structures import (FFN_UNITS, GATE_KINDS, HEADS, SHOWN, CutPlan, CutPlanError, GatedEncoder, Structure,
-                              count_macs, count_params, fixed_params, pos_conv_macs, structures_of)
+from prune.structures import (FFN_UNITS, GATE_KINDS, HEADS, SHOWN, CutPlan, CutPlanError, GateConfig, GatedEncoder,
+                              Structure, count_macs, count_params, fixed_params, structures_of)
 from prune.structures.costs import conv_frames
 
-KINDS = {"conv_channels", "projection_input", "attention", "feed_forward"}
+KINDS = {"conv_channels", "projection_input", "attention", "feed_forward", "hidden"}
 
 
 def _like():
@@ -24,7 +24,8 @@ def _like():
 @pytest.mark.parametrize("name", TINY)
 @pytest.mark.parametrize("mode", ["train", "eval"])
 def test_every_structure_reports_costs_that_sum_to_the_totals(name, mode):
-    gated = randomize_gates(GatedEncoder(build_preset(name)), seed=1).train(mode == "train")
+    gated = randomize_gates(GatedEncoder(build_preset(name), GateConfig(hidden_dim=True)), seed=1)
+    gated.train(mode == "train")
     config, like, seconds = gated.config, _like(), 1.3
     frames = conv_frames(config, seconds)
     assert all(isinstance(s, Structure) and s.kind in KINDS for s in gated.structures)
@@ -33,13 +34,13 @@ def test_every_structure_reports_costs_that_sum_to_the_totals(name, mode):
     macs = [s.macs(frames, like) for s in gated.structures]
     assert all(p.item() >= 0 for p in params) and all(m.item() >= 0 for m in macs)
     assert (sum(params) + fixed_params(config)).item() == pytest.approx(gated.expected_params().item(), rel=1e-12)
-    assert (sum(macs) + pos_conv_macs(frames[-1], config)).item() == \
-        pytest.approx(gated.expected_macs(seconds).item(), rel=1e-12)
+    assert sum(macs).item() == pytest.approx(gated.expected_macs(seconds).item(), rel=1e-12)
 
 
 @pytest.mark.parametrize("name", TINY)
-def test_each_structure_in_eval_costs_what_its_compiled_counterpart_costs(name):
-    gated = randomize_gates(GatedEncoder(build_preset(name)), seed=2).eval()
+@pytest.mark.parametrize("hidden", [False, True])
+def test_each_structure_in_eval_costs_what_its_compiled_counterpart_costs(name, hidden):
+    gated = randomize_gates(GatedEncoder(build_preset(name), GateConfig(hidden_dim=hidden)), seed=2).eval()
     plain = structures_of(compile_encoder(gated).config)  # no gates: the plain config's counts
     frames = conv_frames(gated.config, 1.0)
     assert [s.kind for s in plain] == [s.kind for s in gated.structures]
@@ -54,8 +55,7 @@ def test_plain_counts_sum_over_the_same_structures():
     parts = structures_of(config)
     assert count_params(config) == fixed_params(config) + sum(float(s.params(_like())) for s in parts)
     frames = conv_frames(config, 2.0)
-    assert count_macs(config, 2.0) == pos_conv_macs(frames[-1], config) + sum(float(s.macs(frames, _like()))
-                                                                              for s in parts)
+    assert count_macs(config, 2.0) == sum(float(s.macs(frames, _like())) for s in parts)
 
 
 def test_one_gate_object_per_layer_reaches_the_encoder():

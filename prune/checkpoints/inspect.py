@@ -8,7 +8,7 @@ from itertools import groupby
 from typing import Any, Dict, List, Optional, Sequence, Union
 
 from ..models import Wav2Vec2Model
-from ..structures.shown import CONV_LAYER, TRANSFORMER_LAYER, shown_per
+from ..structures.shown import CONV_LAYER, POS_CONV_GROUP, TRANSFORMER_LAYER, shown_per
 from .export import describe, read_export_info
 from .pretrained import load_pretrained
 
@@ -61,6 +61,10 @@ def structure_lines(model: Wav2Vec2Model, source: Optional[Dict[str, Any]] = Non
     lines.append(f"transformer:    {config.encoder_num_layers} layers; embedding {config.encoder_embed_dim}; head dim "
                  f"{config.encoder_head_dim}; positional conv kernel {config.encoder_pos_conv_kernel}, groups "
                  f"{config.encoder_pos_conv_groups}")
+    if config.hidden_total > config.encoder_embed_dim:  # a cut hidden dimension
+        groups = "; ".join(f"{_runs(info[s.key])}" for s in shown_per(POS_CONV_GROUP))
+        lines.append(f"hidden dim:     {config.encoder_embed_dim} of {config.hidden_total} channels kept (per "
+                     f"positional conv group: {groups}); LayerNorms average over {config.hidden_total}")
     if config.is_wavlm:
         lines.append(f"position bias:  {config.encoder_num_buckets} buckets, max distance "
                      f"{config.encoder_max_distance}")

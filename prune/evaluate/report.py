@@ -86,14 +86,15 @@ def latency_line(check: Dict[str, Any]) -> str:
 
 def layer_chart(before: Dict[str, Any], after: Dict[str, Any], path: Path, title: str = "") -> Path:
     """Bar charts of the kept units of each kind of ``prune.structures.SHOWN`` (conv channels, heads,
-    FFN units) per layer (removed blocks at 0)."""
+    FFN units per layer, removed blocks at 0; hidden channels per positional-conv group)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(SHOWN), figsize=(5 * len(SHOWN), 3.8))
-    for ax, shown in zip(axes, SHOWN):
+    kinds = [s for s in SHOWN if s.key in before and s.key in after]  # a report written before a kind existed
+    fig, axes = plt.subplots(1, len(kinds), figsize=(5 * len(kinds), 3.8))
+    for ax, shown in zip(axes, kinds):
         full = [v or 0 for v in before[shown.key]]
         kept = [v or 0 for v in after[shown.key]]
         xs = range(len(full))

@@ -11,6 +11,10 @@ can fold them into the weights exactly:
 * heads: on each head's output, before ``out_proj``.
 * FFN units: on the intermediate activation, before ``output_dense``.
 * whole attention / FFN blocks: on the block's output.
+* the hidden dimension (one gate over the residual stream's channels): on every write into the
+  residual stream (the feature projection's output, each block's output; the positional conv's
+  output by the gate's 0/1 pattern, since a GELU precedes it) and on every LayerNorm's output over
+  it, so a closed channel is an exact zero wherever it is read (docs/design.md).
 """
 
 from __future__ import annotations
@@ -255,13 +259,40 @@ class WeightNormConv1d(nn.Module):
         return F.conv1d(x, self.weight(), self.bias, padding=self.padding, groups=self.groups)
 
 
-class ConvolutionalPositionalEmbedding(nn.Module):
-    """Grouped conv over time with weight normalisation, "same" padding, GELU."""
+class GroupwiseConv1d(nn.Module):
+    """A grouped conv whose groups have different widths: one plain conv per group, group g mapping
+    its ``sizes[g]`` channels to themselves (``weights.g``: (n_g, n_g, kernel)). What a cut of the
+    hidden dimension leaves of the positional conv, the weight norm materialised."""
 
-    def __init__(self, embed_dim: int, kernel_size: int, groups: int):
+    def __init__(self, sizes: List[int], kernel_size: int):
+        super().__init__()
+        self.sizes = list(sizes)
+        self.padding = kernel_size // 2
+        self.weights = nn.ParameterList([nn.Parameter(torch.empty(n, n, kernel_size)) for n in self.sizes])
+        self.bias = nn.Parameter(torch.zeros(sum(self.sizes)))
+        for w in self.weights:
+            if w.numel():
+                nn.init.normal_(w, std=math.sqrt(4.0 / (kernel_size * max(sum(self.sizes), 1))))
+
+    def forward(self, x: Tensor) -> Tensor:
+        """x: (batch, channels, frames) -> (batch, channels, frames + 1 - kernel_size % 2)"""
+        outs, start = [], 0
+        for n, w in zip(self.sizes, self.weights):
+            if n:  # an empty group has no channel (conv1d rejects empty weights)
+                outs.append(F.conv1d(x[:, start:start + n], w, self.bias[start:start + n], padding=self.padding))
+            start += n
+        return torch.cat(outs, dim=1)
+
+
+class ConvolutionalPositionalEmbedding(nn.Module):
+    """Grouped conv over time with weight normalisation, "same" padding, GELU. With ``group_sizes``
+    (a cut hidden dimension) the groups differ in width: a ``GroupwiseConv1d``."""
+
+    def __init__(self, embed_dim: int, kernel_size: int, groups: int, group_sizes: Optional[List[int]] = None):
         super().__init__()
         self.kernel_size = kernel_size
-        self.conv = WeightNormConv1d(embed_dim, kernel_size, groups)
+        self.conv = WeightNormConv1d(embed_dim, kernel_size, groups) if group_sizes is None \
+            else GroupwiseConv1d(group_sizes, kernel_size)
         self.num_remove = 1 if kernel_size % 2 == 0 else 0
 
     def forward(self, x: Tensor) -> Tensor:
@@ -341,10 +372,19 @@ class WavLMSelfAttention(SelfAttention):
     """
 
     def __init__(self, embed_dim: int, num_heads: int, head_dim: int, dropout: float = 0.0,
-                 head_index: Optional[List[int]] = None):
+                 head_index: Optional[List[int]] = None, hidden_index: Optional[List[int]] = None,
+                 hidden_total: Optional[int] = None):
         super().__init__(embed_dim, num_heads, head_dim, dropout)
         head_index = list(range(num_heads)) if head_index is None else list(head_index)
         self.register_buffer("head_index", torch.tensor(head_index, dtype=torch.long), persistent=False)
+        # a cut hidden dimension: the chunks are of the original channels; a removed one was a zero.
+        # spread[c]: where original channel c is in [x, 0] (the appended zero for removed ones)
+        spread = None
+        if hidden_total is not None and hidden_total > embed_dim:
+            spread = torch.full((hidden_total,), embed_dim, dtype=torch.long)
+            spread[torch.tensor(hidden_index, dtype=torch.long)] = torch.arange(embed_dim)
+        self.spread: Optional[Tensor]
+        self.register_buffer("spread", spread, persistent=False)
         if num_heads > 0:
             self.gru_rel_pos_const = nn.Parameter(torch.ones(1, num_heads, 1, 1))
             self.gru_rel_pos_linear = nn.Linear(head_dim, 8)
@@ -353,7 +393,9 @@ class WavLMSelfAttention(SelfAttention):
         assert position_bias is not None, "WavLM attention needs the transformer's position bias"
         batch, frames, _ = x.shape
         head_index = _rows(self.head_index, active)
-        chunks = x.view(batch, frames, -1, self.head_dim).transpose(1, 2)[:, head_index]
+        if self.spread is not None:  # (batch, frames, embed_dim) -> the original channels, zeros for the removed
+            x = torch.cat([x, x.new_zeros(batch, frames, 1)], dim=-1)[..., self.spread]
+        chunks = x.reshape(batch, frames, -1, self.head_dim).transpose(1, 2)[:, head_index]
         proj = self.gru_rel_pos_linear(chunks).view(batch, head_index.numel(), frames, 2, 4).sum(-1)
         gate_a, gate_b = torch.sigmoid(proj).chunk(2, dim=-1)
         gate = gate_a * (gate_b * _rows(self.gru_rel_pos_const, active, dim=1) - 1.0) + 2.0  # (batch, heads, frames, 1)
@@ -428,6 +470,11 @@ class _BiasOnly(nn.Module):
 _NO_GATES = LayerGates()  # the plain layer
 
 
+def _gated(x: Tensor, hidden: Optional[Tensor]) -> Tensor:
+    """x: (..., embed_dim) times the hidden-dimension gate (embed_dim,), if there is one."""
+    return x if hidden is None else x * hidden
+
+
 class EncoderLayer(nn.Module):
     """One transformer layer, post-norm (base) or pre-norm (``layer_norm_first``).
 
@@ -437,7 +484,7 @@ class EncoderLayer(nn.Module):
     """
 
     def __init__(self, attention: Optional[SelfAttention], feed_forward: Optional[FeedForward], embed_dim: int,
-                 dropout: float, layer_norm_first: bool, eps: float = 1e-5):
+                 dropout: float, layer_norm_first: bool, eps: float = 1e-5, hidden_total: Optional[int] = None):
         super().__init__()
         self.attention = attention
         self.feed_forward = feed_forward
@@ -445,8 +492,9 @@ class EncoderLayer(nn.Module):
         self.layer_norm_first = layer_norm_first
         needs_attn_norm = not layer_norm_first or (attention is not None and attention.num_heads > 0)
         needs_ff_norm = not layer_norm_first or (feed_forward is not None and feed_forward.interm_features > 0)
-        self.layer_norm = nn.LayerNorm(embed_dim, eps=eps) if needs_attn_norm else None
-        self.final_layer_norm = nn.LayerNorm(embed_dim, eps=eps) if needs_ff_norm else None
+        # over the hidden dimension: a cut one still averages over hidden_total (docs/design.md)
+        self.layer_norm = PhantomLayerNorm(embed_dim, hidden_total, eps) if needs_attn_norm else None
+        self.final_layer_norm = PhantomLayerNorm(embed_dim, hidden_total, eps) if needs_ff_norm else None
 
     def forward(self, x: Tensor, key_padding_mask: Optional[Tensor] = None, position_bias: Optional[Tensor] = None,
                 gates: Optional[LayerGates] = None) -> Tensor:
@@ -456,23 +504,23 @@ class EncoderLayer(nn.Module):
         if self.attention is not None and g.attention_on:
             h = x
             if self.layer_norm_first and self.layer_norm is not None:
-                h = self.layer_norm(h)
+                h = _gated(self.layer_norm(h), g.hidden)
             h = self.dropout(self.attention(h, key_padding_mask, position_bias, g.heads, g.heads_active))
             if g.attention is not None:
                 h = h * g.attention
-            x = x + h
+            x = x + _gated(h, g.hidden)
         if not self.layer_norm_first:
-            x = self.layer_norm(x)
+            x = _gated(self.layer_norm(x), g.hidden)
         if self.feed_forward is not None and g.ffn_on:
             h = x
             if self.layer_norm_first and self.final_layer_norm is not None:
-                h = self.final_layer_norm(h)
+                h = _gated(self.final_layer_norm(h), g.hidden)
             h = self.feed_forward(h, g.units, g.units_active)
             if g.ffn is not None:
                 h = h * g.ffn
-            x = x + h
+            x = x + _gated(h, g.hidden)
         if not self.layer_norm_first:
-            x = self.final_layer_norm(x)
+            x = _gated(self.final_layer_norm(x), g.hidden)
         return x
 
 
@@ -481,10 +529,11 @@ class Transformer(nn.Module):
 
     def __init__(self, pos_conv_embed: ConvolutionalPositionalEmbedding, embed_dim: int, dropout: float,
                  layers: nn.ModuleList, layer_norm_first: bool, layer_drop: float,
-                 rel_pos_bias: Optional[RelativePositionBias] = None, eps: float = 1e-5):
+                 rel_pos_bias: Optional[RelativePositionBias] = None, eps: float = 1e-5,
+                 hidden_total: Optional[int] = None):
         super().__init__()
         self.pos_conv_embed = pos_conv_embed
-        self.layer_norm = nn.LayerNorm(embed_dim, eps=eps)
+        self.layer_norm = PhantomLayerNorm(embed_dim, hidden_total, eps)
         self.layer_norm_first = layer_norm_first
         self.layer_drop = layer_drop
         self.dropout = nn.Dropout(dropout)
@@ -501,9 +550,13 @@ class Transformer(nn.Module):
         if num_layers is not None and not 0 <= num_layers <= len(self.layers):
             raise ValueError(f"num_layers={num_layers} is outside [0, {len(self.layers)}] (the model's layers)")
         layers = self.layers if num_layers is None else self.layers[:num_layers]
-        x = x + self.pos_conv_embed(x)
+        hidden = None if gates is None else gates.hidden
+        pos = self.pos_conv_embed(x)
+        if hidden is not None:  # after a GELU: the 0/1 pattern (a soft value could not fold into the conv)
+            pos = pos * (hidden != 0).to(pos.dtype)
+        x = x + pos
         if not self.layer_norm_first:
-            x = self.layer_norm(x)
+            x = _gated(self.layer_norm(x), hidden)
         x = self.dropout(x)
         position_bias = self.rel_pos_bias(x.shape[1]) if self.rel_pos_bias is not None else None
         hiddens = [x]
@@ -512,7 +565,7 @@ class Transformer(nn.Module):
                 x = layer(x, key_padding_mask, position_bias, None if gates is None else gates.layers[i])
             hiddens.append(x)
         if self.layer_norm_first and len(layers) == len(self.layers):
-            hiddens[-1] = self.layer_norm(hiddens[-1])
+            hiddens[-1] = _gated(self.layer_norm(hiddens[-1]), hidden)
         return hiddens
 
 
@@ -533,6 +586,8 @@ class Encoder(nn.Module):
             x = self.feature_projection(features, gates.extractor.last_active, gates.extractor.closed)
         else:
             x = self.feature_projection(features)
+        if gates is not None and gates.hidden is not None:
+            x = x * gates.hidden
         key_padding_mask = None
         if lengths is not None:
             frames = torch.arange(x.shape[1], device=x.device)

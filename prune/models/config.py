@@ -13,6 +13,13 @@ compiled (pruned) model needs to stay exact:
   vector (``feature_extractor.output_scale``), DPHuBERT's ``dummy_weight``.
 * ``encoder_head_index``: WavLM only. The original index of each kept head; the
   relative-position bias and its gate are indexed by it.
+* ``encoder_hidden_total`` / ``encoder_hidden_index``: after a cut of the hidden dimension, how
+  many channels the LayerNorms over it average over (the unpruned width: the removed channels were
+  exact zeros and still count), and the original index of each kept channel (WavLM's gate reads
+  the attention input in chunks of the original heads). None: not cut.
+* ``encoder_pos_conv_group_sizes``: after a cut of the hidden dimension, the kept channels of each
+  group of the positional conv; the conv is then one plain conv per group (None: the weight-normed
+  grouped conv).
 
 ``normalize_waveform`` (torchaudio / DPHuBERT's name) is fairseq's ``task.normalize`` and
 transformers' feature-extractor ``do_normalize``: each utterance is scaled to zero mean and unit
@@ -70,6 +77,9 @@ class EncoderConfig:
     encoder_ff_kept              -                                   -                        encoder_use_feed_forward (per layer)
     encoder_head_index           -                                   -                        encoder_remaining_heads (WavLM)
     extractor_output_scale       -                                   -                        feature_extractor.dummy_weight
+    encoder_hidden_total         -                                   -                        channels a LayerNorm over D averages
+    encoder_hidden_index         -                                   -                        original ids of the kept channels of D
+    encoder_pos_conv_group_sizes  -                                  -                        kept channels per pos-conv group
     layer_norm_eps               layer_norm_eps                      -                        the transformer's (fairseq: 1e-5)
     normalize_waveform           do_normalize                        normalize                per utterance: zero mean, unit variance
     """
@@ -100,6 +110,9 @@ class EncoderConfig:
     encoder_ff_kept: Optional[List[bool]] = None
     encoder_head_index: Optional[List[List[int]]] = None
     extractor_output_scale: bool = False
+    encoder_hidden_total: Optional[int] = None
+    encoder_hidden_index: Optional[List[int]] = None
+    encoder_pos_conv_group_sizes: Optional[List[int]] = None
     layer_norm_eps: float = 1e-5
     normalize_waveform: bool = False
 
@@ -133,25 +146,53 @@ class EncoderConfig:
         for name in ("encoder_attention_kept", "encoder_ff_kept"):
             if len(getattr(self, name)) != n:
                 raise ValueError(f"{name} needs {n} entries (encoder_num_layers)")
+        self._check_hidden_cut()
         if self.architecture == "wavlm":
             if self.encoder_head_index is None:
                 self.encoder_head_index = [list(range(h)) for h in heads]
             self.encoder_head_index = [[int(i) for i in idx] for idx in self.encoder_head_index]
             if [len(i) for i in self.encoder_head_index] != heads:
                 raise ValueError("encoder_head_index must list one original index per kept head")
-            if self.encoder_embed_dim % self.encoder_head_dim:
-                raise ValueError("WavLM needs encoder_head_dim to divide encoder_embed_dim")
+            if self.hidden_total % self.encoder_head_dim:
+                raise ValueError("WavLM needs encoder_head_dim to divide the unpruned encoder_embed_dim "
+                                 "(encoder_hidden_total)")
         elif self.encoder_head_index is not None:
             raise ValueError("encoder_head_index is only used by WavLM")
+
+    def _check_hidden_cut(self) -> None:
+        D, total = self.encoder_embed_dim, self.hidden_total
+        if total < D:
+            raise ValueError(f"encoder_hidden_total ({total}) is smaller than encoder_embed_dim ({D})")
+        if self.encoder_hidden_index is not None:
+            index = self.encoder_hidden_index = [int(i) for i in self.encoder_hidden_index]
+            if len(index) != D or any(not 0 <= i < total for i in index) or sorted(set(index)) != index:
+                raise ValueError(f"encoder_hidden_index must list {D} increasing channel ids below "
+                                 f"encoder_hidden_total ({total}), one per kept channel")
+        sizes = self.encoder_pos_conv_group_sizes
+        if sizes is not None:
+            self.encoder_pos_conv_group_sizes = sizes = [int(n) for n in sizes]
+            if len(sizes) != self.encoder_pos_conv_groups or sum(sizes) != D or min(sizes) < 0:
+                raise ValueError(f"encoder_pos_conv_group_sizes needs {self.encoder_pos_conv_groups} counts "
+                                 f"(encoder_pos_conv_groups) summing to encoder_embed_dim ({D})")
 
     @property
     def is_wavlm(self) -> bool:
         return self.architecture == "wavlm"
 
     @property
+    def hidden_total(self) -> int:
+        """The unpruned hidden width: what the LayerNorms over the hidden dimension average over."""
+        return self.encoder_embed_dim if self.encoder_hidden_total is None else self.encoder_hidden_total
+
+    @property
+    def hidden_index(self) -> List[int]:
+        """The original id of each kept channel of the hidden dimension."""
+        return list(range(self.encoder_embed_dim)) if self.encoder_hidden_index is None else self.encoder_hidden_index
+
+    @property
     def original_num_heads(self) -> int:
         """Heads of the unpruned model: WavLM's bias table and gate chunks use this count."""
-        return self.encoder_embed_dim // self.encoder_head_dim
+        return self.hidden_total // self.encoder_head_dim
 
     def to_dict(self) -> Dict[str, Any]:
         d = dataclasses.asdict(self)

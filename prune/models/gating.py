@@ -35,7 +35,8 @@ class LayerGates(NamedTuple):
     """One transformer layer's gates: heads (num_heads,), attention () on the attention block's
     output, units (ff_interm_features,), ffn () on the FFN block's output; heads_active /
     units_active: the open heads / units (long indices, None: all); attention_on / ffn_on: whether
-    the block's own gate is open."""
+    the block's own gate is open; hidden: (embed_dim,) the hidden-dimension gate (the model's one,
+    shared by every layer)."""
 
     heads: Optional[Tensor] = None
     attention: Optional[Tensor] = None
@@ -45,11 +46,14 @@ class LayerGates(NamedTuple):
     units_active: Optional[Tensor] = None
     attention_on: bool = True
     ffn_on: bool = True
+    hidden: Optional[Tensor] = None
 
 
 class Gates(NamedTuple):
-    """Every gate of one forward pass; ``skipping``: whether the active sets were computed."""
+    """Every gate of one forward pass; ``skipping``: whether the active sets were computed;
+    ``hidden``: (embed_dim,) the hidden-dimension gate (None: not gated)."""
 
     extractor: ExtractorGates
     layers: List[LayerGates]
     skipping: bool = False
+    hidden: Optional[Tensor] = None

@@ -46,7 +46,7 @@ def _build(config: EncoderConfig) -> Wav2Vec2Model:
             heads = config.encoder_num_heads[i]
             if config.is_wavlm:
                 attention = WavLMSelfAttention(D, heads, config.encoder_head_dim, config.encoder_attention_dropout,
-                                               config.encoder_head_index[i])
+                                               config.encoder_head_index[i], config.hidden_index, config.hidden_total)
             else:
                 attention = SelfAttention(D, heads, config.encoder_head_dim, config.encoder_attention_dropout)
         feed_forward = None
@@ -54,14 +54,16 @@ def _build(config: EncoderConfig) -> Wav2Vec2Model:
             feed_forward = FeedForward(D, config.encoder_ff_interm_features[i], config.encoder_ff_interm_dropout,
                                        config.encoder_dropout)
         layers.append(EncoderLayer(attention, feed_forward, D, config.encoder_dropout,
-                                   config.encoder_layer_norm_first, eps))
+                                   config.encoder_layer_norm_first, eps, config.hidden_total))
     rel_pos_bias = None
     if config.is_wavlm:
         rel_pos_bias = RelativePositionBias(config.encoder_num_buckets, config.encoder_max_distance,
                                             config.original_num_heads)
-    pos_conv = ConvolutionalPositionalEmbedding(D, config.encoder_pos_conv_kernel, config.encoder_pos_conv_groups)
+    pos_conv = ConvolutionalPositionalEmbedding(D, config.encoder_pos_conv_kernel, config.encoder_pos_conv_groups,
+                                                config.encoder_pos_conv_group_sizes)
     transformer = Transformer(pos_conv, D, config.encoder_dropout, nn.ModuleList(layers),
-                              config.encoder_layer_norm_first, config.encoder_layer_drop, rel_pos_bias, eps)
+                              config.encoder_layer_norm_first, config.encoder_layer_drop, rel_pos_bias, eps,
+                              config.hidden_total)
     return Wav2Vec2Model(config, feature_extractor, Encoder(projection, transformer))
 
 

@@ -12,7 +12,7 @@ attention or feed-forward block), and provides, written once:
   its transformer layer (structures of the conv extractor feed ``ExtractorGates`` instead).
 
 Gate kinds (what calibration selects by): ``conv_channels``, ``heads``, ``attention_block``,
-``ffn_units``, ``ffn_block``.
+``ffn_units``, ``ffn_block``, ``hidden`` (the residual stream's channels).
 """
 
 from __future__ import annotations
@@ -28,9 +28,9 @@ from ..models.config import EncoderConfig
 from .costs import Count
 from .cut_plan import CutPlan
 
-CONV_CHANNELS, HEADS, ATTENTION_BLOCK, FFN_UNITS, FFN_BLOCK = (
-    "conv_channels", "heads", "attention_block", "ffn_units", "ffn_block")
-GATE_KINDS = (CONV_CHANNELS, HEADS, ATTENTION_BLOCK, FFN_UNITS, FFN_BLOCK)
+CONV_CHANNELS, HEADS, ATTENTION_BLOCK, FFN_UNITS, FFN_BLOCK, HIDDEN = (
+    "conv_channels", "heads", "attention_block", "ffn_units", "ffn_block", "hidden")
+GATE_KINDS = (CONV_CHANNELS, HEADS, ATTENTION_BLOCK, FFN_UNITS, FFN_BLOCK, HIDDEN)
 
 
 @dataclass
@@ -44,6 +44,8 @@ class GateConfig:
     attention_layers: bool = True  # whole attention blocks
     ffn_units: bool = True  # each FFN's intermediate units
     ffn_layers: bool = True  # whole FFN blocks
+    # its compiled model's LayerNorms count the removed channels: no transformers checkpoint holds it
+    hidden_dim: bool = False  # the hidden dimension: one gate over the residual stream's channels, all layers
     init_mean: float = 0.01  # initial drop rate of every gate but the FFN units'
     ffn_units_init_mean: float = 0.5  # initial drop rate of the FFN unit gates
     init_std: float = 0.01  # std of the initial log_alpha

@@ -6,7 +6,8 @@ from its config with integer counts, and a gated model, counted from its gates' 
 (probabilities in training, the eval mask's 0/1 pattern in eval mode, where the count is exactly
 the compiled model's ``sum(p.numel())``). Costs of parts that depend on each other multiply (a
 conv layer's weight scales with the channels kept on both sides; a block's cost with its block
-gate), i.e. expectations under independent gates.
+gate), i.e. expectations under independent gates. ``embed_dim`` is the expected kept width of the
+hidden dimension (``HiddenDim``), exactly the config's where it is not gated.
 
 MACs count multiply-accumulates of matrix products (convs, linears, attention scores and
 values) for one utterance of ``seconds`` of 16 kHz audio, with exact frame counts. Element-wise
@@ -35,12 +36,12 @@ def conv_params(kernel: int, n_in: Count, n_out: Count, bias: bool, norm: bool) 
     return kernel * n_in * n_out + (n_out if bias else 0) + (2 * n_out if norm else 0)
 
 
-def projection_params(n_in: Count, embed_dim: int, phantom: Count) -> Count:
+def projection_params(n_in: Count, embed_dim: Count, phantom: Count) -> Count:
     """LayerNorm affine + Linear + the phantom vector (present once any channel was removed)."""
     return 2 * n_in + embed_dim * n_in + embed_dim + embed_dim * phantom
 
 
-def attention_params(embed_dim: int, head_dim: int, heads: Count, any_head: Count, wavlm: bool,
+def attention_params(embed_dim: Count, head_dim: int, heads: Count, any_head: Count, wavlm: bool,
                      layer_norm_first: bool) -> Count:
     """q/k/v/out weights and q/k/v biases per head, out bias; WavLM's per-head gate constant and
     shared gate linear; the pre-norm LayerNorm. The last two only while a head is left."""
@@ -49,20 +50,26 @@ def attention_params(embed_dim: int, head_dim: int, heads: Count, any_head: Coun
     return per_head * heads + embed_dim + shared * any_head
 
 
-def feed_forward_params(embed_dim: int, units: Count, any_unit: Count, layer_norm_first: bool) -> Count:
+def feed_forward_params(embed_dim: Count, units: Count, any_unit: Count, layer_norm_first: bool) -> Count:
     return (2 * embed_dim + 1) * units + embed_dim + (2 * embed_dim if layer_norm_first else 0) * any_unit
 
 
 def fixed_params(config: EncoderConfig) -> int:
-    """Parameters no gate touches: positional conv, transformer LayerNorm, post-norm LayerNorms,
-    WavLM's bias table."""
-    D, K, g = config.encoder_embed_dim, config.encoder_pos_conv_kernel, config.encoder_pos_conv_groups
-    n = D * (D // g) * K + K + D + 2 * D
-    if not config.encoder_layer_norm_first:
-        n += 4 * D * config.encoder_num_layers
-    if config.is_wavlm:
-        n += config.encoder_num_buckets * config.original_num_heads
-    return n
+    """Parameters no gate touches: WavLM's bias table (one column per original head)."""
+    return config.encoder_num_buckets * config.original_num_heads if config.is_wavlm else 0
+
+
+def pos_conv_params(kernel: int, sum_sq: Count, channels: Count, weight_norm: bool) -> Count:
+    """The positional conv: ``kernel * sum_sq`` weights (sum_sq: the sum over groups of each group's
+    channels squared, a group maps its channels to themselves), a bias per channel, and weight
+    norm's one factor per kernel position while the conv is the weight-normed grouped one."""
+    return kernel * sum_sq + channels + (kernel if weight_norm else 0)
+
+
+def hidden_norm_params(embed_dim: Count, layer_norm_first: bool, num_layers: int) -> Count:
+    """The LayerNorms over the hidden dimension no block owns: the transformer's, and post-norm's
+    two per layer."""
+    return 2 * embed_dim + (0 if layer_norm_first else 4 * embed_dim * num_layers)
 
 
 def conv_frames(config: EncoderConfig, seconds: float) -> List[int]:
@@ -79,13 +86,12 @@ def conv_macs(frames: int, kernel: int, n_in: Count, n_out: Count) -> Count:
     return frames * kernel * n_in * n_out
 
 
-def pos_conv_macs(frames: int, config: EncoderConfig) -> int:
-    D, K, g = config.encoder_embed_dim, config.encoder_pos_conv_kernel, config.encoder_pos_conv_groups
-    out_frames = frames + 2 * (K // 2) - K + 1  # before the "same" trim of even kernels
-    return out_frames * D * (D // g) * K
+def pos_conv_macs(frames: int, kernel: int, sum_sq: Count) -> Count:
+    out_frames = frames + 2 * (kernel // 2) - kernel + 1  # before the "same" trim of even kernels
+    return out_frames * kernel * sum_sq
 
 
-def attention_macs(frames: int, embed_dim: int, head_dim: int, heads: Count, wavlm: bool) -> Count:
+def attention_macs(frames: int, embed_dim: Count, head_dim: int, heads: Count, wavlm: bool) -> Count:
     """Projections (4 T D d), scores and values (2 T^2 d), WavLM's gate linear (8 T d), per head."""
     per_head = 4 * frames * embed_dim * head_dim + 2 * frames * frames * head_dim
     if wavlm:
@@ -93,5 +99,5 @@ def attention_macs(frames: int, embed_dim: int, head_dim: int, heads: Count, wav
     return per_head * heads
 
 
-def feed_forward_macs(frames: int, embed_dim: int, units: Count) -> Count:
+def feed_forward_macs(frames: int, embed_dim: Count, units: Count) -> Count:
     return 2 * frames * embed_dim * units

@@ -42,11 +42,15 @@ class CutPlan:
         self._selections: Dict[str, Dict[int, Tensor]] = {}
         self._scales: Dict[str, List[Tuple[Optional[int], Scale]]] = {}
         self._replaced: Dict[str, Tensor] = {}
+        self._optional: set = set()
 
-    def select(self, name: str, dim: int, index: Tensor) -> None:
+    def select(self, name: str, dim: int, index: Tensor, optional: bool = False) -> None:
         """Keep only ``index`` (long, source positions) of tensor ``name`` along ``dim``.
         Selections along different dims compose; a second one along the same dim intersects
-        with the first (the positions both keep, in the first one's order)."""
+        with the first (the positions both keep, in the first one's order). ``optional``: the
+        compiled model may lack the tensor (another structure's cut removed it), then nothing happens."""
+        if optional:
+            self._optional.add(name)
         index = torch.as_tensor(index, dtype=torch.long).flatten()
         dims = self._selections.setdefault(name, {})
         if dim in dims:
@@ -54,9 +58,11 @@ class CutPlan:
             index = first[torch.isin(first, index)]
         dims[dim] = index
 
-    def scale(self, name: str, values: Scale, dim: Optional[int] = None) -> None:
+    def scale(self, name: str, values: Scale, dim: Optional[int] = None, optional: bool = False) -> None:
         """Multiply tensor ``name`` by ``values``: a scalar (``dim`` None), or one factor per source
         position along ``dim`` (shape (size,)). Several scales multiply, in the order recorded."""
+        if optional:
+            self._optional.add(name)
         self._scales.setdefault(name, []).append((dim, values))
 
     def replace(self, name: str, value: Tensor) -> None:
@@ -91,7 +97,7 @@ class CutPlan:
         plan touches them, source tensors elsewhere. Raises if the plan touches a tensor the plain
         model does not have (a structure and the config it edited disagree)."""
         names = list(names)
-        stray = sorted(set(self.touched()) - set(names))
+        stray = sorted(set(self.touched()) - set(names) - self._optional)
         if stray:
             raise CutPlanError(f"cut plan: the compiled model has no tensor {stray[0]}"
                                + (f" (and {len(stray) - 1} more)" if len(stray) > 1 else "")

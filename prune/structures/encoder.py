@@ -11,15 +11,17 @@ from torch import Tensor, nn
 from ..models.components import Wav2Vec2Model
 from ..models.config import EncoderConfig
 from ..models.gating import ExtractorGates, Gates, LayerGates
-from .base import CONV_CHANNELS, NO_GATES, GateConfig, Structure, open_index
-from .costs import conv_frames, fixed_params, pos_conv_macs
+from .base import CONV_CHANNELS, HIDDEN, NO_GATES, GateConfig, Structure, open_index
+from .costs import conv_frames, fixed_params
 from .extractor import ConvChannels, FeatureProjectionInput, exact_in_transformers
+from .hidden import HiddenDim
 from .transformer import AttentionBlock, FeedForwardBlock
 
 
 def structures_of(config: EncoderConfig, gates: GateConfig = NO_GATES, uniform: bool = False) -> List[Structure]:
     """Every prunable structure of a model with ``config``, in cost-summation order: the conv layers'
-    channels, the feature projection's input, each layer's attention block, each layer's FFN block.
+    channels, the feature projection's input, each layer's attention block, each layer's FFN block,
+    the hidden dimension (last: its gate is drawn after the others, so runs without it draw as before).
     With ``NO_GATES`` they only count the plain model's costs. ``uniform``: the structures of a
     transformers-shaped cut (``prune.shape``): conv channels gated only where transformers can hold
     the cut exactly, and one gate per layer (the attention block's) deciding both its blocks."""
@@ -27,14 +29,15 @@ def structures_of(config: EncoderConfig, gates: GateConfig = NO_GATES, uniform: 
     convs: List[ConvChannels] = []
     for i in range(len(config.extractor_conv_layer_config)):
         convs.append(ConvChannels(config, i, gates, convs[-1] if convs else None, gated=exact[i]))
+    hidden = HiddenDim(config, gates)
     layers = range(config.encoder_num_layers)
-    attention = [AttentionBlock(config, l, gates) for l in layers]
-    feed_forward = [FeedForwardBlock(config, l, gates) for l in layers]
+    attention = [AttentionBlock(config, l, gates, hidden) for l in layers]
+    feed_forward = [FeedForwardBlock(config, l, gates, hidden) for l in layers]
     if uniform:
         for a, f in zip(attention, feed_forward):
             if a.exists and f.exists:
                 f.tie_block_to(a)
-    return [*convs, FeatureProjectionInput(config, convs[-1]), *attention, *feed_forward]
+    return [*convs, FeatureProjectionInput(config, convs[-1], hidden), *attention, *feed_forward, hidden]
 
 
 def total_params(config: EncoderConfig, structures: Iterable[Structure], like: Tensor) -> Tensor:
@@ -46,7 +49,7 @@ def total_params(config: EncoderConfig, structures: Iterable[Structure], like: T
 
 def total_macs(config: EncoderConfig, structures: Iterable[Structure], seconds: float, like: Tensor) -> Tensor:
     frames = conv_frames(config, seconds)
-    total = like + pos_conv_macs(frames[-1], config)
+    total = like
     for structure in structures:
         total = total + structure.macs(frames, like)
     return total
@@ -70,7 +73,7 @@ class GatedEncoder(nn.Module):
     """An encoder with HardConcrete gates on every prunable structure.
 
     ``structures`` is the ordered list of them; each is registered in the ModuleList named by its
-    ``group`` (``conv``, ``projection``, ``attention``, ``feed_forward``), which keeps the gates'
+    ``group`` (``conv``, ``projection``, ``attention``, ``feed_forward``, ``hidden``), which keeps the gates'
     state-dict names (``attention.3.head_gate.log_alpha``). ``forward`` draws the gates (a sample in
     training, the deterministic mask in eval) and runs the encoder with them. ``expected_params`` /
     ``expected_macs`` are differentiable in the gates' ``log_alpha``; ``prune.compile.compile_encoder``
@@ -118,7 +121,8 @@ class GatedEncoder(nn.Module):
         masks = self._draw()
         flags = open_flags(masks) if self.skip_closed else [None] * len(masks)
         convs = [(m, f) for s, m, f in zip(self.structures, masks, flags) if s.kind == ConvChannels.kind]
-        fields: List[dict] = [{} for _ in range(self.config.encoder_num_layers)]
+        hidden = next((m[HIDDEN] for m in masks if HIDDEN in m), None)  # the model's one hidden gate
+        fields: List[dict] = [{"hidden": hidden} for _ in range(self.config.encoder_num_layers)]
         for structure, m, f in zip(self.structures, masks, flags):
             if structure.layer is not None:
                 fields[structure.layer].update(structure.layer_fields(m, f, self.skip_min_closed))
@@ -130,7 +134,7 @@ class GatedEncoder(nn.Module):
                 if self.skip_closed:
                     f[structure.block_field + "_on"] = f[owner.block_field + "_on"]
         return Gates(extractor=self._extractor_gates(convs), layers=[LayerGates(**f) for f in fields],
-                     skipping=self.skip_closed)
+                     skipping=self.skip_closed, hidden=hidden)
 
     def _draw(self) -> List[Dict[str, Tensor]]:
         """Each structure's masks. The samples are drawn transformer blocks first, then the conv

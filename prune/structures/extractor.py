@@ -12,6 +12,7 @@ from ..models.config import EncoderConfig
 from .base import CONV_CHANNELS, GateConfig, Structure, keep_of, kept_index, make_gate, soft_values
 from .costs import conv_macs, conv_params, projection_params
 from .cut_plan import CutPlan
+from .hidden import HiddenDim
 
 CONV = "feature_extractor.conv_layers.{}."
 PROJECTION = "encoder.feature_projection."
@@ -112,18 +113,19 @@ class FeatureProjectionInput(Structure):
     kind = "projection_input"
     group = "projection"
 
-    def __init__(self, config: EncoderConfig, last_conv: ConvChannels):
+    def __init__(self, config: EncoderConfig, last_conv: ConvChannels, hidden: HiddenDim):
         super().__init__(config)
         self._last_conv = (last_conv,)
+        self._hidden = (hidden,)  # its output rows are the hidden dimension's channels
 
     def params(self, like: Tensor) -> Tensor:
         keep = self._last_conv[0].channel_keep(like)
         had_phantom = float(self.config.extractor_norm_channels[-1] > keep.numel())
         phantom = 1.0 - (1.0 - had_phantom) * torch.prod(keep)
-        return projection_params(keep.sum(), self.config.encoder_embed_dim, phantom)
+        return projection_params(keep.sum(), self._hidden[0].embed(like), phantom)
 
     def macs(self, frames: List[int], like: Tensor) -> Tensor:
-        return frames[-1] * self._last_conv[0].channel_keep(like).sum() * self.config.encoder_embed_dim
+        return frames[-1] * self._last_conv[0].channel_keep(like).sum() * self._hidden[0].embed(like)
 
     @torch.no_grad()
     def plan(self, plan: CutPlan) -> None:

@@ -14,6 +14,7 @@ from .base import (ATTENTION_BLOCK, FFN_BLOCK, FFN_UNITS, HEADS, GateConfig, Str
                    make_gate, open_index, soft_values)
 from .costs import any_kept, attention_macs, attention_params, feed_forward_macs, feed_forward_params
 from .cut_plan import CutPlan
+from .hidden import HiddenDim
 
 LAYER = "encoder.transformer.layers.{}."
 
@@ -33,9 +34,10 @@ class _GatedBlock(Structure):
     count_config: str
 
     def __init__(self, config: EncoderConfig, layer: int, exists: bool, n: int, units_on: bool, units_init: float,
-                 block_on: bool, gates: GateConfig):
+                 block_on: bool, gates: GateConfig, hidden: HiddenDim):
         super().__init__(config)
         self.layer = layer
+        self._hidden = (hidden,)  # a reference, not a submodule: the model's one hidden-dimension gate
         self.exists = exists
         self.n = n if exists else 0
         setattr(self, self.unit_attr, make_gate(self.n, units_on, units_init, gates.init_std))
@@ -79,19 +81,20 @@ class _GatedBlock(Structure):
         if not self.exists:
             return like
         units, any_unit, kept = self._counts(like)
-        return kept * self.block_params(units, any_unit)
+        return kept * self.block_params(self._hidden[0].embed(like), units, any_unit)
 
     def macs(self, frames: List[int], like: Tensor) -> Tensor:
         if not self.exists:
             return like
         units, _, kept = self._counts(like)
-        return kept * self.block_macs(frames[-1], units)
+        return kept * self.block_macs(frames[-1], self._hidden[0].embed(like), units)
 
-    def block_params(self, units: Tensor, any_unit: Tensor) -> Tensor:
-        """Params of the block with ``units`` kept (``any_unit``: P(at least one))."""
+    def block_params(self, embed: Tensor, units: Tensor, any_unit: Tensor) -> Tensor:
+        """Params of the block with ``units`` kept (``any_unit``: P(at least one)) at the expected
+        hidden width ``embed`` (independent gates: the product of expectations)."""
         raise NotImplementedError
 
-    def block_macs(self, frames: int, units: Tensor) -> Tensor:
+    def block_macs(self, frames: int, embed: Tensor, units: Tensor) -> Tensor:
         raise NotImplementedError
 
     @torch.no_grad()
@@ -142,20 +145,19 @@ class AttentionBlock(_GatedBlock):
     kept_config, count_config = "encoder_attention_kept", "encoder_num_heads"
     unit_attr, block_attr = "head_gate", "layer_gate"
 
-    def __init__(self, config: EncoderConfig, layer: int, gates: GateConfig):
+    def __init__(self, config: EncoderConfig, layer: int, gates: GateConfig, hidden: HiddenDim):
         exists = config.encoder_attention_kept[layer]
         super().__init__(config, layer, exists, config.encoder_num_heads[layer], gates.attention_heads,
-                         gates.init_mean, gates.attention_layers, gates)
+                         gates.init_mean, gates.attention_layers, gates, hidden)
         self.num_heads = self.n
 
-    def block_params(self, heads: Tensor, any_head: Tensor) -> Tensor:
+    def block_params(self, embed: Tensor, heads: Tensor, any_head: Tensor) -> Tensor:
         c = self.config
-        return attention_params(c.encoder_embed_dim, c.encoder_head_dim, heads, any_head, c.is_wavlm,
-                                c.encoder_layer_norm_first)
+        return attention_params(embed, c.encoder_head_dim, heads, any_head, c.is_wavlm, c.encoder_layer_norm_first)
 
-    def block_macs(self, frames: int, heads: Tensor) -> Tensor:
+    def block_macs(self, frames: int, embed: Tensor, heads: Tensor) -> Tensor:
         c = self.config
-        return attention_macs(frames, c.encoder_embed_dim, c.encoder_head_dim, heads, c.is_wavlm)
+        return attention_macs(frames, embed, c.encoder_head_dim, heads, c.is_wavlm)
 
     def plan_units(self, plan: CutPlan, kept: Tensor, scales: Tensor, block_scale) -> None:
         """The open heads' q/k/v rows and out_proj columns (WavLM: their gate constants)."""
@@ -188,18 +190,17 @@ class FeedForwardBlock(_GatedBlock):
     kept_config, count_config = "encoder_ff_kept", "encoder_ff_interm_features"
     unit_attr, block_attr = "unit_gate", "layer_gate"
 
-    def __init__(self, config: EncoderConfig, layer: int, gates: GateConfig):
+    def __init__(self, config: EncoderConfig, layer: int, gates: GateConfig, hidden: HiddenDim):
         exists = config.encoder_ff_kept[layer]
         super().__init__(config, layer, exists, config.encoder_ff_interm_features[layer], gates.ffn_units,
-                         gates.ffn_units_init_mean, gates.ffn_layers, gates)
+                         gates.ffn_units_init_mean, gates.ffn_layers, gates, hidden)
         self.num_units = self.n
 
-    def block_params(self, units: Tensor, any_unit: Tensor) -> Tensor:
-        c = self.config
-        return feed_forward_params(c.encoder_embed_dim, units, any_unit, c.encoder_layer_norm_first)
+    def block_params(self, embed: Tensor, units: Tensor, any_unit: Tensor) -> Tensor:
+        return feed_forward_params(embed, units, any_unit, self.config.encoder_layer_norm_first)
 
-    def block_macs(self, frames: int, units: Tensor) -> Tensor:
-        return feed_forward_macs(frames, self.config.encoder_embed_dim, units)
+    def block_macs(self, frames: int, embed: Tensor, units: Tensor) -> Tensor:
+        return feed_forward_macs(frames, embed, units)
 
     def plan_units(self, plan: CutPlan, kept: Tensor, scales: Tensor, block_scale) -> None:
         """The open units' intermediate rows and output_dense columns."""

@@ -46,6 +46,16 @@ class DistillHeads(nn.Module):
             nn.init.zeros_(head.bias)
         self._head_of: Dict[int, int] = {layer: i for i, g in enumerate(self.groups) for layer in g}
 
+    @torch.no_grad()
+    def keep_inputs(self, index: Sequence[int]) -> None:
+        """After a cut of the student's hidden dimension: each head reads only the kept channels
+        (``index``: their positions in its input). The removed ones were exact zeros in the gated
+        student, so their columns contributed nothing and the predictions are unchanged."""
+        for head in self.heads:
+            rows = torch.as_tensor(list(index), dtype=torch.long, device=head.weight.device)
+            head.weight = nn.Parameter(head.weight.index_select(1, rows).clone())
+            head.in_features = len(rows)
+
     def forward(self, hiddens: List[Tensor]) -> List[Tensor]:
         """hiddens: the student's hidden states -> predictions, (batch, frames, dim), for ``self.layers``"""
         if self.mode == "prediction":

@@ -39,6 +39,10 @@ class Objective:
         waveforms (batch, samples), lengths (batch,)."""
         return encoder(waveforms, lengths)
 
+    def after_cut(self, hidden_kept: Optional[List[int]]) -> None:
+        """The student was cut; ``hidden_kept``: the positions of the hidden channels it kept (None:
+        its hidden dimension is whole). Layers reading the student's hidden states follow them."""
+
     def teacher_output(self, teacher: nn.Module, batch: Batch) -> Any:
         """What the loss needs from the frozen teacher (called under no_grad); None: nothing."""
         return None
@@ -75,6 +79,11 @@ class Distillation(Objective):
 
     def modules(self) -> Dict[str, nn.Module]:
         return {"heads": self.heads}
+
+    def after_cut(self, hidden_kept: Optional[List[int]]) -> None:
+        """The heads' input columns follow a cut hidden dimension (final distillation continues on it)."""
+        if hidden_kept is not None:
+            self.heads.keep_inputs(hidden_kept)
 
     def student_output(self, encoder: nn.Module, waveforms: Tensor, lengths: Tensor) -> Tuple[List[Tensor], Tensor]:
         """(predictions of the distilled layers, each (batch, frames, dim); valid frames (batch,))."""

@@ -42,7 +42,7 @@ from .distributed import DistEnv, all_ranks, barrier, init_distributed
 from .resume import check_resume_config
 from .rundir import Runner, is_rank_zero, run_claimed
 from .schedule import warmup_linear_decay
-from .student import DONE, FINAL, PRUNE, build_student, cut_config, load_teacher
+from .student import DONE, FINAL, PRUNE, build_student, cut_config, hidden_kept, load_teacher
 from ..faults import maybe_fail, maybe_stall, nan_loss
 from ..lagrangian import Lagrangian
 from ..measures import MEASURES
@@ -409,6 +409,7 @@ class PruneRecipe(Runner):
         if self.env.is_main:
             self._log_cut(self.cut)
         self.stage = FINAL
+        self.objective.after_cut(hidden_kept(self.source_config, compiled.config))
         self._set_student(Student(compiled, self.objective))
         self._validate("after cut")
         maybe_fail("between_stages", self.step)  # PRUNE_FAULT=between_stages:STEP (tests)
@@ -481,6 +482,7 @@ class PruneRecipe(Runner):
         self.stage = state["stage"]
         if self.stage != PRUNE:
             compiled = build_student(self.cfg, self.source_config, cut_config=cut_config(state))
+            self.objective.after_cut(hidden_kept(self.source_config, compiled.config))
             self._set_student(Student(compiled, self.objective))
         self.student.load_state_dict(state["student"])
         self.lagrangian.load_state_dict(state["lagrangian"])

@@ -6,7 +6,7 @@ by ``prune export`` / ``prune inspect``, which rebuild the student a training ch
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Dict, Mapping, Optional, Tuple, Union
+from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
 
 import torch
 
@@ -56,6 +56,15 @@ def build_student(cfg: Mapping[str, Any], source: EncoderConfig,
 
         gates = uniform_gates(gates, Shape.from_config(pruning.get("shape")), source)
     return GatedEncoder(student, gates, uniform=uniform, **skip)
+
+
+def hidden_kept(source: EncoderConfig, cut: EncoderConfig) -> Optional[List[int]]:
+    """The positions, in the source's hidden dimension, of the channels a cut model kept (None:
+    the cut left the hidden dimension whole)."""
+    if cut.encoder_embed_dim == source.encoder_embed_dim:
+        return None
+    position = {c: i for i, c in enumerate(source.hidden_index)}
+    return [position[c] for c in cut.hidden_index]
 
 
 def read_training_checkpoint(path: Path) -> Optional[Dict[str, Any]]:
