@@ -42,7 +42,7 @@ from torch import Tensor
 
 from .atomic import atomic_write
 from .models.config import EncoderConfig
-from .structures import (AttentionBlock, ConvChannels, FeatureProjectionInput, FeedForwardBlock, GatedEncoder,
+from .structures import (AttentionBlock, ConvChannels, FeatureProjectionInput, FeedForwardBlock, GatedEncoder, HiddenDim,
                          Structure, structures_of)
 
 FORMAT = "prune-latency-table"
@@ -182,6 +182,10 @@ class LatencyTable:
                 keep = s.keep(like)
                 curve = grid["attention" if isinstance(s, AttentionBlock) else "ffn"]
                 total = total + keep[s.block_kind][0] * interp1(*curve, keep[s.unit_kind].sum())
+            elif isinstance(s, HiddenDim):  # ungated and uncut, its parts are the table's fixed ones
+                if s.gates() or config.encoder_hidden_total not in (None, config.encoder_embed_dim):
+                    raise LatencyTableError(f"{self.path}: latency tables do not time a pruned hidden dimension "
+                                            f"yet; set pruning.gates.hidden_dim=false with a latency target")
             else:  # a structure the table does not know: fail loudly rather than leave it out
                 raise LatencyTableError(f"{self.path}: no latency entry for structure kind {s.kind!r}")
         return (total * float(self.data["scale"])).clamp(min=0.0)

@@ -374,3 +374,16 @@ def test_the_exported_demo_teacher_fine_tunes_with_transformers_ctc(tmp_path):
     print("CTC loss:", " ".join(f"{v:.2f}" for v in losses))
     assert all(map(torch.isfinite, torch.tensor(losses)))
     assert losses[-1] < 0.8 * losses[0], losses
+
+
+def test_a_cut_hidden_dimension_is_refused():
+    """prune's LayerNorms over a cut hidden dimension still average over the original width."""
+    from prune.structures import GateConfig
+
+    gated = GatedEncoder(build_preset("hubert_base_tiny"), GateConfig(hidden_dim=True))
+    with torch.no_grad():
+        gated.hidden[0].gate.log_alpha[:3] = CLOSED
+    config = compile_encoder(gated.eval()).config
+    assert config.encoder_embed_dim < config.encoder_hidden_total
+    assert any(r.startswith(f"the hidden dimension keeps {config.encoder_embed_dim} of "
+                            f"{config.encoder_hidden_total} channels") for r in blockers(config))

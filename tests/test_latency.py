@@ -304,3 +304,13 @@ def test_prune_profile_refuses_bad_arguments_before_any_compute(tmp_path):
         result = prune_cli(["profile", *args, "--out", str(out)])
         assert result.returncode != 0 and message in result.stderr, result.stderr
         assert len(result.stderr.strip().splitlines()) == 1 and not out.exists()
+
+
+def test_a_gated_hidden_dimension_is_refused_by_a_table(table):
+    """Tables time no hidden-dimension widths yet: refused in one line, not counted as fixed."""
+    from prune.structures import GateConfig
+
+    gated = GatedEncoder(build_preset("hubert_base_tiny"), GateConfig(hidden_dim=True))
+    with pytest.raises(LatencyTableError, match=r"do not time a pruned hidden dimension yet; set "
+                                                r"pruning\.gates\.hidden_dim=false"):
+        table.expected(gated)

@@ -88,6 +88,13 @@ def blockers(config: EncoderConfig) -> List[str]:
                        f"averages over the channels it has")
 
     D, head_dim = config.encoder_embed_dim, config.encoder_head_dim
+    if config.encoder_hidden_total is not None and config.encoder_hidden_total != D:
+        reasons.append(f"the hidden dimension keeps {D} of {config.encoder_hidden_total} channels and every "
+                       f"LayerNorm over it still averages over all {config.encoder_hidden_total}; transformers' "
+                       f"LayerNorms average over the channels they have")
+    elif config.encoder_pos_conv_group_sizes is not None:
+        reasons.append("the positional conv is groupwise with uneven groups (a cut hidden dimension); "
+                       "transformers' has equal groups")
     heads = D // head_dim
     if D % head_dim:
         reasons.append(f"heads are {head_dim} wide, which does not divide hidden_size {D}")
