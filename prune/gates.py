@@ -48,6 +48,9 @@ class HardConcrete(nn.Module):
         self._cache: Optional[Tuple[Tuple[int, int], Tensor]] = None
         # the units the eval mask keeps, when a shape forces them (``force``); None: the plain mask
         self.forced: Optional[Tensor] = None
+        # eval survivors exactly 1, not their soft value: a gate whose value cannot fold into weights
+        # (uniform mode's whole post-norm layer, out = x + z (layer(x) - x)); set through ``set_hard``
+        self.hard = False
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -94,9 +97,14 @@ class HardConcrete(nn.Module):
         self.forced = index
         self._cache = None
 
+    def set_hard(self, hard: bool = True) -> None:
+        """Make the eval mask's survivors exactly 1 (``hard``) or their soft value (the default)."""
+        self.hard = hard
+        self._cache = None
+
     def eval_mask(self) -> Tensor:
         """(n,) the deterministic mask: ``round(n - L0)`` zeros (or, when forced, zeros outside the
-        forced units), survivors at their soft value."""
+        forced units), survivors at their soft value (exactly 1 when ``hard``)."""
         key = (self.log_alpha._version, self.log_alpha.data_ptr())
         if self._cache is not None and self._cache[0] == key:
             return self._cache[1]
@@ -111,6 +119,8 @@ class HardConcrete(nn.Module):
                 num_zeros = round(self.n - self.l0_norm().item())
                 if num_zeros > 0:
                     soft[torch.topk(soft, k=num_zeros, largest=False).indices] = 0.0
+            if self.hard:
+                soft = (soft > 0).to(soft.dtype)
         self._cache = (key, soft)
         return soft
 

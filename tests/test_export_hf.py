@@ -192,6 +192,53 @@ def test_post_norm_ffns_with_no_unit_left_export_exactly(tmp_path):
     assert_same_hidden_states(model, tmp_path / "hf", kept)
 
 
+def uniform_removed(preset, layer, seed=0):
+    """Pruned as ``pruning.uniform=true`` does (uniform gates, the Shaper's forced shape), transformer
+    layer ``layer`` removed whole: in a post-norm model an identity, its LayerNorms gone."""
+    from helpers import randomize_gates
+
+    from prune.shape import Shape, Shaper, uniform_gates
+    from prune.structures import GateConfig
+
+    torch.manual_seed(seed)
+    model = build_preset(preset)
+    gated = GatedEncoder(model, uniform_gates(GateConfig(), Shape(), model.config), uniform=True)
+    randomize_gates(gated, seed=seed, hard_cases=False)
+    with torch.no_grad():
+        for block in gated.attention:
+            block.layer_gate.log_alpha.fill_(3.0)
+        gated.attention[layer].layer_gate.log_alpha.fill_(CLOSED)
+    Shaper(uniform=True).apply(gated)
+    return compile_encoder(gated.eval())
+
+
+@pytest.mark.parametrize("preset,layer", [("hubert_base_tiny", 1), ("wavlm_base_tiny", 0),
+                                          ("wavlm_base_plus_tiny", 1)])
+def test_a_post_norm_layer_removed_in_uniform_mode_exports(preset, layer, tmp_path):
+    """The removed post-norm layer is an identity: transformers gets the other layer only, and its
+    hidden states (the kept layer's, and the last) equal prune's (WavLM: the position bias moves to
+    transformers' layer 0 whichever prune layer that is)."""
+    model = uniform_removed(preset, layer)
+    c = model.config
+    assert c.encoder_layer_kept == [i != layer for i in range(2)] and not c.encoder_layer_norm_first
+    kept = [1 - layer]
+    out = tmp_path / "hf"
+    lines = write_model(model, out, to="hf")
+    assert json.loads((out / "config.json").read_text())["num_hidden_layers"] == 1
+    assert f"prune's layers {kept[0]} are transformers' layers 0-0 (the others were removed whole)" in lines
+    assert_same_hidden_states(model, out, kept)
+
+
+def test_a_post_norm_layer_removed_block_by_block_is_still_refused():
+    """Free gates: a post-norm layer whose two blocks were removed separately keeps its LayerNorms
+    (LN2(LN1(x))), which no transformers layer computes."""
+    model, _ = uniform_pruned("hubert_base_tiny", remove_layer=1)
+    assert model.config.encoder_layer_kept is None
+    with pytest.raises(ValueError, match="layer 1 has neither block but, post-norm, still applies its two "
+                                         "LayerNorms .*pruning.uniform=true removes a layer whole"):
+        check_holdable(model.config)
+
+
 # ------------------------------------------------------------------------------ refusals
 def shape(preset, **per_layer):
     """A pruned config of ``preset`` (all blockers are in the config, so no weights are needed)."""
@@ -231,9 +278,8 @@ def test_what_transformers_cannot_hold_is_named(preset, changes, reason):
         check_holdable(config)
     message = str(refused.value)
     assert "\n" not in message and message.startswith("--to hf: transformers' ") and reason in message
-    post_norm = ", removing no layer of a post-norm model" if "post-norm" in reason else ""
     assert message.endswith("Prune with pruning.uniform=true for a shape transformers holds "
-                            f"(docs/checkpoints.md, --to hf){post_norm}")
+                            "(docs/checkpoints.md, --to hf)")
 
 
 def test_the_unpruned_and_uniform_shapes_have_no_blocker():
@@ -245,6 +291,11 @@ def test_the_unpruned_and_uniform_shapes_have_no_blocker():
     # a pre-norm layer removed whole is an identity: left out
     assert blockers(shape("wavlm_large_tiny", encoder_attention_kept=[True, False, True],
                           encoder_ff_kept=[True, False, True])) == []
+    # so is a post-norm one removed whole in uniform mode (its LayerNorms gone: encoder_layer_kept)
+    assert blockers(shape("hubert_base_tiny", encoder_attention_kept=[False, True], encoder_ff_kept=[False, True],
+                          encoder_layer_kept=[False, True])) == []
+    assert blockers(shape("hubert_base_tiny", encoder_attention_kept=[False] * 2, encoder_ff_kept=[False] * 2,
+                          encoder_layer_kept=[False] * 2)) == ["no transformer layer is left"]
 
 
 def test_a_free_shape_is_refused_with_every_blocker_counted():
@@ -387,3 +438,24 @@ def test_a_cut_hidden_dimension_is_refused():
     assert config.encoder_embed_dim < config.encoder_hidden_total
     assert any(r.startswith(f"the hidden dimension keeps {config.encoder_embed_dim} of "
                             f"{config.encoder_hidden_total} channels") for r in blockers(config))
+
+
+def test_a_uniform_training_run_with_a_removed_layer_converts_to_hf(tmp_path):
+    """``prune train tiny_demo pruning.uniform=true`` (post-norm, one of its two layers removed by
+    the shape), then ``prune convert EXPORT OUT --to hf``: transformers loads the folder and its
+    hidden states are those of prune's export."""
+    from helpers_train import noise_corpus, prune_cli, short_run_args
+
+    train, valid = noise_corpus(tmp_path)
+    run = tmp_path / "run"
+    extra = ["pruning.uniform=true", "pruning.shape.layers=1"]
+    proc = prune_cli(short_run_args(train, valid, run, prune_steps=10, final_steps=0, extra=extra))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    model = load_pretrained(run / "export")
+    c = model.config
+    assert c.encoder_layer_kept is not None and sum(c.encoder_layer_kept) == 1
+    kept = [i for i, k in enumerate(c.encoder_layer_kept) if k]
+    proc = prune_cli(["convert", str(run / "export"), str(tmp_path / "hf"), "--to", "hf"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"prune's layers {kept[0]} are transformers' layers 0-0" in proc.stdout
+    assert_same_hidden_states(model, tmp_path / "hf", kept)

@@ -13,6 +13,7 @@ from prune.compile import compile_encoder
 from prune.gates import EVAL_LOGIT_SCALE, HardConcrete
 from prune.measured import measured_macs, num_params
 from prune.models import build_preset
+from prune.models.gating import LayerGates
 from prune.preview import preview
 from prune.seeded import set_random_gates
 from prune.shape import Shape, Shaper, ShapeTerms, check_shape, round_count, uniform_gates
@@ -106,16 +107,19 @@ def test_uniform_cut_is_a_transformers_shape(name):
     assert config.extractor_norm_channels == full and gated.model.encoder.feature_projection.phantom is None
 
 
-def test_uniform_layer_gate_decides_both_blocks_in_training():
+@pytest.mark.parametrize("name", ["hubert_base_tiny", "wav2vec2_large_lv60k_tiny"])  # post-norm, pre-norm
+def test_uniform_layer_gate_decides_both_blocks_in_training(name):
     """The expected size in training knows the constraint: the layer's one gate scales its
-    attention block (every head) and its FFN together, so the size's slope in that gate's keep
-    probability is both blocks' cost; with free gates it would be the attention block's alone."""
-    gated = _uniform("hubert_base_tiny").train()
+    attention block (every head) and its FFN together (post-norm also the layer's two LayerNorms,
+    which go with it), so the size's slope in that gate's keep probability is the whole layer's
+    cost; with free gates it would be the attention block's alone."""
+    gated = _uniform(name).train()
     gate = gated.attention[0].layer_gate
     c = gated.config
+    D, pre = c.encoder_embed_dim, c.encoder_layer_norm_first
     units = gated.feed_forward[0].unit_gate.keep_prob().sum().double()
-    both = (attention_params(c.encoder_embed_dim, c.encoder_head_dim, c.encoder_num_heads[0], 1.0, False, False)
-            + feed_forward_params(c.encoder_embed_dim, units, 1.0, False))
+    both = (attention_params(D, c.encoder_head_dim, c.encoder_num_heads[0], 1.0, False, pre)
+            + feed_forward_params(D, units, 1.0, pre) + (0 if pre else 4 * D))
     sizes, probs = [], []
     for value in (-1.0, 2.0):
         gate.log_alpha.data.fill_(value)
@@ -125,7 +129,80 @@ def test_uniform_layer_gate_decides_both_blocks_in_training():
     assert slope == pytest.approx(both.item(), rel=1e-4)
     assert gated.feed_forward[0].layer_gate is None  # tied: one gate, its one sample per pass
     draws = [gated.sample_gates().layers[0] for _ in range(5)]
-    assert all(torch.equal(d.attention, d.ffn) for d in draws)
+    if pre:  # the blocks' outputs are gated
+        assert all(torch.equal(d.attention, d.ffn) and d.layer is None for d in draws)
+    else:  # the whole layer is: x + z (layer(x) - x)
+        assert all(d.attention is None and d.ffn is None and d.layer is not None for d in draws)
+
+
+@pytest.mark.parametrize("name", ["hubert_base_tiny", "wavlm_base_tiny"])
+def test_a_removed_post_norm_layer_is_an_identity(name):
+    """Uniform, post-norm: a layer removed whole is an identity in the gated model and in the cut
+    (its LayerNorms gone, no parameter left), a kept one is the plain layer (its gate's eval value
+    is exactly 1), the compiled model equals the gated one, and params / MACs are exact."""
+    gated = _uniform(name)
+    randomize_gates(gated, seed=3, hard_cases=False)
+    for a in gated.attention:
+        a.layer_gate.log_alpha.data.fill_(3.0)  # soft eval value 0.96: a kept layer's gate must still give 1
+    gated.attention[1].layer_gate.log_alpha.data.fill_(CLOSED)
+    Shaper(uniform=True).apply(gated)
+    gated.eval()
+    assert gated.attention[0].layer_gate().item() == 1.0 and gated.attention[1].layer_gate().item() == 0.0
+    config = _check_exact(gated)
+    assert config.encoder_layer_kept == [True, False]
+    assert config.encoder_attention_kept == config.encoder_ff_kept == [True, False]
+    compiled = compile_encoder(gated)
+    assert sum(p.numel() for p in compiled.encoder.transformer.layers[1].parameters()) == 0
+    assert gated.expected_macs(1.0).item() == measured_macs(compiled, 1.0)
+    assert count_params(config) == num_params(compiled)
+    x, lengths = _batch()
+    with torch.no_grad():
+        for model in (gated, compiled):
+            hiddens, _ = model(x, lengths)
+            assert torch.equal(hiddens[2], hiddens[1])  # layer 1's output is its input
+            assert not torch.allclose(hiddens[1], hiddens[0])  # layer 0 is kept, and computes
+    # the gated forward blends with the layer gate's value: x + z (layer(x) - x)
+    layer = gated.model.encoder.transformer.layers[0]
+    h = torch.randn(2, 7, config.encoder_embed_dim)
+    bias = None
+    if gated.config.is_wavlm:
+        bias = gated.model.encoder.transformer.rel_pos_bias(7)
+    with torch.no_grad():
+        plain = layer(h, None, bias)
+        blended = layer(h, None, bias, LayerGates(layer=torch.tensor(0.3)))
+        assert torch.allclose(blended, h + 0.3 * (plain - h), atol=1e-6)
+        assert torch.equal(layer(h, None, bias, LayerGates(layer=torch.tensor(0.0), layer_on=False)), h)
+
+
+def test_a_removed_layer_in_training_is_an_identity():
+    """A training sample of exactly 0 on a post-norm layer's gate: the layer returns its input
+    (nothing computed, no LayerNorm applied); the FFN takes the same decision."""
+    gated = _uniform("hubert_base_tiny").train()
+    gated.attention[1].layer_gate.log_alpha.data.fill_(CLOSED)
+    x, lengths = _batch()
+    with torch.no_grad():
+        hiddens, _ = gated(x, lengths)
+    assert torch.equal(hiddens[2], hiddens[1])
+    g = gated.sample_gates().layers[1]
+    assert g.layer.item() == 0.0 and not g.layer_on
+
+
+def test_identity_layers_in_the_config():
+    """encoder_layer_kept: None is every layer (old configs load unchanged); an identity layer has
+    no block, and the plain model's count leaves out its LayerNorms."""
+    from prune.models import preset_config
+
+    config = preset_config("hubert_base_tiny")
+    assert config.encoder_layer_kept is None and config.layer_kept == [True, True]
+    cut = preset_config("hubert_base_tiny", encoder_attention_kept=[True, False], encoder_ff_kept=[True, False])
+    identity = cut.replace(encoder_layer_kept=[True, False])
+    assert count_params(cut) - count_params(identity) == 4 * config.encoder_embed_dim  # two LayerNorms
+    assert num_params(build_preset("hubert_base_tiny", **{k: v for k, v in identity.to_dict().items()
+                                                          if k.startswith("encoder_")})) == count_params(identity)
+    with pytest.raises(ValueError, match=r"encoder_layer_kept\[1\] is false \(an identity layer\) but layer 1 keeps"):
+        preset_config("hubert_base_tiny", encoder_layer_kept=[True, False])
+    with pytest.raises(ValueError, match="encoder_layer_kept needs 2 entries"):
+        preset_config("hubert_base_tiny", encoder_layer_kept=[True])
 
 
 @pytest.mark.parametrize("name,shape", [
@@ -264,3 +341,26 @@ def test_train_tiny_demo_uniform_end_to_end(tmp_path):
     assert {c["encoder_num_heads"][i] for i in kept} == {4}
     assert {c["encoder_ff_interm_features"][i] for i in kept} == {16}
     assert [s[0] for s in c["extractor_conv_layer_config"]] == [8] * 6 + [16]
+
+
+def test_identity_layers_export_to_onnx_and_prune(tmp_path):
+    """Identity layers go through the model: the ONNX graph (checked against torch by the writer)
+    and prune's own export, which loads back to the same hidden states."""
+    pytest.importorskip("onnx")
+    pytest.importorskip("onnxruntime")
+    from prune import load_pretrained
+    from prune.checkpoints.convert import write_model
+
+    gated = _uniform("wavlm_base_tiny")
+    gated.attention[0].layer_gate.log_alpha.data.fill_(CLOSED)
+    Shaper(uniform=True).apply(gated)
+    model = compile_encoder(gated.eval())
+    assert model.config.encoder_layer_kept == [False, True]
+    lines = write_model(model, tmp_path / "m.onnx", to="onnx")
+    assert lines[0].startswith("onnxruntime vs torch") and (tmp_path / "m.onnx").exists()
+    write_model(model, tmp_path / "native")
+    loaded = load_pretrained(tmp_path / "native")
+    assert loaded.config.encoder_layer_kept == [False, True]
+    x, lengths = _batch()
+    with torch.no_grad():
+        assert all(torch.equal(a, b) for a, b in zip(model(x, lengths)[0], loaded(x, lengths)[0]))

@@ -38,7 +38,6 @@ SPEC_AUGMENT_KEY = "masked_spec_embed"  # transformers' SpecAugment mask embeddi
 MAX_REASONS = 4  # blockers named in the refusal; the rest are counted
 HINT = "Prune with pruning.uniform=true for a shape transformers holds (docs/checkpoints.md, --to hf)"
 POST_NORM_LAYER = "post-norm, still applies its two LayerNorms"
-POST_NORM_HINT = ", removing no layer of a post-norm model"
 _LAYER_KEY = re.compile(r"encoder\.transformer\.layers\.(\d+)\.(.*)")
 
 
@@ -58,7 +57,8 @@ def require_transformers() -> None:
 # ------------------------------------------------------------------------ what transformers holds
 def kept_layers(config: EncoderConfig) -> List[int]:
     """The layers that become transformers layers: those that kept both blocks (a pre-norm layer
-    without either is an identity and is left out; every other shape is a blocker)."""
+    without either is an identity and is left out, as is an identity post-norm layer,
+    ``encoder_layer_kept``; every other shape is a blocker)."""
     return [i for i in range(config.encoder_num_layers)
             if config.encoder_attention_kept[i] and config.encoder_ff_kept[i]]
 
@@ -104,9 +104,10 @@ def blockers(config: EncoderConfig) -> List[str]:
             reasons.append(f"layer {i} has attention but no FFN")
         elif ffn and not attention:
             reasons.append(f"layer {i} has an FFN but no attention")
-        elif not attention and not config.encoder_layer_norm_first:
+        elif not attention and not config.encoder_layer_norm_first and config.layer_kept[i]:
+            # its blocks were removed one by one (free shape); uniform mode removes the layer whole
             reasons.append(f"layer {i} has neither block but, {POST_NORM_LAYER} (a transformers layer has "
-                           f"both blocks)")
+                           f"both blocks; pruning.uniform=true removes a layer whole, LayerNorms included)")
     kept = kept_layers(config)
     by_heads: Dict[int, List[int]] = {}  # a head count below the full one -> the layers keeping it
     for i in kept:
@@ -129,7 +130,8 @@ def blockers(config: EncoderConfig) -> List[str]:
         (w0, l0), (w1, l1) = list(widths.items())[:2]
         reasons.append(f"layer {l0} keeps {w0} FFN units, layer {l1} keeps {w1} (transformers has one "
                        f"intermediate_size)")
-    if not kept and config.encoder_layer_norm_first and not any(config.encoder_attention_kept + config.encoder_ff_kept):
+    if not kept and (config.encoder_layer_norm_first or not any(config.layer_kept)) \
+            and not any(config.encoder_attention_kept + config.encoder_ff_kept):
         reasons.append("no transformer layer is left")  # (other shapes without a kept layer are named above)
     return reasons
 
@@ -145,9 +147,8 @@ def check_holdable(config: EncoderConfig) -> List[int]:
     if reasons:
         shown = "; ".join(reasons[:MAX_REASONS])
         more = f"; ... and {len(reasons) - MAX_REASONS} more" if len(reasons) > MAX_REASONS else ""
-        hint = HINT + (POST_NORM_HINT if any(POST_NORM_LAYER in r for r in reasons) else "")
         raise ValueError(f"--to hf: transformers' {CLASS_PREFIX[config.architecture]}Model cannot hold this model: "
-                         f"{shown}{more}. {hint}")
+                         f"{shown}{more}. {HINT}")
     return kept_layers(config)
 
 

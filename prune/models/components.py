@@ -481,17 +481,23 @@ class EncoderLayer(nn.Module):
     ``attention`` / ``feed_forward`` may be ``None``: the block was pruned away and the
     layer is a residual path there. A pre-norm LayerNorm whose block is gone, or whose
     block has no heads/units left (its output is a constant), is ``None`` as well.
+    ``kept=False``: the layer is an identity (``encoder_layer_kept``), no block and no LayerNorm:
+    a post-norm layer removed whole in uniform mode.
     """
 
     def __init__(self, attention: Optional[SelfAttention], feed_forward: Optional[FeedForward], embed_dim: int,
-                 dropout: float, layer_norm_first: bool, eps: float = 1e-5, hidden_total: Optional[int] = None):
+                 dropout: float, layer_norm_first: bool, eps: float = 1e-5, hidden_total: Optional[int] = None,
+                 kept: bool = True):
         super().__init__()
+        if not kept and (attention is not None or feed_forward is not None):
+            raise ValueError("an identity layer (kept=False) has no attention or feed-forward block")
         self.attention = attention
         self.feed_forward = feed_forward
         self.dropout = nn.Dropout(dropout)
         self.layer_norm_first = layer_norm_first
-        needs_attn_norm = not layer_norm_first or (attention is not None and attention.num_heads > 0)
-        needs_ff_norm = not layer_norm_first or (feed_forward is not None and feed_forward.interm_features > 0)
+        needs_attn_norm = kept and (not layer_norm_first or (attention is not None and attention.num_heads > 0))
+        needs_ff_norm = kept and (not layer_norm_first or (feed_forward is not None and
+                                                           feed_forward.interm_features > 0))
         # over the hidden dimension: a cut one still averages over hidden_total (docs/design.md)
         self.layer_norm = PhantomLayerNorm(embed_dim, hidden_total, eps) if needs_attn_norm else None
         self.final_layer_norm = PhantomLayerNorm(embed_dim, hidden_total, eps) if needs_ff_norm else None
@@ -499,8 +505,17 @@ class EncoderLayer(nn.Module):
     def forward(self, x: Tensor, key_padding_mask: Optional[Tensor] = None, position_bias: Optional[Tensor] = None,
                 gates: Optional[LayerGates] = None) -> Tensor:
         """x: (batch, frames, embed_dim) -> same shape. ``gates``: this layer's gate values (None:
-        the plain layer); their ``*_active`` / ``*_on`` skip closed heads, units and blocks."""
+        the plain layer); their ``*_active`` / ``*_on`` skip closed heads, units and blocks. A gate
+        on the whole layer (``gates.layer``, z) blends: ``x + z (layer(x) - x)``, so z = 0 is the
+        identity (and z = 1 the plain layer, as the compiled model has it)."""
         g = _NO_GATES if gates is None else gates
+        if not g.layer_on:
+            return x
+        y = self._layer(x, key_padding_mask, position_bias, g)
+        return y if g.layer is None else x + g.layer * (y - x)
+
+    def _layer(self, x: Tensor, key_padding_mask: Optional[Tensor], position_bias: Optional[Tensor],
+               g: LayerGates) -> Tensor:
         if self.attention is not None and g.attention_on:
             h = x
             if self.layer_norm_first and self.layer_norm is not None:
@@ -509,7 +524,7 @@ class EncoderLayer(nn.Module):
             if g.attention is not None:
                 h = h * g.attention
             x = x + _gated(h, g.hidden)
-        if not self.layer_norm_first:
+        if not self.layer_norm_first and self.layer_norm is not None:
             x = _gated(self.layer_norm(x), g.hidden)
         if self.feed_forward is not None and g.ffn_on:
             h = x
@@ -519,7 +534,7 @@ class EncoderLayer(nn.Module):
             if g.ffn is not None:
                 h = h * g.ffn
             x = x + _gated(h, g.hidden)
-        if not self.layer_norm_first:
+        if not self.layer_norm_first and self.final_layer_norm is not None:
             x = _gated(self.final_layer_norm(x), g.hidden)
         return x
 

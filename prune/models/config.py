@@ -9,6 +9,9 @@ compiled (pruned) model needs to stay exact:
   removed channels were exact zeros and still count in the mean and variance.
 * ``encoder_attention_kept`` / ``encoder_ff_kept``: whether layer ``i`` still has an
   attention / feed-forward block at all (a removed block is a plain residual path).
+* ``encoder_layer_kept``: whether layer ``i`` is still a layer at all; False: an identity (no
+  block and, post-norm, no LayerNorm either: a layer removed whole by ``pruning.uniform``). It
+  keeps its place, so hidden state ``i + 1`` is still layer ``i``'s output (its input). None: all kept.
 * ``extractor_output_scale``: the conv extractor's output is scaled per channel by a fixed
   vector (``feature_extractor.output_scale``), DPHuBERT's ``dummy_weight``.
 * ``encoder_head_index``: WavLM only. The original index of each kept head; the
@@ -75,6 +78,7 @@ class EncoderConfig:
     extractor_norm_channels      -                                   -                        channels a conv LayerNorm averages
     encoder_attention_kept       -                                   -                        encoder_use_attention (per layer)
     encoder_ff_kept              -                                   -                        encoder_use_feed_forward (per layer)
+    encoder_layer_kept           -                                   -                        false: layer is an identity (per layer)
     encoder_head_index           -                                   -                        encoder_remaining_heads (WavLM)
     extractor_output_scale       -                                   -                        feature_extractor.dummy_weight
     encoder_hidden_total         -                                   -                        channels a LayerNorm over D averages
@@ -108,6 +112,7 @@ class EncoderConfig:
     extractor_norm_channels: Optional[List[int]] = None
     encoder_attention_kept: Optional[List[bool]] = None
     encoder_ff_kept: Optional[List[bool]] = None
+    encoder_layer_kept: Optional[List[bool]] = None
     encoder_head_index: Optional[List[List[int]]] = None
     extractor_output_scale: bool = False
     encoder_hidden_total: Optional[int] = None
@@ -146,6 +151,14 @@ class EncoderConfig:
         for name in ("encoder_attention_kept", "encoder_ff_kept"):
             if len(getattr(self, name)) != n:
                 raise ValueError(f"{name} needs {n} entries (encoder_num_layers)")
+        if self.encoder_layer_kept is not None:
+            self.encoder_layer_kept = [bool(v) for v in self.encoder_layer_kept]
+            if len(self.encoder_layer_kept) != n:
+                raise ValueError(f"encoder_layer_kept needs {n} entries (encoder_num_layers)")
+            for i, kept in enumerate(self.encoder_layer_kept):
+                if not kept and (self.encoder_attention_kept[i] or self.encoder_ff_kept[i]):
+                    raise ValueError(f"encoder_layer_kept[{i}] is false (an identity layer) but layer {i} keeps a "
+                                     f"block; set its encoder_attention_kept and encoder_ff_kept to false")
         self._check_hidden_cut()
         if self.architecture == "wavlm":
             if self.encoder_head_index is None:
@@ -178,6 +191,11 @@ class EncoderConfig:
     @property
     def is_wavlm(self) -> bool:
         return self.architecture == "wavlm"
+
+    @property
+    def layer_kept(self) -> List[bool]:
+        """Per layer, whether it is a layer (False: an identity, ``encoder_layer_kept``)."""
+        return [True] * self.encoder_num_layers if self.encoder_layer_kept is None else self.encoder_layer_kept
 
     @property
     def hidden_total(self) -> int:

@@ -36,7 +36,9 @@ class LayerGates(NamedTuple):
     output, units (ff_interm_features,), ffn () on the FFN block's output; heads_active /
     units_active: the open heads / units (long indices, None: all); attention_on / ffn_on: whether
     the block's own gate is open; hidden: (embed_dim,) the hidden-dimension gate (the model's one,
-    shared by every layer)."""
+    shared by every layer); layer: () a gate on the whole layer, ``x + layer * (layer(x) - x)``
+    (uniform mode, post-norm: a removed layer is an identity, LayerNorms included), layer_on:
+    whether it is open (closed: the layer returns its input, nothing computed)."""
 
     heads: Optional[Tensor] = None
     attention: Optional[Tensor] = None
@@ -47,6 +49,8 @@ class LayerGates(NamedTuple):
     attention_on: bool = True
     ffn_on: bool = True
     hidden: Optional[Tensor] = None
+    layer: Optional[Tensor] = None
+    layer_on: bool = True
 
 
 class Gates(NamedTuple):

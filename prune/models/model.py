@@ -54,7 +54,7 @@ def _build(config: EncoderConfig) -> Wav2Vec2Model:
             feed_forward = FeedForward(D, config.encoder_ff_interm_features[i], config.encoder_ff_interm_dropout,
                                        config.encoder_dropout)
         layers.append(EncoderLayer(attention, feed_forward, D, config.encoder_dropout,
-                                   config.encoder_layer_norm_first, eps, config.hidden_total))
+                                   config.encoder_layer_norm_first, eps, config.hidden_total, config.layer_kept[i]))
     rel_pos_bias = None
     if config.is_wavlm:
         rel_pos_bias = RelativePositionBias(config.encoder_num_buckets, config.encoder_max_distance,

@@ -66,10 +66,16 @@ def pos_conv_params(kernel: int, sum_sq: Count, channels: Count, weight_norm: bo
     return kernel * sum_sq + channels + (kernel if weight_norm else 0)
 
 
+def post_norm_params(embed_dim: Count) -> Count:
+    """A post-norm layer's two LayerNorms (``layer_norm``, ``final_layer_norm``), weight and bias each."""
+    return 4 * embed_dim
+
+
 def hidden_norm_params(embed_dim: Count, layer_norm_first: bool, num_layers: int) -> Count:
     """The LayerNorms over the hidden dimension no block owns: the transformer's, and post-norm's
-    two per layer."""
-    return 2 * embed_dim + (0 if layer_norm_first else 4 * embed_dim * num_layers)
+    two per layer for ``num_layers`` layers (those that are layers, ``encoder_layer_kept``, and
+    whose LayerNorms no whole-layer gate owns)."""
+    return 2 * embed_dim + (0 if layer_norm_first else post_norm_params(embed_dim) * num_layers)
 
 
 def conv_frames(config: EncoderConfig, seconds: float) -> List[int]:

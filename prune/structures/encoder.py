@@ -24,7 +24,8 @@ def structures_of(config: EncoderConfig, gates: GateConfig = NO_GATES, uniform: 
     the hidden dimension (last: its gate is drawn after the others, so runs without it draw as before).
     With ``NO_GATES`` they only count the plain model's costs. ``uniform``: the structures of a
     transformers-shaped cut (``prune.shape``): conv channels gated only where transformers can hold
-    the cut exactly, and one gate per layer (the attention block's) deciding both its blocks."""
+    the cut exactly, and one gate per layer (the attention block's) deciding both its blocks; post-norm,
+    it gates the whole layer, LayerNorms included (``AttentionBlock.own_layer``: removed, an identity)."""
     exact = exact_in_transformers(config) if uniform else [True] * len(config.extractor_conv_layer_config)
     convs: List[ConvChannels] = []
     for i in range(len(config.extractor_conv_layer_config)):
@@ -37,6 +38,8 @@ def structures_of(config: EncoderConfig, gates: GateConfig = NO_GATES, uniform: 
         for a, f in zip(attention, feed_forward):
             if a.exists and f.exists:
                 f.tie_block_to(a)
+                if not config.encoder_layer_norm_first:
+                    a.own_layer()
     return [*convs, FeatureProjectionInput(config, convs[-1], hidden), *attention, *feed_forward, hidden]
 
 

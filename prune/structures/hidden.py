@@ -41,6 +41,14 @@ class HiddenDim(Structure):
         super().__init__(config)
         self.channels = config.encoder_embed_dim
         self.gate = make_gate(self.channels, gates.hidden_dim, gates.init_mean, gates.init_std)
+        # the post-norm layers whose two LayerNorms this structure counts: every layer that is one
+        # (not an identity), less those a whole-layer gate owns (``release_norms``)
+        self.norm_layers = [] if config.encoder_layer_norm_first else \
+            [i for i, kept in enumerate(config.layer_kept) if kept]
+
+    def release_norms(self, layer: int) -> None:
+        """Layer ``layer``'s LayerNorms are counted by its whole-layer gate's structure from now on."""
+        self.norm_layers.remove(layer)
 
     def gates(self):
         return {} if self.gate is None else {HIDDEN: self.gate}
@@ -83,7 +91,7 @@ class HiddenDim(Structure):
         keep = self.hidden_keep(like)
         D = keep.sum()
         conv = pos_conv_params(c.encoder_pos_conv_kernel, self._sum_sq(keep), D, not self.groupwise)
-        return conv + hidden_norm_params(D, c.encoder_layer_norm_first, c.encoder_num_layers)
+        return conv + hidden_norm_params(D, c.encoder_layer_norm_first, len(self.norm_layers))
 
     def macs(self, frames: List[int], like: Tensor) -> Tensor:
         return pos_conv_macs(frames[-1], self.config.encoder_pos_conv_kernel, self._sum_sq(self.hidden_keep(like)))

@@ -12,7 +12,7 @@ from ..gates import HardConcrete
 from ..models.config import EncoderConfig
 from .base import (ATTENTION_BLOCK, FFN_BLOCK, FFN_UNITS, HEADS, GateConfig, Structure, keep_of, kept_index,
                    make_gate, open_index, soft_values)
-from .costs import any_kept, attention_macs, attention_params, feed_forward_macs, feed_forward_params
+from .costs import any_kept, attention_macs, attention_params, feed_forward_macs, feed_forward_params, post_norm_params
 from .cut_plan import CutPlan
 from .hidden import HiddenDim
 
@@ -150,10 +150,42 @@ class AttentionBlock(_GatedBlock):
         super().__init__(config, layer, exists, config.encoder_num_heads[layer], gates.attention_heads,
                          gates.init_mean, gates.attention_layers, gates, hidden)
         self.num_heads = self.n
+        self.whole_layer = False  # its layer gate gates the whole layer, LayerNorms included (own_layer)
+
+    def own_layer(self) -> None:
+        """Let this block's layer gate z gate the whole (post-norm) layer: the forward blends
+        ``x + z (layer(x) - x)`` (``LayerGates.layer``), so a removed layer is an identity, its two
+        LayerNorms gone with it; they are counted here (z x their params) instead of by the hidden
+        dimension. The eval mask is hard (a kept layer's z is exactly 1: a blend with a soft z
+        cannot fold into weights), so the cut is the plain layer or nothing. Uniform mode, post-norm
+        only (a pre-norm layer without its blocks is already an identity)."""
+        self.whole_layer = True
+        self._hidden[0].release_norms(self.layer)
+        if self.layer_gate is not None:
+            self.layer_gate.set_hard()
 
     def block_params(self, embed: Tensor, heads: Tensor, any_head: Tensor) -> Tensor:
         c = self.config
-        return attention_params(embed, c.encoder_head_dim, heads, any_head, c.is_wavlm, c.encoder_layer_norm_first)
+        params = attention_params(embed, c.encoder_head_dim, heads, any_head, c.is_wavlm, c.encoder_layer_norm_first)
+        return params + post_norm_params(embed) if self.whole_layer else params
+
+    def plan(self, plan: CutPlan) -> None:
+        super().plan(plan)
+        if self.whole_layer and not plan.config["encoder_attention_kept"][self.layer]:
+            n = self.config.encoder_num_layers
+            kept = plan.config.get("encoder_layer_kept") or [True] * n
+            kept[self.layer] = False  # an identity: its LayerNorms go too (the tied FFN block removes itself)
+            plan.config["encoder_layer_kept"] = kept
+
+    def layer_fields(self, masks: Dict[str, Tensor], flags: Optional[Dict[str, Tensor]],
+                     min_closed: float) -> Dict[str, Any]:
+        """With ``whole_layer`` the layer gate goes to ``LayerGates.layer`` (the blocks ungated)."""
+        fields = super().layer_fields(masks, flags, min_closed)
+        if self.whole_layer:
+            fields["layer"], fields[self.block_field] = fields[self.block_field], None
+            if flags is not None:
+                fields["layer_on"], fields[self.block_field + "_on"] = fields[self.block_field + "_on"], True
+        return fields
 
     def block_macs(self, frames: int, embed: Tensor, heads: Tensor) -> Tensor:
         c = self.config
