@@ -96,22 +96,23 @@ def check_shape(shape: Shape, config: EncoderConfig, gates: GateConfig, uniform:
         if shape.layers < n and not gates.attention_layers:
             raise ValueError(f"pruning.shape.layers={shape.layers}: removing layers needs the layer gates; "
                              f"drop pruning.gates.attention_layers=false")
+
+    def per_layer(key: str, value: int, counts: List[int], what: str, units: str, gated: bool, gate_key: str
+                  ) -> None:
+        """A count every layer keeps: the teacher's layers agree on theirs, and fewer needs the gates."""
+        if len(set(counts)) > 1:
+            raise ValueError(f"pruning.shape.{key}: the teacher's layers have different {what} {counts}")
+        whole(key, value, 1, counts[0])
+        if value < counts[0] and not gated:
+            raise ValueError(f"pruning.shape.{key}={value}: pruning {units} needs their gates; drop "
+                             f"pruning.gates.{gate_key}=false")
+
     if shape.heads is not None:
-        heads = config.encoder_num_heads
-        if len(set(heads)) > 1:
-            raise ValueError(f"pruning.shape.heads: the teacher's layers have different head counts {heads}")
-        whole("heads", shape.heads, 1, heads[0])
-        if shape.heads < heads[0] and not gates.attention_heads:
-            raise ValueError(f"pruning.shape.heads={shape.heads}: pruning heads needs the head gates; drop "
-                             f"pruning.gates.attention_heads=false")
+        per_layer("heads", shape.heads, config.encoder_num_heads, "head counts", "heads", gates.attention_heads,
+                  "attention_heads")
     if shape.ffn is not None:
         units = config.encoder_ff_interm_features
-        if len(set(units)) > 1:
-            raise ValueError(f"pruning.shape.ffn: the teacher's layers have different FFN widths {units}")
-        whole("ffn", shape.ffn, 1, units[0])
-        if shape.ffn < units[0] and not gates.ffn_units:
-            raise ValueError(f"pruning.shape.ffn={shape.ffn}: pruning FFN units needs their gates; drop "
-                             f"pruning.gates.ffn_units=false")
+        per_layer("ffn", shape.ffn, units, "FFN widths", "FFN units", gates.ffn_units, "ffn_units")
         if shape.ffn % round_to and shape.ffn != units[0]:
             raise ValueError(f"pruning.shape.ffn={shape.ffn} is not a multiple of pruning.round_to={round_to}")
     if shape.conv is not None:
