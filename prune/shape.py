@@ -159,7 +159,8 @@ class Shaper:
     layers' plain counts) and every head (``shape.heads``: that many, WavLM: the same ones in every
     layer), a layer goes whole (its attention block's gate decides, ``shape.layers``: the that many
     with the highest scores), conv layers keep ``shape.conv`` or their plain counts. round_to: FFN
-    units and conv channels rounded to multiples (heads and blocks are not)."""
+    units, conv channels and the hidden dimension's channels rounded to multiples (heads and
+    blocks are not)."""
 
     def __init__(self, uniform: bool = False, shape: Shape = Shape(), round_to: int = 1):
         self.uniform = uniform
@@ -221,6 +222,8 @@ class Shaper:
                 conv.gate.force(conv.gate.top(counts[i]))
             else:
                 _force_rounded(conv.gate, self.round_to)
+        for hidden in getattr(gated, "hidden", ()):  # every layer's width: odd widths run slower too
+            _force_rounded(hidden.gate, self.round_to)
 
     def sized(self, size: SizeFn) -> SizeFn:
         """``size`` measured with the shape forced from the gates' current state (for the

@@ -19,6 +19,10 @@ shared and noisy, absolute times are not comparable across runs. Writes a table 
    pruned odd width, and at that width padded to multiples of 8 (are narrow layers slow?).
 6. ONNX Runtime: the models of 1 exported with `prune convert`'s exporter, float32 and int8
    (dynamic, MatMul weights), vs torch eager; batch 1 and 4 (needs `pip install 'prune[onnx]'`).
+8. structures (#17): HuBERT Base at 75% and 90% params removed with the default gates, with the
+   hidden dimension gated too (and every further gate kind `GateConfig` has), and at 75% with
+   `round_to=8`: the same seeded gate procedure for each, MACs, kept heads / FFN units, latency at
+   batch 1 and 4 and speedup against MAC cut (on request: `--sections 8`).
 """
 
 from __future__ import annotations
@@ -39,7 +43,8 @@ from prune.calibrate import calibrate
 from prune.measured import fastest, interleaved, spread
 from prune.models import build_preset
 from prune.seeded import set_random_gates
-from prune.structures import GatedEncoder, count_macs
+from prune.shape import Shaper
+from prune.structures import GateConfig, GatedEncoder, count_macs
 from prune.lagrangian import Lagrangian
 from prune.evaluate.report import format_table
 
@@ -103,6 +108,62 @@ def inference(args) -> Dict:
                        + [[f"{e['sparsity']:.2f}", f"{e['max_rel_error']:.1e}", f"{e['expected_params']:,}",
                            f"{e['actual_params']:,}"] for e in exactness]))
     return {"inference": results, "exactness": exactness, "models": models}
+
+
+# ------------------------------------------------------------------------------------- 8
+# the gate kinds section 7 adds to the default ones, each switched on together with those before it
+NEW_GATES = ("hidden_dim", "head_qk_dims", "head_v_dims")
+
+
+def structure_variants(preset: str):
+    """{name: (config, kept heads, kept FFN units)} of section 7, all cut from the same random
+    weights with the same seeded gate procedure (seed 1) as section 1."""
+    torch.manual_seed(0)
+    full = build_preset(preset).eval()
+    extra = {name: True for name in NEW_GATES if name in GateConfig.__dataclass_fields__}
+    variants = {"unpruned": full}
+    for sparsity in (0.75, 0.9):
+        for label, gates, round_to in (("default", GateConfig(), 1), ("+" + ",".join(extra), GateConfig(**extra), 1),
+                                       ("default, round_to=8", GateConfig(), 8)):
+            if round_to > 1 and sparsity != 0.75:
+                continue
+            gated = GatedEncoder(build_preset(preset), gates)
+            gated.model.load_state_dict(full.state_dict(), strict=False)
+            shaper = Shaper(round_to=round_to)
+            set_random_gates(gated, sparsity, seed=1, size=shaper.sized(GatedEncoder.expected_params))
+            gated.eval()
+            variants[f"{int(sparsity * 100)}% {label}"] = prune.compile_encoder(gated)
+    return variants
+
+
+def structures(args) -> Dict:
+    models = structure_variants(args.preset)
+    full = models["unpruned"]
+    clock = time.thread_time if args.clock == "thread" else time.perf_counter
+    rows, results = [], []
+    for batch in (1, 4):
+        x = torch.randn(batch, int(args.seconds * 16000))
+        with torch.no_grad():
+            times = interleaved({k: (lambda m=m: m(x)) for k, m in models.items()}, args.repeats, clock=clock)
+        base = fastest(times["unpruned"])
+        for name, m in models.items():
+            c = m.config
+            heads = sum(h for h, kept in zip(c.encoder_num_heads, c.encoder_attention_kept) if kept)
+            units = sum(u for u, kept in zip(c.encoder_ff_interm_features, c.encoder_ff_kept) if kept)
+            mac_cut = count_macs(full.config, args.seconds) / count_macs(c, args.seconds)
+            speedup = base / fastest(times[name])
+            results.append({"model": name, "batch": batch, "params": prune.num_params(m), "hidden": c.encoder_embed_dim,
+                            "heads": heads, "ffn_units": units, "gmacs_per_s": count_macs(c, 1.0) / 1e9,
+                            "latency_s": fastest(times[name]), "spread": spread(times[name]), "speedup": speedup,
+                            "mac_reduction": mac_cut})
+            rows.append([name, str(batch), f"{prune.num_params(m) / 1e6:.2f} M", str(c.encoder_embed_dim), str(heads),
+                         str(units), f"{count_macs(c) / 1e9:.2f}", f"{fastest(times[name]):.3f} s",
+                         spread(times[name]), f"{speedup:.2f}x", f"{mac_cut:.2f}x", f"{speedup / mac_cut:.2f}"])
+    print(f"\n8. Structures, {args.preset}, {args.seconds:g} s of audio, {torch.get_num_threads()} threads, "
+          f"{args.clock} clock, best of {args.repeats}")
+    print(format_table([["model", "batch", "params", "hidden", "heads", "FFN units", "GMACs/s", "latency",
+                         "median/max", "speedup", "MAC cut", "speedup / MAC cut"]] + rows))
+    return {"structures": results}
 
 
 # ------------------------------------------------------------------------------------- 2
@@ -321,6 +382,8 @@ def main() -> None:
     parser.add_argument("--out", default="outputs/benchmark")
     parser.add_argument("--sections", default="1,2,3,6",
                         help="which parts to run (4 comes with 1; 5 on request; 6 needs the onnx extra)")
+    parser.add_argument("--clock", choices=("wall", "thread"), default="wall",
+                        help="section 8's clock: thread = this thread's CPU time (use with --threads 1 on a loaded machine)")
     parser.add_argument("--preset", default=PRESET,
                         help=f"model of sections 1, 4 and 6 (default {PRESET}; hubert_base_tiny: a smoke test)")
     args = parser.parse_args()
@@ -347,6 +410,8 @@ def main() -> None:
         results.update(training_step(args))
     if "5" in sections:
         results.update(conv_widths(args))
+    if "8" in sections:
+        results.update(structures(args))
     if "6" in sections:
         results.update(onnx_runtime(args, pruned_models(args.preset)[0]))
     results["seconds_total"] = time.time() - t0

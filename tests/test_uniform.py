@@ -267,6 +267,28 @@ def test_calibration_lands_the_target_under_the_constraint(uniform, round_to):
         assert count % round_to == 0 or count == full
 
 
+def test_round_to_rounds_the_hidden_dimension():
+    torch.manual_seed(0)
+    gated = GatedEncoder(_medium().model, GateConfig(hidden_dim=True))
+    randomize_gates(gated, seed=3, hard_cases=False)
+    shaper = Shaper(round_to=8)
+    target = 0.45 * count_params(gated.config)
+    calibrate(gated, shaper.sized(GatedEncoder.expected_params), target, 0.005)
+    shaper.apply(gated)
+    gated.eval()
+    compiled = compile_encoder(gated)
+    config = compiled.config
+    assert config.encoder_embed_dim < 64 and config.encoder_embed_dim % 8 == 0
+    assert gated.expected_params().item() == num_params(compiled)
+    assert count_params(config) == pytest.approx(target, rel=0.005)
+    x, lengths = _batch()
+    with torch.no_grad():
+        expected, _ = gated(x, lengths)
+        actual, _ = compiled(x, lengths)
+    kept = torch.tensor(config.encoder_hidden_index)  # the gated model's removed channels are zeros
+    assert max_rel_error(actual, [e[..., kept] for e in expected]) < 1e-5
+
+
 def test_round_count():
     assert [round_count(c, 30, 8) for c in (0, 1, 4, 5, 12, 20, 27, 29, 30)] == [0, 8, 8, 8, 16, 24, 30, 30, 30]
     assert round_count(13, 512, 1) == 13
