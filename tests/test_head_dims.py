@@ -1,0 +1,147 @@
+"""The dims inside the heads (prune/structures/transformer.py, ``AttentionBlock``): per layer one
+gate over the query/key dims and one over the value dims, shared by the layer's heads; the compiled
+model is exact and its costs are the expected ones."""
+
+import pytest
+import torch
+from conftest import TINY
+from helpers import CLOSED, max_rel_error, randomize_gates
+
+from prune.compile import compile_encoder
+from prune.measured import measured_macs, num_params
+from prune.models import build_encoder, build_preset
+from prune.structures import GateConfig, GatedEncoder, count_macs, count_params
+
+TOL = 1e-5
+DIMS = GateConfig(head_qk_dims=True, head_v_dims=True)
+
+
+@pytest.fixture
+def batch():
+    return torch.randn(2, 16000), torch.tensor([16000, 11000])
+
+
+def _run(model, x, lengths):
+    with torch.no_grad():
+        return model(x, lengths)
+
+
+def _gated(name, gates=DIMS, seed=0, hard_cases=True, model=None):
+    gated = GatedEncoder(build_preset(name) if model is None else model, gates)
+    randomize_gates(gated, seed=seed, hard_cases=hard_cases)
+    with torch.no_grad():  # layer 1 (its block reopened) loses some q/k dims and some (other) v dims
+        gated.attention[1].layer_gate.log_alpha.fill_(5.0)
+        gated.attention[1].qk_gate.log_alpha[:3] = CLOSED
+        gated.attention[1].v_gate.log_alpha[-2:] = CLOSED
+    return gated.eval()
+
+
+@pytest.mark.parametrize("name", TINY)
+def test_compiled_matches_gated_eval(name, batch):
+    """Every hidden state on a padded batch, with every other structure's hard cases as well."""
+    gated = _gated(name)
+    compiled = compile_encoder(gated)
+    cfg, d = compiled.config, gated.config.encoder_head_dim
+    assert cfg.encoder_head_dim == d
+    assert 0 < cfg.encoder_head_qk_dims[1] <= d - 3 and 0 < cfg.encoder_head_v_dims[1] <= d - 2
+    assert cfg.encoder_num_heads[1] > 0 and cfg.encoder_head_qk_dims != cfg.encoder_head_v_dims
+    expected, exp_len = _run(gated, *batch)
+    actual, act_len = _run(compiled, *batch)
+    assert torch.equal(exp_len, act_len) and len(actual) == len(expected)
+    assert max_rel_error(actual, expected) < TOL
+    rebuilt = build_encoder(cfg)
+    rebuilt.load_state_dict(compiled.state_dict(), strict=True)
+
+
+@pytest.mark.parametrize("name", ["wav2vec2_base_tiny", "wavlm_base_tiny"])
+def test_no_qk_dim_or_no_v_dim_left_stays_exact(name, batch):
+    """Layer 0 keeps no query/key dim (uniform attention weights, WavLM: the bias alone), layer 1 no
+    value dim (the block's output is out_proj's bias)."""
+    gated = GatedEncoder(build_preset(name), DIMS)
+    randomize_gates(gated, seed=4, hard_cases=False)
+    with torch.no_grad():
+        gated.attention[0].qk_gate.log_alpha.fill_(CLOSED)
+        gated.attention[1].v_gate.log_alpha.fill_(CLOSED)
+    gated.eval()
+    compiled = compile_encoder(gated)
+    assert compiled.config.encoder_head_qk_dims[0] == 0 and compiled.config.encoder_head_v_dims[1] == 0
+    assert max_rel_error(_run(compiled, *batch)[0], _run(gated, *batch)[0]) < TOL
+    assert gated.expected_params().item() == num_params(compiled)
+
+
+@pytest.mark.parametrize("name", ["hubert_base_tiny", "wavlm_large_tiny"])
+def test_compiled_matches_with_the_hidden_gate_too(name, batch):
+    gated = _gated(name, GateConfig(head_qk_dims=True, head_v_dims=True, hidden_dim=True), seed=1)
+    compiled = compile_encoder(gated)
+    kept = torch.tensor(compiled.config.encoder_hidden_index)
+    assert compiled.config.encoder_embed_dim < gated.config.encoder_embed_dim
+    expected = [h[..., kept] for h in _run(gated, *batch)[0]]
+    assert max_rel_error(_run(compiled, *batch)[0], expected) < TOL
+    assert gated.expected_params().item() == num_params(compiled)
+
+
+@pytest.mark.parametrize("name", TINY)
+def test_expected_costs_in_eval_equal_the_compiled_model(name):
+    gated = _gated(name, seed=3)
+    compiled = compile_encoder(gated)
+    assert gated.expected_params().item() == num_params(compiled) == count_params(compiled.config)
+    for seconds in (1.0, 2.3):
+        measured = measured_macs(compiled, seconds)
+        assert gated.expected_macs(seconds).item() == pytest.approx(measured, rel=0.01)
+        assert count_macs(compiled.config, seconds) == pytest.approx(measured, rel=0.01)
+
+
+def test_cutting_cut_head_dims_again_stays_exact(batch):
+    """Gate the compiled model again (heads narrower than encoder_head_dim, the softmax scale kept)."""
+    first = compile_encoder(_gated("wavlm_base_tiny", seed=2))
+    gated = GatedEncoder(first, DIMS)
+    randomize_gates(gated, seed=5, hard_cases=False)
+    with torch.no_grad():
+        gated.attention[1].qk_gate.log_alpha[0] = CLOSED
+    gated.eval()
+    second = compile_encoder(gated)
+    assert second.config.encoder_head_qk_dims[1] < first.config.encoder_head_qk_dims[1]
+    assert gated.expected_params().item() == num_params(second)
+    assert max_rel_error(_run(second, *batch)[0], _run(gated, *batch)[0]) < TOL
+
+
+@pytest.mark.parametrize("kind", ["expected_params", "expected_macs"])
+def test_training_costs_are_the_expectation_over_independent_gates(kind):
+    """The training-mode cost equals the mean over drawn gate patterns of the exact eval-mode cost:
+    Monte Carlo over every gate, the dims gates included (E[H' d] = E[H'] E[d])."""
+    gated = GatedEncoder(build_preset("wavlm_base_tiny"), DIMS)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in gated.gate_parameters():
+            p.copy_(torch.randn(p.shape, generator=g) + 0.5)
+    gated.train()
+    expected = getattr(gated, kind)().item()
+    bias = gated.attention[0].qk_gate.bias
+    keep = [torch.sigmoid(p.detach() - bias) for p in gated.gate_parameters()]
+    gated.eval()
+    total, draws = 0.0, 400
+    with torch.no_grad():
+        for _ in range(draws):
+            for param, k in zip(gated.gate_parameters(), keep):
+                param.copy_(torch.where(torch.bernoulli(k, generator=g) > 0, 30.0, -30.0))
+            total += getattr(gated, kind)().item()
+    assert expected == pytest.approx(total / draws, rel=0.01)
+    without = GatedEncoder(build_preset("wavlm_base_tiny"))  # the dims gates do move the cost
+    assert abs(getattr(without.train(), kind)().item() - expected) > 0.05 * expected
+
+
+def test_head_dims_gates_are_off_by_default():
+    gated = GatedEncoder(build_preset("hubert_base_tiny"))
+    assert all(a.qk_gate is None and a.v_gate is None for a in gated.attention)
+    compiled = compile_encoder(randomize_gates(gated).eval())
+    assert compiled.config.encoder_head_qk_dims is None and compiled.config.encoder_head_v_dims is None
+    only_v = GatedEncoder(build_preset("hubert_base_tiny"), GateConfig(head_v_dims=True))
+    assert all(a.qk_gate is None and a.v_gate is not None for a in only_v.attention)
+    assert "attention.0.v_gate.log_alpha" in dict(only_v.named_parameters())
+
+
+def test_config_rejects_dims_wider_than_a_head():
+    from prune.models.config import EncoderConfig
+
+    with pytest.raises(ValueError, match="encoder_head_qk_dims"):
+        EncoderConfig(encoder_head_qk_dims=[65] * 12)
