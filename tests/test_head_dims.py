@@ -145,3 +145,84 @@ def test_config_rejects_dims_wider_than_a_head():
 
     with pytest.raises(ValueError, match="encoder_head_qk_dims"):
         EncoderConfig(encoder_head_qk_dims=[65] * 12)
+
+
+NO_DROPOUT = dict(encoder_dropout=0.0, encoder_attention_dropout=0.0, encoder_projection_dropout=0.0,
+                  encoder_ff_interm_dropout=0.0, encoder_layer_drop=0.0)
+
+
+def _step(gated, skip, x, lengths, targets):
+    gated.skip_closed = skip
+    gated.zero_grad(set_to_none=True)
+    torch.manual_seed(7)  # the same gate samples in both runs
+    hiddens, _ = gated(x, lengths)
+    loss = sum(((h - t) ** 2).mean() for h, t in zip(hiddens, targets)) + gated.expected_params() * 1e-6
+    loss.backward()
+    grads = {n: torch.zeros_like(p) if p.grad is None else p.grad.clone() for n, p in gated.named_parameters()}
+    return loss.detach(), grads
+
+
+@pytest.mark.parametrize("name", TINY)
+def test_skipping_closed_dims_gives_the_same_loss_and_gradients(name):
+    gated = GatedEncoder(build_preset(name, **NO_DROPOUT), DIMS, skip_min_closed=0.0)
+    randomize_gates(gated, seed=4, hard_cases=False)
+    with torch.no_grad():  # some dims closed in every draw, different ones for q/k and v
+        for a in gated.attention:
+            a.qk_gate.log_alpha[:3] = CLOSED
+            a.v_gate.log_alpha[-2:] = CLOSED
+        gated.attention[1].head_gate.log_alpha[:1] = CLOSED
+    gated.train()
+    x, lengths = torch.randn(2, 12000), torch.tensor([12000, 9000])
+    with torch.no_grad():
+        targets = [torch.randn_like(h) for h in gated.model(x, lengths)[0]]
+    torch.manual_seed(7)
+    layers = gated.sample_gates().layers
+    assert all(l.qk_dims_active is not None and l.v_dims_active is not None for l in layers)
+    assert layers[0].qk_dims_active.numel() <= gated.attention[0].qk_dim - 3
+    loss_on, grads_on = _step(gated, True, x, lengths, targets)
+    loss_off, grads_off = _step(gated, False, x, lengths, targets)
+    assert abs(loss_on - loss_off) <= 1e-6 * abs(loss_off)
+    assert grads_on.keys() == grads_off.keys()
+    for n in grads_off:  # float32 sums in another order: relative to each tensor's scale
+        a, b = grads_on[n], grads_off[n]
+        assert (a - b).abs().max() <= 1e-4 * b.abs().max() + 1e-8, n
+    d = gated.attention[0].qk_dim  # the closed q dims of head 0 got no gradient
+    q_grad = grads_on["model.encoder.transformer.layers.0.attention.q_proj.weight"]
+    assert q_grad[:3].abs().sum() == 0 and q_grad[3:d].abs().sum() > 0
+
+
+def test_round_to_keeps_head_dims_in_multiples_and_the_cut_exact(batch):
+    """pruning.round_to at the cut: q/k and v widths in multiples of 4 (heads 16 wide), the
+    calibration still on target, the compiled model exact."""
+    from prune.calibrate import BUT_BLOCKS, calibrate
+    from prune.shape import Shaper
+    from prune.structures import HEAD_QK_DIMS, HEAD_V_DIMS
+
+    assert {HEAD_QK_DIMS, HEAD_V_DIMS} <= set(BUT_BLOCKS)  # they move in the coarse pass
+    gated = GatedEncoder(build_preset("hubert_base_tiny", encoder_num_heads=2), DIMS)
+    randomize_gates(gated, seed=6, hard_cases=False)
+    shaper = Shaper(round_to=4)
+    target = 0.6 * count_params(gated.config)
+    calibrate(gated, shaper.sized(GatedEncoder.expected_params), target, 0.01)
+    shaper.apply(gated)
+    compiled = compile_encoder(gated)
+    cfg = compiled.config
+    assert num_params(compiled) == pytest.approx(target, rel=0.01) == gated.expected_params().item()
+    dims = cfg.encoder_head_qk_dims + cfg.encoder_head_v_dims
+    assert all(d % 4 == 0 for d in dims) and min(dims) < 16
+    assert max_rel_error(_run(compiled, *batch)[0], _run(gated, *batch)[0]) < TOL
+
+
+@pytest.mark.parametrize("key", ["head_qk_dims", "head_v_dims"])
+def test_uniform_mode_refuses_the_head_dims_gates(tmp_path, key):
+    from helpers_train import noise_corpus
+
+    from prune.train.config import ConfigError, compose, validate
+
+    train, valid = noise_corpus(tmp_path / "corpus")
+    cfg = compose("tiny_demo", [f"data.train_manifest={train}", f"data.valid_manifest={valid}",
+                                "pruning.uniform=true", f"pruning.gates.{key}=true"])
+    with pytest.raises(ConfigError, match=f"pruning.gates.{key}=true: a uniform run keeps transformers' head"):
+        validate(cfg)
+    validate(compose("tiny_demo", [f"data.train_manifest={train}", f"data.valid_manifest={valid}",
+                                   f"pruning.gates.{key}=true"]))  # free mode takes it
