@@ -226,3 +226,53 @@ def test_uniform_mode_refuses_the_head_dims_gates(tmp_path, key):
         validate(cfg)
     validate(compose("tiny_demo", [f"data.train_manifest={train}", f"data.valid_manifest={valid}",
                                    f"pruning.gates.{key}=true"]))  # free mode takes it
+
+
+def test_inspect_describe_export_and_hf_know_the_head_dims(tmp_path):
+    from prune.checkpoints.export import describe, export_pruned, load_pruned
+    from prune.checkpoints.hf_export import blockers
+    from prune.checkpoints.inspect import structure_lines
+
+    compiled = compile_encoder(_gated("hubert_base_tiny", seed=6))
+    cfg = compiled.config
+    info = describe(cfg)
+    assert info["head_qk_dims"] == [cfg.encoder_head_qk_dims[0], cfg.encoder_head_qk_dims[1]]
+    assert info["head_v_dims"][1] == cfg.encoder_head_v_dims[1]
+    line = next(l for l in structure_lines(compiled) if l.startswith("head dims:"))
+    assert line == (f"head dims:      per layer, of 8: q/k dims {', '.join(map(str, cfg.encoder_head_qk_dims))}; "
+                    f"v dims {', '.join(map(str, cfg.encoder_head_v_dims))} (softmax scale 1/sqrt(8))")
+    assert not any(l.startswith("head dims:") for l in structure_lines(build_preset("hubert_base_tiny")))
+    export_pruned(compiled, tmp_path / "out")
+    loaded = load_pruned(tmp_path / "out")
+    assert loaded.config == cfg
+    x = torch.randn(1, 8000)
+    assert max_rel_error(_run(loaded, x, None)[0], _run(compiled, x, None)[0]) == 0
+    reasons = [r for r in blockers(cfg) if "query/key" in r]
+    assert reasons == [f"layer 1 keeps heads of {cfg.encoder_head_qk_dims[1]} query/key and "
+                       f"{cfg.encoder_head_v_dims[1]} value dims of 8 (transformers' heads are "
+                       f"hidden_size // num_attention_heads wide in q, k and v)"]
+
+
+def test_onnx_export_of_cut_head_dims_matches(tmp_path):
+    pytest.importorskip("onnx")
+    pytest.importorskip("onnxruntime")
+    from prune.checkpoints.onnx_export import check_batch, export_onnx, verify_onnx
+
+    gated = GatedEncoder(build_preset("wavlm_base_tiny", encoder_num_layers=3), DIMS)
+    randomize_gates(gated, seed=2, hard_cases=False)
+    with torch.no_grad():
+        gated.attention[0].qk_gate.log_alpha[:3] = CLOSED
+        gated.attention[1].v_gate.log_alpha[:5] = CLOSED
+    model = compile_encoder(gated.eval())
+    assert model.config.encoder_head_qk_dims[0] < 8 and model.config.encoder_head_v_dims[1] < 8
+    path = export_onnx(model, tmp_path / "m.onnx")
+    errors = verify_onnx(path, model, batch=check_batch(model.config))
+    assert max(errors.values()) < 1e-4, errors
+
+
+def test_preview_gates_the_head_dims(tmp_path):
+    from prune.preview import preview
+
+    result = preview("hubert_base_tiny", 0.5, tmp_path / "p", seconds=0.5, repeats=1, head_dims=True)
+    assert result.error < TOL and result.reached == pytest.approx(0.5, abs=0.02)
+    assert min(d for d in result.after["head_qk_dims"] + result.after["head_v_dims"] if d is not None) < 8
