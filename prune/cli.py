@@ -9,6 +9,7 @@
                          [--task MANIFEST]              the saved task head's PER / accuracy
     prune inspect PATH                                  size and structure of any supported checkpoint
     prune preview [--preset P] [--sparsity S] [--uniform]  gate a preset with seeded random gates, cut, export
+                  [--head-dims]                       ... the dims inside the heads gated too
     prune convert MODEL OUT.onnx --to onnx [--layers K ...] [--quantize int8]   an ONNX graph, checked with onnxruntime
     prune convert MODEL OUT --to hf                     a transformers folder (AutoModel.from_pretrained)
     prune manifest FOLDER OUT_DIR                       train.tsv + valid.tsv for a folder of audio

@@ -276,3 +276,13 @@ def test_preview_gates_the_head_dims(tmp_path):
     result = preview("hubert_base_tiny", 0.5, tmp_path / "p", seconds=0.5, repeats=1, head_dims=True)
     assert result.error < TOL and result.reached == pytest.approx(0.5, abs=0.02)
     assert min(d for d in result.after["head_qk_dims"] + result.after["head_v_dims"] if d is not None) < 8
+
+
+def test_preview_refuses_head_dims_with_uniform_in_one_line(tmp_path):
+    from prune.cli import main
+
+    with pytest.raises(SystemExit) as exit:
+        main(["preview", "--preset", "hubert_base_tiny", "--head-dims", "--uniform", "--out", str(tmp_path / "p")])
+    message = str(exit.value.code)  # SystemExit(message): printed to stderr, exit status 1
+    assert len(message.splitlines()) == 1 and message.startswith("prune preview: --head-dims with --uniform")
+    assert not (tmp_path / "p").exists()
