@@ -80,8 +80,6 @@ class EncoderConfig:
     encoder_num_buckets          num_buckets                         num_buckets              WavLM: relative-position buckets
     encoder_max_distance         max_bucket_distance                 max_distance             WavLM: the farthest bucketed
     encoder_head_dim             -                                   -                        a head's original width (null: embed/heads)
-    encoder_head_qk_dims         -                                   -                        prune only: kept q/k dims per head (per layer)
-    encoder_head_v_dims          -                                   -                        prune only: kept v dims per head (per layer)
     extractor_norm_channels      -                                   -                        channels a conv LayerNorm averages
     encoder_attention_kept       -                                   -                        encoder_use_attention (per layer)
     encoder_ff_kept              -                                   -                        encoder_use_feed_forward (per layer)
@@ -91,6 +89,8 @@ class EncoderConfig:
     encoder_hidden_total         -                                   -                        channels a LayerNorm over D averages
     encoder_hidden_index         -                                   -                        original ids of the kept channels of D
     encoder_pos_conv_group_sizes  -                                  -                        kept channels per pos-conv group
+    encoder_head_qk_dims         -                                   -                        prune only: kept q/k dims per head (per layer)
+    encoder_head_v_dims          -                                   -                        prune only: kept v dims per head (per layer)
     layer_norm_eps               layer_norm_eps                      -                        the transformer's (fairseq: 1e-5)
     normalize_waveform           do_normalize                        normalize                per utterance: zero mean, unit variance
     """

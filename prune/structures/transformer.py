@@ -11,8 +11,8 @@ from torch import Tensor
 
 from ..gates import HardConcrete
 from ..models.config import EncoderConfig
-from .base import (ATTENTION_BLOCK, FFN_BLOCK, FFN_UNITS, HEAD_QK_DIMS, HEAD_V_DIMS, HEADS, GateConfig, Structure, keep_of, kept_index,
-                   make_gate, open_index, soft_values)
+from .base import (ATTENTION_BLOCK, FFN_BLOCK, FFN_UNITS, HEAD_QK_DIMS, HEAD_V_DIMS, HEADS, GateConfig, Structure,
+                   keep_of, kept_index, make_gate, open_index, soft_values)
 from .costs import any_kept, attention_macs, attention_params, feed_forward_macs, feed_forward_params, post_norm_params
 from .cut_plan import CutPlan
 from .hidden import HiddenDim

@@ -99,7 +99,7 @@ class PruningConfig:
     # conv layer, none in a layer_norm extractor); docs/configs.md
     uniform: bool = False  # a shape transformers holds: one FFN width, layers whole, all heads (docs/configs.md)
     shape: ShapeConfig = field(default_factory=ShapeConfig)  # explicit kept counts (with uniform)
-    round_to: int = 1  # FFN units, conv channels and head dims kept in multiples of this at the cut (not heads, not blocks)
+    round_to: int = 1  # FFN units, conv channels, head dims kept in multiples of this at the cut (not heads, blocks)
     enabled: bool = True  # false: no gates and no cut, the model is trained as it is (prune finetune; trainer.prune_steps=0)
 
 
