@@ -286,3 +286,22 @@ def test_preview_refuses_head_dims_with_uniform_in_one_line(tmp_path):
     message = str(exit.value.code)  # SystemExit(message): printed to stderr, exit status 1
     assert len(message.splitlines()) == 1 and message.startswith("prune preview: --head-dims with --uniform")
     assert not (tmp_path / "p").exists()
+
+
+def test_a_training_run_with_the_head_dims_gates_cuts_and_exports_them(tmp_path):
+    """pruning.gates.head_qk_dims=true head_v_dims=true end to end, with round_to=2: the export keeps
+    narrower heads (even widths) and loads back."""
+    from helpers_train import noise_corpus, prune_cli, short_run_args
+
+    from prune.checkpoints.export import load_pruned, read_export_info
+
+    train, valid = noise_corpus(tmp_path / "corpus")
+    run = tmp_path / "run"
+    done = prune_cli(short_run_args(train, valid, run, prune_steps=10, final_steps=4,
+                                    extra=["pruning.gates.head_qk_dims=true", "pruning.gates.head_v_dims=true",
+                                           "pruning.gates.init_mean=0.3", "pruning.round_to=2"]))
+    assert done.returncode == 0, done.stderr[-3000:]
+    config = read_export_info(run / "export")["config"]
+    dims = [d for d in config["encoder_head_qk_dims"] + config["encoder_head_v_dims"]]
+    assert min(dims) < 8 and all(d % 2 == 0 for d in dims), dims
+    assert load_pruned(run / "export").config.encoder_head_qk_dims == config["encoder_head_qk_dims"]
