@@ -226,6 +226,8 @@ def test_uniform_mode_refuses_the_head_dims_gates(tmp_path, key):
         validate(cfg)
     validate(compose("tiny_demo", [f"data.train_manifest={train}", f"data.valid_manifest={valid}",
                                    f"pruning.gates.{key}=true"]))  # free mode takes it
+    with pytest.raises(ValueError, match="uniform structures keep transformers' head width"):
+        GatedEncoder(build_preset("hubert_base_tiny"), GateConfig(**{key: True}), uniform=True)
 
 
 def test_inspect_describe_export_and_hf_know_the_head_dims(tmp_path):
