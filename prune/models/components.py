@@ -348,9 +348,8 @@ class SelfAttention(nn.Module):
         heads = self.num_heads if active is None else active.numel()
         if heads == 0:  # only the output bias is left
             return self.out_proj.bias + x.new_zeros(x.shape[:-1] + (self.embed_dim,))
-        head_index = None if active is None else active
-        qk_rows = _head_rows(head_index, qk_active, self.num_heads, self.qk_dim, x.device)
-        v_rows = _head_rows(head_index, v_active, self.num_heads, self.v_dim, x.device)
+        qk_rows = _head_rows(active, qk_active, self.num_heads, self.qk_dim, x.device)
+        v_rows = _head_rows(active, v_active, self.num_heads, self.v_dim, x.device)
         batch, frames, _ = x.shape
 
         def project(lin: nn.Linear, rows: Optional[Tensor], gate: Optional[Tensor], dims: Optional[Tensor],
