@@ -9,13 +9,14 @@ from typing import Callable, Collection, List, Optional
 import torch
 from torch import Tensor
 
-from .structures import CONV_CHANNELS, FFN_UNITS, GATE_KINDS, HEADS, HIDDEN, GatedEncoder
+from .structures import CONV_CHANNELS, FFN_UNITS, GATE_KINDS, HEAD_QK_DIMS, HEAD_V_DIMS, HEADS, HIDDEN, GatedEncoder
 
 # the gate kinds each calibration pass moves (prune.structures.base names them)
 ALL_GATES = GATE_KINDS
-# every kind but the whole-block gates; a hidden channel (every layer's width) is a coarse step, as a
-# head is, so it moves with the first pass and stays out of the fine ones
-BUT_BLOCKS = (CONV_CHANNELS, HEADS, FFN_UNITS, HIDDEN)
+# every kind but the whole-block gates; a hidden channel (every layer's width) and a dim inside a
+# layer's heads (every head's width) are coarse steps, as a head is, so they move with the first pass
+# and stay out of the fine ones
+BUT_BLOCKS = (CONV_CHANNELS, HEADS, FFN_UNITS, HIDDEN, HEAD_QK_DIMS, HEAD_V_DIMS)
 FINE_GRAINED = (CONV_CHANNELS, FFN_UNITS)
 # the finest step in MACs: a conv channel costs its layer's frame rate, a unit the final one
 FFN_UNITS_ONLY = (FFN_UNITS,)

@@ -9,6 +9,7 @@
                          [--task MANIFEST]              the saved task head's PER / accuracy
     prune inspect PATH                                  size and structure of any supported checkpoint
     prune preview [--preset P] [--sparsity S] [--uniform]  gate a preset with seeded random gates, cut, export
+                  [--head-dims]                       ... the dims inside the heads gated too
     prune convert MODEL OUT.onnx --to onnx [--layers K ...] [--quantize int8]   an ONNX graph, checked with onnxruntime
     prune convert MODEL OUT --to hf                     a transformers folder (AutoModel.from_pretrained)
     prune manifest FOLDER OUT_DIR                       train.tsv + valid.tsv for a folder of audio
@@ -353,9 +354,12 @@ def preview(args: argparse.Namespace) -> int:
         raise ValueError(f"unknown --preset {args.preset!r}; choose from {', '.join(sorted(PRESETS))}")
     if not 0.0 <= args.sparsity < 1.0:
         raise ValueError(f"--sparsity must be in [0, 1), got {args.sparsity}")
+    if args.head_dims and args.uniform:
+        raise ValueError("--head-dims with --uniform: a uniform shape keeps transformers' head width; drop one")
     torch.set_num_threads(args.threads)
     result = run_preview(args.preset, args.sparsity, args.out, seed=args.seed, seconds=args.seconds,
-                         repeats=args.repeats, overwrite=args.overwrite, progress=print, uniform=args.uniform)
+                         repeats=args.repeats, overwrite=args.overwrite, progress=print, uniform=args.uniform,
+                         head_dims=args.head_dims)
     times = result.times
     print(comparison_table([("unpruned", result.before, fastest(times["unpruned"]), None),
                             ("pruned", result.after, fastest(times["pruned"]), None)],
@@ -366,6 +370,9 @@ def preview(args: argparse.Namespace) -> int:
     print(f"conv channels : {_layers(result.after['conv_channels'])}")
     print(f"heads         : {_layers(result.after['heads'])}   ('-' = attention block removed)")
     print(f"FFN units     : {_layers(result.after['ffn_units'])}   ('-' = FFN block removed)")
+    if args.head_dims:
+        print(f"q/k dims/head : {_layers(result.after['head_qk_dims'])}")
+        print(f"v dims/head   : {_layers(result.after['head_v_dims'])}")
     print(f"pruned vs gated model, max relative error over all hidden states: {result.error:.2e}")
     print(f"exported to {result.path}  (load with: prune.load_pruned({str(result.path)!r}))")
     return 0
@@ -532,6 +539,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an existing export folder")
     p.add_argument("--uniform", action="store_true",
                    help="a shape transformers holds (as pruning.uniform=true): one FFN width, layers whole, all heads")
+    p.add_argument("--head-dims", action="store_true",
+                   help="also gate the q/k and v dims inside the heads (pruning.gates.head_qk_dims / head_v_dims)")
     p.set_defaults(func=preview)
     p = sub.add_parser("profile", help="a latency table of this machine: each block kind timed over kept widths")
     p.add_argument("model", nargs="?", default=None, help="a checkpoint prune inspect reads (or give --preset)")

@@ -179,6 +179,11 @@ class LatencyTable:
             elif isinstance(s, (AttentionBlock, FeedForwardBlock)):
                 if not s.exists:  # removed: the layer is a residual path there
                     continue
+                if isinstance(s, AttentionBlock) and (s.qk_gate is not None or s.v_gate is not None or
+                                                      (s.qk_dim, s.v_dim) != (config.encoder_head_dim,) * 2):
+                    raise LatencyTableError(f"{self.path}: latency tables time heads of the full width only; "
+                                            f"set pruning.gates.head_qk_dims=false and head_v_dims=false with a "
+                                            f"latency target")
                 keep = s.keep(like)
                 curve = grid["attention" if isinstance(s, AttentionBlock) else "ffn"]
                 total = total + keep[s.block_kind][0] * interp1(*curve, keep[s.unit_kind].sum())

@@ -37,12 +37,13 @@ class Preview:
 
 def preview(preset: str, sparsity: float, out: os.PathLike, seed: int = 0, seconds: float = 2.0,
             repeats: int = 5, overwrite: bool = False, progress: Optional[Callable[[str], None]] = None,
-            uniform: bool = False) -> Preview:
+            uniform: bool = False, head_dims: bool = False) -> Preview:
     """Gate ``preset`` (weights and gates seeded by ``seed``) at ``sparsity``, cut it, compare the
     cut model with the gated one on a padded batch of two ``seconds``-long utterances, time both
     models interleaved (``repeats`` passes each), and export the cut model to ``out``. The
     export folder is checked before any compute; ``progress`` gets a line as the work starts.
-    ``uniform``: gates and cut of ``pruning.uniform=true`` (a shape transformers holds)."""
+    ``uniform``: gates and cut of ``pruning.uniform=true`` (a shape transformers holds); ``head_dims``:
+    the dims inside the heads gated too (``pruning.gates.head_qk_dims`` and ``head_v_dims``)."""
     out = Path(out)
     check_output(out, NATIVE, overwrite)  # fail before any compute
     torch.manual_seed(seed)
@@ -50,8 +51,8 @@ def preview(preset: str, sparsity: float, out: os.PathLike, seed: int = 0, secon
         progress(f"building {preset} (random weights) and gating it ...")
     model = build_preset(preset)
     shaper = Shaper(uniform=uniform)  # uniform: the gates and the forced shape of pruning.uniform=true
-    gated = GatedEncoder(model, uniform_gates(GateConfig(), Shape(), model.config) if uniform else None,
-                         uniform=uniform)
+    gates = GateConfig(head_qk_dims=head_dims, head_v_dims=head_dims)
+    gated = GatedEncoder(model, uniform_gates(gates, Shape(), model.config) if uniform else gates, uniform=uniform)
     reached = set_random_gates(gated, sparsity, seed=seed, size=shaper.sized(GatedEncoder.expected_params))
     shaper.apply(gated)
     gated.eval()
@@ -67,5 +68,6 @@ def preview(preset: str, sparsity: float, out: os.PathLike, seed: int = 0, secon
                             repeats=repeats)
     error = max(((a - e).abs().max() / e.abs().max()).item() for a, e in zip(actual, expected))
     write_model(compiled, out, NATIVE, overwrite=overwrite, source=gated.config,
-                metadata={"preview": {"preset": preset, "sparsity": sparsity, "seed": seed, "uniform": uniform}})
+                metadata={"preview": {"preset": preset, "sparsity": sparsity, "seed": seed, "uniform": uniform,
+                                          "head_dims": head_dims}})
     return Preview(describe(gated.config), describe(compiled.config), reached, error, times, out)

@@ -159,8 +159,8 @@ class Shaper:
     layers' plain counts) and every head (``shape.heads``: that many, WavLM: the same ones in every
     layer), a layer goes whole (its attention block's gate decides, ``shape.layers``: the that many
     with the highest scores), conv layers keep ``shape.conv`` or their plain counts. round_to: FFN
-    units, conv channels and the hidden dimension's channels rounded to multiples (heads and
-    blocks are not)."""
+    units, conv channels, the hidden dimension's channels and the dims inside the heads rounded to
+    multiples (heads and blocks are not)."""
 
     def __init__(self, uniform: bool = False, shape: Shape = Shape(), round_to: int = 1):
         self.uniform = uniform
@@ -214,6 +214,9 @@ class Shaper:
         else:
             for f in feed_forward:
                 _force_rounded(f.unit_gate, self.round_to)
+            for a in attention:  # the q/k and v widths of each layer's heads (uniform mode refuses them)
+                _force_rounded(a.qk_gate, self.round_to)
+                _force_rounded(a.v_gate, self.round_to)
         counts = self.shape.conv_counts(gated.config) if self.uniform else None
         for i, conv in enumerate(convs):
             if conv.gate is None:

@@ -314,3 +314,13 @@ def test_a_gated_hidden_dimension_is_refused_by_a_table(table):
     with pytest.raises(LatencyTableError, match=r"do not time a pruned hidden dimension yet; set "
                                                 r"pruning\.gates\.hidden_dim=false"):
         table.expected(gated)
+
+
+def test_gated_head_dims_are_refused_by_a_table(table):
+    """Tables time heads of the full width only: the dims gates are refused in one line."""
+    from prune.structures import GateConfig
+
+    gated = GatedEncoder(build_preset("hubert_base_tiny"), GateConfig(head_v_dims=True))
+    with pytest.raises(LatencyTableError, match=r"latency tables time heads of the full width only; set "
+                                                r"pruning\.gates\.head_qk_dims=false and head_v_dims=false"):
+        table.expected(gated)

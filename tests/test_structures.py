@@ -24,7 +24,8 @@ def _like():
 @pytest.mark.parametrize("name", TINY)
 @pytest.mark.parametrize("mode", ["train", "eval"])
 def test_every_structure_reports_costs_that_sum_to_the_totals(name, mode):
-    gated = randomize_gates(GatedEncoder(build_preset(name), GateConfig(hidden_dim=True)), seed=1)
+    every = GateConfig(hidden_dim=True, head_qk_dims=True, head_v_dims=True)
+    gated = randomize_gates(GatedEncoder(build_preset(name), every), seed=1)
     gated.train(mode == "train")
     config, like, seconds = gated.config, _like(), 1.3
     frames = conv_frames(config, seconds)

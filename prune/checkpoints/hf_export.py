@@ -95,6 +95,13 @@ def blockers(config: EncoderConfig) -> List[str]:
     elif config.encoder_pos_conv_group_sizes is not None:
         reasons.append("the positional conv is groupwise with uneven groups (a cut hidden dimension); "
                        "transformers' has equal groups")
+    narrow = [i for i in range(config.encoder_num_layers) if config.encoder_attention_kept[i]
+              and config.encoder_num_heads[i] and (config.qk_dims[i], config.v_dims[i]) != (head_dim, head_dim)]
+    if narrow:
+        i = narrow[0]
+        reasons.append(f"{_layers(narrow)} keep{'s' if len(narrow) == 1 else ''} heads of {config.qk_dims[i]} "
+                       f"query/key and {config.v_dims[i]} value dims of {head_dim} (transformers' heads are "
+                       f"hidden_size // num_attention_heads wide in q, k and v)")
     heads = D // head_dim
     if D % head_dim:
         reasons.append(f"heads are {head_dim} wide, which does not divide hidden_size {D}")

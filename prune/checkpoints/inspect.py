@@ -8,7 +8,7 @@ from itertools import groupby
 from typing import Any, Dict, List, Optional, Sequence, Union
 
 from ..models import Wav2Vec2Model
-from ..structures.shown import CONV_LAYER, POS_CONV_GROUP, TRANSFORMER_LAYER, shown_per
+from ..structures.shown import CONV_LAYER, HEAD_WIDTH, POS_CONV_GROUP, TRANSFORMER_LAYER, shown_per
 from .export import describe, read_export_info
 from .pretrained import load_pretrained
 
@@ -65,6 +65,10 @@ def structure_lines(model: Wav2Vec2Model, source: Optional[Dict[str, Any]] = Non
         groups = "; ".join(f"{_runs(info[s.key])}" for s in shown_per(POS_CONV_GROUP))
         lines.append(f"hidden dim:     {config.encoder_embed_dim} of {config.hidden_total} channels kept (per "
                      f"positional conv group: {groups}); LayerNorms average over {config.hidden_total}")
+    if config.encoder_head_qk_dims is not None or config.encoder_head_v_dims is not None:  # cut head dims
+        dims = "; ".join(f"{s.column} {_runs([_cell(v) for v in info[s.key]])}" for s in shown_per(HEAD_WIDTH))
+        lines.append(f"head dims:      per layer, of {config.encoder_head_dim}: {dims} (softmax scale "
+                     f"1/sqrt({config.encoder_head_dim}))")
     if config.is_wavlm:
         lines.append(f"position bias:  {config.encoder_num_buckets} buckets, max distance "
                      f"{config.encoder_max_distance}")

@@ -9,6 +9,9 @@ can fold them into the weights exactly:
   channel is an exact zero); in ``layer_norm`` mode also before the LayerNorm so a closed
   channel is an exact zero inside the LayerNorm's statistics.
 * heads: on each head's output, before ``out_proj``.
+* dims inside the heads (one gate vector per layer, shared by its heads): the query/key gate on
+  each head's query dims (so it folds into ``q_proj``'s rows; the key is not gated), the value gate
+  on each head's value dims (folds into ``v_proj``'s rows).
 * FFN units: on the intermediate activation, before ``output_dense``.
 * whole attention / FFN blocks: on the block's output.
 * the hidden dimension (one gate over the residual stream's channels): on every write into the
@@ -310,18 +313,22 @@ class SelfAttention(nn.Module):
     output is that constant.
     """
 
-    def __init__(self, embed_dim: int, num_heads: int, head_dim: int, dropout: float = 0.0):
+    def __init__(self, embed_dim: int, num_heads: int, head_dim: int, dropout: float = 0.0,
+                 qk_dim: Optional[int] = None, v_dim: Optional[int] = None):
         super().__init__()
         self.embed_dim = embed_dim
         self.num_heads = num_heads
-        self.head_dim = head_dim
+        self.head_dim = head_dim  # the original width: the softmax scale is 1 / sqrt(head_dim)
+        # the kept query/key and value dims of each head (the same in every head of the layer, so
+        # one batched attention call still serves all heads; SDPA allows d_v != d_qk)
+        self.qk_dim = head_dim if qk_dim is None else qk_dim
+        self.v_dim = head_dim if v_dim is None else v_dim
         self.dropout = dropout
-        inner = num_heads * head_dim
         if num_heads > 0:
-            self.k_proj = nn.Linear(embed_dim, inner)
-            self.v_proj = nn.Linear(embed_dim, inner)
-            self.q_proj = nn.Linear(embed_dim, inner)
-            self.out_proj = nn.Linear(inner, embed_dim)
+            self.k_proj = nn.Linear(embed_dim, num_heads * self.qk_dim)
+            self.v_proj = nn.Linear(embed_dim, num_heads * self.v_dim)
+            self.q_proj = nn.Linear(embed_dim, num_heads * self.qk_dim)
+            self.out_proj = nn.Linear(num_heads * self.v_dim, embed_dim)
         else:
             self.out_proj = _BiasOnly(embed_dim)
 
@@ -330,20 +337,32 @@ class SelfAttention(nn.Module):
 
     def forward(self, x: Tensor, key_padding_mask: Optional[Tensor] = None,
                 position_bias: Optional[Tensor] = None, head_gate: Optional[Tensor] = None,
-                active: Optional[Tensor] = None) -> Tensor:
+                active: Optional[Tensor] = None, qk_gate: Optional[Tensor] = None, v_gate: Optional[Tensor] = None,
+                qk_active: Optional[Tensor] = None, v_active: Optional[Tensor] = None) -> Tensor:
         """x: (batch, frames, embed_dim); key_padding_mask: (batch, frames), True = padding;
         position_bias: (heads_orig, frames, frames) (WavLM); head_gate: (num_heads,);
-        active: the heads to compute (None: all; closed heads' gates are 0)
+        active: the heads to compute (None: all; closed heads' gates are 0); qk_gate: (qk_dim,) on
+        each head's query dims (scores = sum_i z_i q_i k_i: the gate folds into W_q); v_gate:
+        (v_dim,) on each head's value dims; qk_active / v_active: the open dims to compute
         -> (batch, frames, embed_dim)"""
         heads = self.num_heads if active is None else active.numel()
         if heads == 0:  # only the output bias is left
             return self.out_proj.bias + x.new_zeros(x.shape[:-1] + (self.embed_dim,))
-        rows = None if active is None else (active[:, None] * self.head_dim
-                                            + torch.arange(self.head_dim, device=x.device)).flatten()
+        qk_rows = _head_rows(active, qk_active, self.num_heads, self.qk_dim, x.device)
+        v_rows = _head_rows(active, v_active, self.num_heads, self.v_dim, x.device)
         batch, frames, _ = x.shape
-        shape = (batch, frames, heads, self.head_dim)
-        q, k, v = (F.linear(x, _rows(lin.weight, rows), _rows(lin.bias, rows)).view(shape).transpose(1, 2)
-                   for lin in (self.q_proj, self.k_proj, self.v_proj))
+
+        def project(lin: nn.Linear, rows: Optional[Tensor], gate: Optional[Tensor], dims: Optional[Tensor],
+                    width: int) -> Tensor:
+            width = width if dims is None else dims.numel()  # (a view with -1 fails on 0 dims)
+            y = F.linear(x, _rows(lin.weight, rows), _rows(lin.bias, rows)).view(batch, frames, heads, width)
+            if gate is not None:
+                y = y * _rows(gate, dims)
+            return y.transpose(1, 2)  # (batch, heads, frames, dims)
+
+        q = project(self.q_proj, qk_rows, qk_gate, qk_active, self.qk_dim)
+        k = project(self.k_proj, qk_rows, None, qk_active, self.qk_dim)
+        v = project(self.v_proj, v_rows, v_gate, v_active, self.v_dim)
         mask = self._scores_bias(x, position_bias, active)  # (batch, heads, frames, frames) or None
         if key_padding_mask is not None:
             pad = key_padding_mask[:, None, None, :]
@@ -352,15 +371,27 @@ class SelfAttention(nn.Module):
             else:
                 mask = mask.masked_fill(pad, float("-inf"))
         dropout = self.dropout if self.training else 0.0
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout,
+                                             scale=1.0 / math.sqrt(self.head_dim))
         if head_gate is not None:
             out = out * _rows(head_gate, active)[:, None, None]
-        # heads side by side, (batch, frames, heads * head_dim), by a concatenation rather than a
+        # heads side by side, (batch, frames, heads * v_dim), by a concatenation rather than a
         # reshape of the transposed output: whether that reshape can be a view depends on the attention
         # kernel's output strides, and under symbolic shapes (torch.export, ONNX) the exporter cannot
         # decide it once frames may be 1 (it emits a view that then fails for WavLM's float mask)
         out = torch.cat(out.unbind(1), dim=-1)
-        return F.linear(out, _rows(self.out_proj.weight, rows, dim=1), self.out_proj.bias)
+        return F.linear(out, _rows(self.out_proj.weight, v_rows, dim=1), self.out_proj.bias)
+
+
+def _head_rows(heads: Optional[Tensor], dims: Optional[Tensor], num_heads: int, width: int,
+               device: torch.device) -> Optional[Tensor]:
+    """The projection rows of dims ``dims`` (None: all ``width``) of heads ``heads`` (None: all),
+    head-major; None when every row is wanted."""
+    if heads is None and dims is None:
+        return None
+    heads = torch.arange(num_heads, device=device) if heads is None else heads
+    dims = torch.arange(width, device=device) if dims is None else dims
+    return (heads[:, None] * width + dims[None, :]).flatten()
 
 
 class WavLMSelfAttention(SelfAttention):
@@ -373,8 +404,8 @@ class WavLMSelfAttention(SelfAttention):
 
     def __init__(self, embed_dim: int, num_heads: int, head_dim: int, dropout: float = 0.0,
                  head_index: Optional[List[int]] = None, hidden_index: Optional[List[int]] = None,
-                 hidden_total: Optional[int] = None):
-        super().__init__(embed_dim, num_heads, head_dim, dropout)
+                 hidden_total: Optional[int] = None, qk_dim: Optional[int] = None, v_dim: Optional[int] = None):
+        super().__init__(embed_dim, num_heads, head_dim, dropout, qk_dim, v_dim)
         head_index = list(range(num_heads)) if head_index is None else list(head_index)
         self.register_buffer("head_index", torch.tensor(head_index, dtype=torch.long), persistent=False)
         # a cut hidden dimension: the chunks are of the original channels; a removed one was a zero.
@@ -520,7 +551,8 @@ class EncoderLayer(nn.Module):
             h = x
             if self.layer_norm_first and self.layer_norm is not None:
                 h = _gated(self.layer_norm(h), g.hidden)
-            h = self.dropout(self.attention(h, key_padding_mask, position_bias, g.heads, g.heads_active))
+            h = self.dropout(self.attention(h, key_padding_mask, position_bias, g.heads, g.heads_active,
+                                            g.qk_dims, g.v_dims, g.qk_dims_active, g.v_dims_active))
             if g.attention is not None:
                 h = h * g.attention
             x = x + _gated(h, g.hidden)

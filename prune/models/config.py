@@ -20,6 +20,11 @@ compiled (pruned) model needs to stay exact:
   many channels the LayerNorms over it average over (the unpruned width: the removed channels were
   exact zeros and still count), and the original index of each kept channel (WavLM's gate reads
   the attention input in chunks of the original heads). None: not cut.
+* ``encoder_head_qk_dims`` / ``encoder_head_v_dims``: per layer, how many query/key dimensions and
+  value dimensions each head keeps (one count shared by the layer's heads; None: ``encoder_head_dim``
+  everywhere). ``encoder_head_dim`` stays the original head width: the softmax scale is
+  ``1 / sqrt(encoder_head_dim)`` whatever the kept qk dims, and WavLM's gate reads its input in
+  chunks of it.
 * ``encoder_pos_conv_group_sizes``: after a cut of the hidden dimension, the kept channels of each
   group of the positional conv; the conv is then one plain conv per group (None: the weight-normed
   grouped conv).
@@ -74,7 +79,7 @@ class EncoderConfig:
     encoder_layer_drop           layerdrop                           encoder_layerdrop        LayerDrop in training
     encoder_num_buckets          num_buckets                         num_buckets              WavLM: relative-position buckets
     encoder_max_distance         max_bucket_distance                 max_distance             WavLM: the farthest bucketed
-    encoder_head_dim             -                                   -                        a head's width (null: embed/heads)
+    encoder_head_dim             -                                   -                        a head's original width (null: embed/heads)
     extractor_norm_channels      -                                   -                        channels a conv LayerNorm averages
     encoder_attention_kept       -                                   -                        encoder_use_attention (per layer)
     encoder_ff_kept              -                                   -                        encoder_use_feed_forward (per layer)
@@ -84,6 +89,8 @@ class EncoderConfig:
     encoder_hidden_total         -                                   -                        channels a LayerNorm over D averages
     encoder_hidden_index         -                                   -                        original ids of the kept channels of D
     encoder_pos_conv_group_sizes  -                                  -                        kept channels per pos-conv group
+    encoder_head_qk_dims         -                                   -                        prune only: kept q/k dims per head (per layer)
+    encoder_head_v_dims          -                                   -                        prune only: kept v dims per head (per layer)
     layer_norm_eps               layer_norm_eps                      -                        the transformer's (fairseq: 1e-5)
     normalize_waveform           do_normalize                        normalize                per utterance: zero mean, unit variance
     """
@@ -118,6 +125,8 @@ class EncoderConfig:
     encoder_hidden_total: Optional[int] = None
     encoder_hidden_index: Optional[List[int]] = None
     encoder_pos_conv_group_sizes: Optional[List[int]] = None
+    encoder_head_qk_dims: Optional[List[int]] = None
+    encoder_head_v_dims: Optional[List[int]] = None
     layer_norm_eps: float = 1e-5
     normalize_waveform: bool = False
 
@@ -160,6 +169,14 @@ class EncoderConfig:
                     raise ValueError(f"encoder_layer_kept[{i}] is false (an identity layer) but layer {i} keeps a "
                                      f"block; set its encoder_attention_kept and encoder_ff_kept to false")
         self._check_hidden_cut()
+        for name in ("encoder_head_qk_dims", "encoder_head_v_dims"):
+            dims = getattr(self, name)
+            if dims is not None:
+                dims = [int(v) for v in _per_layer(dims, n, name)]
+                if any(not 0 <= d <= self.encoder_head_dim for d in dims):
+                    raise ValueError(f"{name} must hold per-layer counts from 0 to encoder_head_dim "
+                                     f"({self.encoder_head_dim}), got {dims}")
+                setattr(self, name, dims)
         if self.architecture == "wavlm":
             if self.encoder_head_index is None:
                 self.encoder_head_index = [list(range(h)) for h in heads]
@@ -206,6 +223,16 @@ class EncoderConfig:
     def hidden_index(self) -> List[int]:
         """The original id of each kept channel of the hidden dimension."""
         return list(range(self.encoder_embed_dim)) if self.encoder_hidden_index is None else self.encoder_hidden_index
+
+    @property
+    def qk_dims(self) -> List[int]:
+        """Per layer, the query/key dimensions each head keeps."""
+        return self.encoder_head_qk_dims or [self.encoder_head_dim] * self.encoder_num_layers
+
+    @property
+    def v_dims(self) -> List[int]:
+        """Per layer, the value dimensions each head keeps."""
+        return self.encoder_head_v_dims or [self.encoder_head_dim] * self.encoder_num_layers
 
     @property
     def original_num_heads(self) -> int:

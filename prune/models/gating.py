@@ -38,7 +38,9 @@ class LayerGates(NamedTuple):
     the block's own gate is open; hidden: (embed_dim,) the hidden-dimension gate (the model's one,
     shared by every layer); layer: () a gate on the whole layer, ``x + layer * (layer(x) - x)``
     (uniform mode, post-norm: a removed layer is an identity, LayerNorms included), layer_on:
-    whether it is open (closed: the layer returns its input, nothing computed)."""
+    whether it is open (closed: the layer returns its input, nothing computed); qk_dims (qk_dim,) /
+    v_dims (v_dim,): the gates on the query/key and value dims inside the heads, shared by the
+    layer's heads; qk_dims_active / v_dims_active: their open dims (None: all)."""
 
     heads: Optional[Tensor] = None
     attention: Optional[Tensor] = None
@@ -51,6 +53,10 @@ class LayerGates(NamedTuple):
     hidden: Optional[Tensor] = None
     layer: Optional[Tensor] = None
     layer_on: bool = True
+    qk_dims: Optional[Tensor] = None
+    v_dims: Optional[Tensor] = None
+    qk_dims_active: Optional[Tensor] = None
+    v_dims_active: Optional[Tensor] = None
 
 
 class Gates(NamedTuple):

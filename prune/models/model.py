@@ -46,9 +46,11 @@ def _build(config: EncoderConfig) -> Wav2Vec2Model:
             heads = config.encoder_num_heads[i]
             if config.is_wavlm:
                 attention = WavLMSelfAttention(D, heads, config.encoder_head_dim, config.encoder_attention_dropout,
-                                               config.encoder_head_index[i], config.hidden_index, config.hidden_total)
+                                               config.encoder_head_index[i], config.hidden_index, config.hidden_total,
+                                               config.qk_dims[i], config.v_dims[i])
             else:
-                attention = SelfAttention(D, heads, config.encoder_head_dim, config.encoder_attention_dropout)
+                attention = SelfAttention(D, heads, config.encoder_head_dim, config.encoder_attention_dropout,
+                                          config.qk_dims[i], config.v_dims[i])
         feed_forward = None
         if config.encoder_ff_kept[i]:
             feed_forward = FeedForward(D, config.encoder_ff_interm_features[i], config.encoder_ff_interm_dropout,

@@ -7,8 +7,8 @@ protocol, ``GateConfig``, gate kinds), ``extractor``, ``transformer`` and ``hidd
 the same structures), ``shown`` (what the reports show of each kind).
 """
 
-from .base import (ATTENTION_BLOCK, CONV_CHANNELS, FFN_BLOCK, FFN_UNITS, GATE_KINDS, HEADS, HIDDEN, NO_GATES,
-                   GateConfig, Structure)
+from .base import (ATTENTION_BLOCK, CONV_CHANNELS, FFN_BLOCK, FFN_UNITS, GATE_KINDS, HEAD_QK_DIMS, HEAD_V_DIMS,
+                   HEADS, HIDDEN, NO_GATES, GateConfig, Structure)
 from .costs import (any_kept, attention_macs, attention_params, conv_frames, conv_macs, conv_params,
                     feed_forward_macs, feed_forward_params, fixed_params, hidden_norm_params, pos_conv_macs,
                     pos_conv_params, projection_params)
@@ -19,7 +19,8 @@ from .hidden import HiddenDim
 from .shown import SHOWN, Shown
 from .transformer import AttentionBlock, FeedForwardBlock
 
-__all__ = ["ATTENTION_BLOCK", "CONV_CHANNELS", "FFN_BLOCK", "FFN_UNITS", "GATE_KINDS", "HEADS", "HIDDEN", "NO_GATES",
+__all__ = ["ATTENTION_BLOCK", "CONV_CHANNELS", "FFN_BLOCK", "FFN_UNITS", "GATE_KINDS", "HEAD_QK_DIMS", "HEAD_V_DIMS",
+           "HEADS", "HIDDEN", "NO_GATES",
            "GateConfig", "Structure", "CutPlan", "CutPlanError", "GatedEncoder", "count_macs", "count_params",
            "structures_of", "ConvChannels", "FeatureProjectionInput", "HiddenDim", "AttentionBlock", "FeedForwardBlock",
            "SHOWN", "Shown", "any_kept", "attention_macs", "attention_params", "conv_frames", "conv_macs",

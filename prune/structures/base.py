@@ -12,7 +12,8 @@ attention or feed-forward block), and provides, written once:
   its transformer layer (structures of the conv extractor feed ``ExtractorGates`` instead).
 
 Gate kinds (what calibration selects by): ``conv_channels``, ``heads``, ``attention_block``,
-``ffn_units``, ``ffn_block``, ``hidden`` (the residual stream's channels).
+``ffn_units``, ``ffn_block``, ``hidden`` (the residual stream's channels), ``head_qk_dims`` /
+``head_v_dims`` (the query/key and value dimensions inside a layer's heads).
 """
 
 from __future__ import annotations
@@ -30,7 +31,8 @@ from .cut_plan import CutPlan
 
 CONV_CHANNELS, HEADS, ATTENTION_BLOCK, FFN_UNITS, FFN_BLOCK, HIDDEN = (
     "conv_channels", "heads", "attention_block", "ffn_units", "ffn_block", "hidden")
-GATE_KINDS = (CONV_CHANNELS, HEADS, ATTENTION_BLOCK, FFN_UNITS, FFN_BLOCK, HIDDEN)
+HEAD_QK_DIMS, HEAD_V_DIMS = "head_qk_dims", "head_v_dims"
+GATE_KINDS = (CONV_CHANNELS, HEADS, ATTENTION_BLOCK, FFN_UNITS, FFN_BLOCK, HIDDEN, HEAD_QK_DIMS, HEAD_V_DIMS)
 
 
 @dataclass
@@ -46,6 +48,11 @@ class GateConfig:
     ffn_layers: bool = True  # whole FFN blocks
     # its compiled model's LayerNorms count the removed channels: no transformers checkpoint holds it
     hidden_dim: bool = False  # the hidden dimension: one gate over the residual stream's channels, all layers
+    # the dims inside the heads (Wang et al., 2023, prune them too): per layer one gate vector of
+    # head_dim, shared by the layer's heads, so the compiled layer keeps one batched attention call;
+    # transformers holds only head_dim = hidden / heads, so a cut one has no transformers checkpoint
+    head_qk_dims: bool = False  # each layer's query/key dims (one gate per dim, all heads)
+    head_v_dims: bool = False  # each layer's value dims (one gate per dim, all heads)
     init_mean: float = 0.01  # initial drop rate of every gate but the FFN units'
     ffn_units_init_mean: float = 0.5  # initial drop rate of the FFN unit gates
     init_std: float = 0.01  # std of the initial log_alpha

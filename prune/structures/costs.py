@@ -42,10 +42,16 @@ def projection_params(n_in: Count, embed_dim: Count, phantom: Count) -> Count:
 
 
 def attention_params(embed_dim: Count, head_dim: int, heads: Count, any_head: Count, wavlm: bool,
-                     layer_norm_first: bool) -> Count:
-    """q/k/v/out weights and q/k/v biases per head, out bias; WavLM's per-head gate constant and
-    shared gate linear; the pre-norm LayerNorm. The last two only while a head is left."""
-    per_head = 4 * embed_dim * head_dim + 3 * head_dim + (1 if wavlm else 0)
+                     layer_norm_first: bool, qk_dim: Count = None, v_dim: Count = None) -> Count:
+    """q/k weights and biases of ``qk_dim`` dims per head, v weights and biases of ``v_dim`` dims per
+    head, out_proj's ``v_dim`` columns per head, out bias; WavLM's per-head gate constant and shared
+    gate linear (it reads the input in chunks of the original ``head_dim``); the pre-norm LayerNorm.
+    The last two only while a head is left. ``heads * qk_dim``: with independent gates the
+    expectation of the product is the product of the expectations. qk_dim / v_dim: ``head_dim``
+    when None (not cut)."""
+    qk_dim = head_dim if qk_dim is None else qk_dim
+    v_dim = head_dim if v_dim is None else v_dim
+    per_head = (2 * embed_dim + 2) * qk_dim + (2 * embed_dim + 1) * v_dim + (1 if wavlm else 0)
     shared = (8 * head_dim + 8 if wavlm else 0) + (2 * embed_dim if layer_norm_first else 0)
     return per_head * heads + embed_dim + shared * any_head
 
@@ -97,9 +103,13 @@ def pos_conv_macs(frames: int, kernel: int, sum_sq: Count) -> Count:
     return out_frames * kernel * sum_sq
 
 
-def attention_macs(frames: int, embed_dim: Count, head_dim: int, heads: Count, wavlm: bool) -> Count:
-    """Projections (4 T D d), scores and values (2 T^2 d), WavLM's gate linear (8 T d), per head."""
-    per_head = 4 * frames * embed_dim * head_dim + 2 * frames * frames * head_dim
+def attention_macs(frames: int, embed_dim: Count, head_dim: int, heads: Count, wavlm: bool,
+                   qk_dim: Count = None, v_dim: Count = None) -> Count:
+    """Per head: the q/k projections (2 T D d_qk), v and out (2 T D d_v), the scores (T^2 d_qk),
+    the context (T^2 d_v), WavLM's gate linear (8 T head_dim: it reads the original chunks)."""
+    qk_dim = head_dim if qk_dim is None else qk_dim
+    v_dim = head_dim if v_dim is None else v_dim
+    per_head = (2 * frames * embed_dim + frames * frames) * (qk_dim + v_dim)
     if wavlm:
         per_head += 8 * frames * head_dim
     return per_head * heads

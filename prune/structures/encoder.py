@@ -26,6 +26,9 @@ def structures_of(config: EncoderConfig, gates: GateConfig = NO_GATES, uniform: 
     transformers-shaped cut (``prune.shape``): conv channels gated only where transformers can hold
     the cut exactly, and one gate per layer (the attention block's) deciding both its blocks; post-norm,
     it gates the whole layer, LayerNorms included (``AttentionBlock.own_layer``: removed, an identity)."""
+    if uniform and (gates.head_qk_dims or gates.head_v_dims):  # transformers holds head_dim = hidden / heads only
+        raise ValueError("uniform structures keep transformers' head width: set head_qk_dims and head_v_dims "
+                         "to false in the GateConfig (pruning.gates.*)")
     exact = exact_in_transformers(config) if uniform else [True] * len(config.extractor_conv_layer_config)
     convs: List[ConvChannels] = []
     for i in range(len(config.extractor_conv_layer_config)):

@@ -1,5 +1,6 @@
-"""A transformer layer's structures: the attention block (its heads and the block as a whole) and
-the feed-forward block (its intermediate units and the block as a whole)."""
+"""A transformer layer's structures: the attention block (its heads, the query/key and value dims
+inside them, and the block as a whole) and the feed-forward block (its intermediate units and the
+block as a whole)."""
 
 from __future__ import annotations
 
@@ -10,8 +11,8 @@ from torch import Tensor
 
 from ..gates import HardConcrete
 from ..models.config import EncoderConfig
-from .base import (ATTENTION_BLOCK, FFN_BLOCK, FFN_UNITS, HEADS, GateConfig, Structure, keep_of, kept_index,
-                   make_gate, open_index, soft_values)
+from .base import (ATTENTION_BLOCK, FFN_BLOCK, FFN_UNITS, HEAD_QK_DIMS, HEAD_V_DIMS, HEADS, GateConfig, Structure,
+                   keep_of, kept_index, make_gate, open_index, soft_values)
 from .costs import any_kept, attention_macs, attention_params, feed_forward_macs, feed_forward_params, post_norm_params
 from .cut_plan import CutPlan
 from .hidden import HiddenDim
@@ -151,6 +152,27 @@ class AttentionBlock(_GatedBlock):
                          gates.init_mean, gates.attention_layers, gates, hidden)
         self.num_heads = self.n
         self.whole_layer = False  # its layer gate gates the whole layer, LayerNorms included (own_layer)
+        # the dims inside the heads: one gate per dim, shared by the layer's heads (docs/design.md)
+        self.qk_dim, self.v_dim = config.qk_dims[layer], config.v_dims[layer]
+        self.qk_gate = make_gate(self.qk_dim if self.n else 0, gates.head_qk_dims, gates.init_mean, gates.init_std)
+        self.v_gate = make_gate(self.v_dim if self.n else 0, gates.head_v_dims, gates.init_mean, gates.init_std)
+
+    def gates(self) -> Dict[str, HardConcrete]:
+        found = super().gates()
+        for kind, gate in ((HEAD_QK_DIMS, self.qk_gate), (HEAD_V_DIMS, self.v_gate)):
+            if gate is not None:
+                found[kind] = gate
+        return found
+
+    def keep(self, like: Tensor) -> Dict[str, Tensor]:
+        keep = super().keep(like)
+        keep[HEAD_QK_DIMS] = keep_of(self.qk_gate, self.qk_dim, like)
+        keep[HEAD_V_DIMS] = keep_of(self.v_gate, self.v_dim, like)
+        return keep
+
+    def dims(self, like: Tensor):
+        """(E[d_qk], E[d_v]): the expected kept dims of each head (exactly the config's without gates)."""
+        return keep_of(self.qk_gate, self.qk_dim, like).sum(), keep_of(self.v_gate, self.v_dim, like).sum()
 
     def own_layer(self) -> None:
         """Let this block's layer gate z gate the whole (post-norm) layer: the forward blends
@@ -166,7 +188,9 @@ class AttentionBlock(_GatedBlock):
 
     def block_params(self, embed: Tensor, heads: Tensor, any_head: Tensor) -> Tensor:
         c = self.config
-        params = attention_params(embed, c.encoder_head_dim, heads, any_head, c.is_wavlm, c.encoder_layer_norm_first)
+        qk, v = self.dims(embed)
+        params = attention_params(embed, c.encoder_head_dim, heads, any_head, c.is_wavlm, c.encoder_layer_norm_first,
+                                  qk, v)
         return params + post_norm_params(embed) if self.whole_layer else params
 
     def plan(self, plan: CutPlan) -> None:
@@ -179,8 +203,14 @@ class AttentionBlock(_GatedBlock):
 
     def layer_fields(self, masks: Dict[str, Tensor], flags: Optional[Dict[str, Tensor]],
                      min_closed: float) -> Dict[str, Any]:
-        """With ``whole_layer`` the layer gate goes to ``LayerGates.layer`` (the blocks ungated)."""
+        """With ``whole_layer`` the layer gate goes to ``LayerGates.layer`` (the blocks ungated);
+        the dims gates to ``qk_dims`` / ``v_dims`` (their open dims to ``*_active``)."""
         fields = super().layer_fields(masks, flags, min_closed)
+        for kind, field in ((HEAD_QK_DIMS, "qk_dims"), (HEAD_V_DIMS, "v_dims")):
+            mask = masks.get(kind)
+            fields[field] = mask
+            if flags is not None and mask is not None:
+                fields[field + "_active"] = open_index(flags.get(kind), min_closed, mask.device)
         if self.whole_layer:
             fields["layer"], fields[self.block_field] = fields[self.block_field], None
             if flags is not None:
@@ -189,22 +219,39 @@ class AttentionBlock(_GatedBlock):
 
     def block_macs(self, frames: int, embed: Tensor, heads: Tensor) -> Tensor:
         c = self.config
-        return attention_macs(frames, embed, c.encoder_head_dim, heads, c.is_wavlm)
+        qk, v = self.dims(embed)
+        return attention_macs(frames, embed, c.encoder_head_dim, heads, c.is_wavlm, qk, v)
 
     def plan_units(self, plan: CutPlan, kept: Tensor, scales: Tensor, block_scale) -> None:
-        """The open heads' q/k/v rows and out_proj columns (WavLM: their gate constants)."""
+        """The open heads' q/k/v rows and out_proj columns (WavLM: their gate constants), of their
+        open dims only: the query gate's soft values fold into q_proj's rows, the value gate's into
+        v_proj's (the softmax scale stays 1 / sqrt(encoder_head_dim), the config keeps it)."""
         prefix = LAYER.format(self.layer) + "attention."
         plan.scale(prefix + "out_proj.bias", block_scale)
+        qk_mask = None if self.qk_gate is None else self.qk_gate()
+        v_mask = None if self.v_gate is None else self.v_gate()
+        qk_kept, v_kept = kept_index(qk_mask, self.qk_dim), kept_index(v_mask, self.v_dim)
         if len(kept) > 0:
-            d = self.config.encoder_head_dim
-            rows = (kept[:, None] * d + torch.arange(d)).flatten()
-            for name in ("q_proj", "k_proj", "v_proj"):
+            qk_rows = (kept[:, None] * self.qk_dim + qk_kept).flatten()
+            v_rows = (kept[:, None] * self.v_dim + v_kept).flatten()
+            for name, rows in (("q_proj", qk_rows), ("k_proj", qk_rows), ("v_proj", v_rows)):
                 plan.select(prefix + name + ".weight", 0, rows)
                 plan.select(prefix + name + ".bias", 0, rows)
-            plan.scale(prefix + "out_proj.weight", scales.repeat_interleave(d), dim=1)
-            plan.select(prefix + "out_proj.weight", 1, rows)
+            for name, mask, n in (("q_proj", qk_mask, self.qk_dim), ("v_proj", v_mask, self.v_dim)):
+                if mask is not None:  # per dim, the same in every head
+                    per_row = soft_values(mask, n).repeat(self.num_heads)
+                    plan.scale(prefix + name + ".weight", per_row, dim=0)
+                    plan.scale(prefix + name + ".bias", per_row, dim=0)
+            plan.scale(prefix + "out_proj.weight", scales.repeat_interleave(self.v_dim), dim=1)
+            plan.select(prefix + "out_proj.weight", 1, v_rows)
             if self.config.is_wavlm:
                 plan.select(prefix + "gru_rel_pos_const", 1, kept)
+        for field, mask, counts, dims in (("encoder_head_qk_dims", qk_mask, self.config.qk_dims, qk_kept),
+                                          ("encoder_head_v_dims", v_mask, self.config.v_dims, v_kept)):
+            if mask is not None:
+                counts = plan.config.get(field) or list(counts)
+                counts[self.layer] = len(dims)
+                plan.config[field] = counts
 
     def record_kept(self, config: Dict[str, Any], kept: Tensor) -> None:
         super().record_kept(config, kept)

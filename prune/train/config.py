@@ -99,7 +99,7 @@ class PruningConfig:
     # conv layer, none in a layer_norm extractor); docs/configs.md
     uniform: bool = False  # a shape transformers holds: one FFN width, layers whole, all heads (docs/configs.md)
     shape: ShapeConfig = field(default_factory=ShapeConfig)  # explicit kept counts (with uniform)
-    round_to: int = 1  # FFN units and conv channels kept in multiples of this at the cut (not heads, not blocks)
+    round_to: int = 1  # FFN units, conv channels, head dims kept in multiples of this at the cut (not heads, blocks)
     enabled: bool = True  # false: no gates and no cut, the model is trained as it is (prune finetune; trainer.prune_steps=0)
 
 
@@ -362,6 +362,11 @@ def check_shape_config(p: DictConfig, teacher: Optional[EncoderConfig]) -> None:
     round_to = p.get("round_to", 1)
     if not isinstance(round_to, int) or isinstance(round_to, bool) or round_to < 1:
         raise ConfigError(f"pruning.round_to: must be a whole number >= 1, got {round_to!r}")
+    gates = p.get("gates") or {}
+    dims = [k for k in ("head_qk_dims", "head_v_dims") if gates.get(k, False)]
+    if p.get("uniform", False) and dims:  # transformers holds only head_dim = hidden / heads
+        raise ConfigError(f"pruning.gates.{dims[0]}=true: a uniform run keeps transformers' head width "
+                          f"(hidden / heads); drop pruning.uniform=true or set pruning.gates.{dims[0]}=false")
     shape = Shape.from_config(p.get("shape"))
     if shape.given() and not p.get("uniform", False):
         raise ConfigError("pruning.shape: an explicit shape is a uniform one (the same count in every layer); "
