@@ -26,7 +26,8 @@ def _run(model, x, lengths):
 
 
 def _gated(name, seed=0, hard_cases=True, model=None):
-    gated = GatedEncoder(build_preset(name) if model is None else model, HIDDEN)
+    # the reference computes every unit (skip_closed off): no gathering code shared with the cut
+    gated = GatedEncoder(build_preset(name) if model is None else model, HIDDEN, skip_closed=False)
     randomize_gates(gated, seed=seed, hard_cases=hard_cases)
     with torch.no_grad():  # one group of the positional conv loses more than the others
         gated.hidden[0].gate.log_alpha[:3] = CLOSED
