@@ -1,5 +1,8 @@
 """The pruning recipe: distil a gated student from a frozen teacher under a Lagrangian size
-target, cut it, keep distilling the smaller model, export.
+target, cut it, keep distilling the smaller model, export. With task.finetune_teacher_steps a
+first stage fine-tunes the unpruned teacher on the task (DiariZen's order: Han et al.,
+"Efficient and generalizable speaker diarization via structured pruning of self-supervised
+models", 2025), which then is the distillation teacher and the student's start.
 
     recipe = PruneRecipe(cfg, run_dir)
     recipe.setup()           # resumes from run_dir/checkpoints if there is one

@@ -140,7 +140,7 @@ def inspect_training_checkpoint(path: Path, state: Dict[str, Any]) -> str:
                   f"expected now:   {params:,.0f} parameters ({_share(params, full['params'])} kept), "
                   f"{_si(macs)} MACs/s ({_share(macs, full['macs_per_second'])} kept)",
                   f"target:         {lag.kind} sparsity {lag.target_sparsity:.4f} "
-                  f"({lag.target_at(step):.4f} at this step of the warm-up)",
+                  f"({lag.target_at(step - teacher_steps):.4f} at this step of the warm-up)",
                   "unpruned model:", *structure_lines(model.model)]
     elif state["stage"] == TEACHER:
         lines += [f"training:       step {step}, teacher stage: fine-tuning the unpruned teacher on the task, "
