@@ -246,7 +246,7 @@ class PruneRecipe(Runner):
             groups += [{"params": gates, "lr": o.gate_lr, "weight_decay": 0.0, "name": "gates"},
                        {"params": list(self.lagrangian.parameters()), "lr": o.lambda_lr, "weight_decay": 0.0,
                         "name": "lambdas"}]
-        if self.stage == FINAL and o.final_lr is not None:
+        if self.stage in (FINAL, DONE) and o.final_lr is not None:
             groups[0]["lr"] = o.final_lr  # DPHuBERT's final distillation: half the pruning stage's lr
         self.optimizer = torch.optim.AdamW(groups, betas=tuple(o.betas))
         stage_start, stage_steps = self.stage_span(self.stage)
@@ -269,7 +269,8 @@ class PruneRecipe(Runner):
         """(first step, number of steps) of ``stage``. One step counter runs through the stages:
         task.finetune_teacher_steps of the teacher stage, then trainer.prune_steps, then trainer.final_steps."""
         tr, n = self.cfg.trainer, self.cfg.task.finetune_teacher_steps
-        return {TEACHER: (0, n), PRUNE: (n, tr.prune_steps), FINAL: (n + tr.prune_steps, tr.final_steps)}[stage]
+        final = (n + tr.prune_steps, tr.final_steps)  # DONE: a resume of a finished run is still on it
+        return {TEACHER: (0, n), PRUNE: (n, tr.prune_steps), FINAL: final, DONE: final}[stage]
 
     @property
     def prune_step(self) -> int:
