@@ -127,6 +127,10 @@ def _runs(probe_corpus: Path):
              "hydra.run.dir=outputs/demo_ctc"], 0, {}),
         "prune train demo task=classify task.labels=data/demo_corpus/transcripts.tsv": (
             [*train, "probe.corpus=null", "hydra.run.dir=outputs/demo_voice"], 0, {}),
+        ("prune train demo task=classify task.labels=data/demo_corpus/transcripts.tsv task.finetune_teacher_steps=300 "
+         "data.augment.enabled=true"): (
+            [*train, "task.finetune_teacher_steps=2", "probe.corpus=null", "hydra.run.dir=outputs/demo_teacher_voice"],
+            0, {}),
         "prune finetune outputs/demo/export task=classify": (
             ["trainer.final_steps=2", "optim.warmup_steps=1", "trainer.log_every=1", "data.batch_size=2",
              "data.max_samples=8000", "trainer.latency_seconds=0.1", "trainer.threads=1", "logging.tensorboard=false",

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import soundfile as sf
@@ -66,7 +66,7 @@ class AudioDataset(Dataset):
     cannot be used: a bad file must not kill a long run. The reason is kept in
     ``self.skipped`` (path -> reason) and logged once; ``collate`` drops the ``None``.
 
-    The crop offset comes from a generator seeded by ``(seed, epoch, index)``, so a resumed run
+    The crop offset (and ``augment``'s draws) come from a generator seeded by ``(seed, epoch, index)``, so a resumed run
     reads exactly the crops the interrupted one would have. Call ``set_epoch`` before creating
     the DataLoader iterator: workers get a copy of the dataset at that moment (so with
     ``persistent_workers=True`` a later ``set_epoch`` does not reach them), and each worker fills
@@ -74,7 +74,9 @@ class AudioDataset(Dataset):
     """
 
     def __init__(self, manifest: Union[Manifest, str, Path], max_samples: Optional[int] = None,
-                 min_samples: int = MIN_SAMPLES, seed: int = 0, sample_rate: int = SAMPLE_RATE):
+                 min_samples: int = MIN_SAMPLES, seed: int = 0, sample_rate: int = SAMPLE_RATE,
+                 augment: Optional[Callable[[Tensor, int, int, int], Tensor]] = None):
+        self.augment = augment  # (wave, seed, epoch, index) -> wave, after the crop (prune.data.augment.Augmenter)
         self.manifest = _as_manifest(manifest)
         if max_samples is not None and max_samples < max(min_samples, 1):
             raise ValueError(f"max_samples={max_samples} is below min_samples={min_samples}")
@@ -121,6 +123,8 @@ class AudioDataset(Dataset):
         if self.max_samples is not None and wave.numel() > self.max_samples:
             # clone: a view would keep (and send between processes) the whole file's storage
             wave = wave[offset:offset + self.max_samples].clone()
+        if self.augment is not None:
+            wave = self.augment(wave, self.seed, self.epoch, index)
         return wave
 
 

@@ -189,6 +189,8 @@ def similarity_table(similarity: Dict[str, Any]) -> str:
 def task_line(task: Dict[str, Any]) -> str:
     """The report's line on the downstream task: its metric on the valid set at each named point."""
     points = ", ".join(f"{name} (step {p['step']}) {p['valid_metric']:.4f}" for name, p in task["points"].items())
+    if task.get("teacher_metric") is not None:  # the reference: the unpruned teacher fine-tuned on the task
+        points += f"; fine-tuned teacher: valid {task['metric']} {task['teacher_metric']:.4f}"
     return (f"task {task['kind']} ({task['column']}, {task['classes']} classes; loss = {task['weight']:g} x task + "
             f"{task['distill_weight']:g} x distillation): valid {task['metric']} " + (points or "not measured (no valid set)"))
 

@@ -59,6 +59,18 @@ class TeacherConfig:
 
 
 @dataclass
+class AugmentConfig:
+    """Seeded additive noise and synthetic reverberation of the training audio (prune/data/augment.py),
+    drawn from (trainer.seed, epoch, utterance index): a resumed run sees the same audio."""
+
+    enabled: bool = False  # off: the audio as read
+    noise_prob: float = 0.5  # chance that an utterance gets white noise ...
+    snr_db: List[float] = field(default_factory=lambda: [5.0, 20.0])  # ... at an SNR drawn uniformly in [lo, hi] dB
+    reverb_prob: float = 0.5  # chance that an utterance is convolved with a synthetic room response ...
+    rt60: List[float] = field(default_factory=lambda: [0.2, 0.8])  # ... whose RT60 is drawn uniformly in [lo, hi] s
+
+
+@dataclass
 class DataConfig:
     train_manifest: str = MISSING  # TSV: root folder, then path<TAB>samples (make one: prune manifest FOLDER OUT)
     valid_manifest: Optional[str] = None  # validated at the end of each stage; null: none
@@ -67,6 +79,8 @@ class DataConfig:
     batch_size: int = 8  # utterances per batch (per process)
     max_batch_samples: Optional[int] = None  # if set, batches are filled up to this many padded samples instead
     num_workers: int = 0  # DataLoader worker processes
+    augment: AugmentConfig = field(default_factory=AugmentConfig)  # seeded noise + reverberation (off by default)
+    valid_augment: bool = False  # the valid set augmented too, with a fixed per-utterance seed (the same every run)
 
 
 @dataclass
@@ -174,6 +188,9 @@ class TaskConfig:
     weight: float = 1.0  # loss = task.weight x task loss + distill.weight x distillation (+ Lagrangian)
     lr: Optional[float] = None  # the head's lr (a fresh head learns faster than the encoder should); null: optim.lr
     freeze_extractor: bool = False  # the conv feature extractor is not trained (wav2vec 2.0 fine-tuning)
+    # DiariZen's order: first fine-tune the unpruned teacher on the task alone for this many steps (stage
+    # "teacher"); it then is the frozen distillation teacher and the gated student's start. 0: no such stage
+    finetune_teacher_steps: int = 0
 
 
 @dataclass
@@ -493,6 +510,7 @@ def validate(cfg: DictConfig, run_dir: Optional[Path] = None) -> None:
         if tr[key] < 1:
             raise ConfigError(f"trainer.{key}: must be >= 1, got {tr[key]}")
     check_warmups(cfg)
+    check_augment(d)
     check_probe(cfg.probe)
     check_task(cfg, num_layers)
     if run_dir is not None:
@@ -543,9 +561,36 @@ def check_task(cfg: DictConfig, num_layers: Optional[int]) -> None:
             top = "the teacher's number of layers" if num_layers is None else str(num_layers)
             raise ConfigError(f"task.layer: must be a hidden-state index from 0 to {top}, or null (all "
                               f"layers, weighted), got {t.layer}")
+    n = t.finetune_teacher_steps
+    if n < 0:
+        raise ConfigError(f"task.finetune_teacher_steps: must be >= 0, got {n}")
+    if n > 0 and t.kind == "none":
+        raise ConfigError(f"task.finetune_teacher_steps: {n} fine-tunes the teacher on a task, but task: none has "
+                          f"none; give task=ctc or task=classify with task.labels=FILE, or 0")
+    if n > 0 and not cfg.pruning.enabled:
+        raise ConfigError(f"task.finetune_teacher_steps: {n}, but pruning.enabled: false already fine-tunes the "
+                          f"model itself (prune finetune); give 0")
+    if n > 0 and cfg.optim.warmup_steps > n * LR_WARMUP_FRACTION:
+        raise ConfigError(f"task.finetune_teacher_steps={n}: the teacher stage warms its lr up over optim.warmup_steps="
+                          f"{cfg.optim.warmup_steps}, more than half of it; use task.finetune_teacher_steps>="
+                          f"{2 * cfg.optim.warmup_steps} or optim.warmup_steps<={n // 2}")
     if not cfg.pruning.enabled and cfg.trainer.prune_steps != 0:
         raise ConfigError(f"pruning.enabled: false (no pruning), but trainer.prune_steps={cfg.trainer.prune_steps}; "
                           f"give trainer.prune_steps=0 (the run is trainer.final_steps of training)")
+
+
+def check_augment(d: DictConfig) -> None:
+    """``data.augment``: probabilities in [0, 1], ranges [lo, hi] with lo <= hi (RT60 above 0)."""
+    a = d.augment
+    for key in ("noise_prob", "reverb_prob"):
+        if not (math.isfinite(a[key]) and 0.0 <= a[key] <= 1.0):
+            raise ConfigError(f"data.augment.{key}: a probability must be in [0, 1], got {a[key]}")
+    for key, unit in (("snr_db", "dB"), ("rt60", "s")):
+        r = list(a[key])
+        if len(r) != 2 or not all(math.isfinite(x) for x in r) or r[0] > r[1]:
+            raise ConfigError(f"data.augment.{key}: must be a range [lo, hi] in {unit} with lo <= hi, got {r}")
+    if a.rt60[0] <= 0:
+        raise ConfigError(f"data.augment.rt60: a reverberation time must be above 0 s, got {list(a.rt60)}")
 
 
 def check_random_teacher(t: DictConfig) -> None:

@@ -1,5 +1,8 @@
 """The pruning recipe: distil a gated student from a frozen teacher under a Lagrangian size
-target, cut it, keep distilling the smaller model, export.
+target, cut it, keep distilling the smaller model, export. With task.finetune_teacher_steps a
+first stage fine-tunes the unpruned teacher on the task (DiariZen's order: Han et al.,
+"Efficient and generalizable speaker diarization via structured pruning of self-supervised
+models", 2025), which then is the distillation teacher and the student's start.
 
     recipe = PruneRecipe(cfg, run_dir)
     recipe.setup()           # resumes from run_dir/checkpoints if there is one
@@ -42,7 +45,7 @@ from .distributed import DistEnv, all_ranks, barrier, init_distributed
 from .resume import check_resume_config
 from .rundir import Runner, is_rank_zero, run_claimed
 from .schedule import warmup_linear_decay
-from .student import DONE, FINAL, PRUNE, build_student, cut_config, hidden_kept, load_teacher
+from .student import DONE, FINAL, PRUNE, TEACHER, build_student, cut_config, hidden_kept, load_teacher
 from ..faults import maybe_fail, maybe_stall, nan_loss
 from ..lagrangian import Lagrangian
 from ..measures import MEASURES
@@ -115,7 +118,13 @@ class PruneRecipe(Runner):
             shape_terms=ShapeTerms(gated, shape) if shape.given() else None,
             target_size=self.shaper.fixed_size(gated, lambda g: measure.expected_of(g, p.macs_seconds)),
         ).to(self.env.device)
-        if p.enabled:
+        self.gated = gated  # the pruning stage's student (the Lagrangian measures it)
+        self.run_objective = self.objective  # the pruning and final stages' (the teacher stage has its own)
+        if cfg.task.finetune_teacher_steps > 0:  # DiariZen's order: the teacher fine-tuned on the task first
+            self.stage = TEACHER
+            self.run_objective, self.objective = self.objective, self._teacher_objective()
+            self._set_student(Student(self._plain_teacher_copy(), self.objective))
+        elif p.enabled:
             self._set_student(Student(gated, self.objective))
         else:  # prune finetune: the teacher's architecture and weights, trained as they are (no gates, no cut)
             self.stage = FINAL
@@ -124,6 +133,7 @@ class PruneRecipe(Runner):
             plain.load_state_dict(self.teacher.state_dict())
             self._set_student(Student(plain, self.objective))
 
+        self.teacher_tuned = False  # the teacher stage is over: self.teacher holds the fine-tuned weights
         state = load_latest(self.ckpt_dir)
         if state is not None:
             self._restore(state)  # RNG included: the run goes on as if never stopped
@@ -131,6 +141,19 @@ class PruneRecipe(Runner):
                 log.info("resumed from step %d (stage %s)", self.step, self.stage)
         else:
             torch.manual_seed(cfg.trainer.seed + 1000 * self.env.rank)  # per-rank gate noise and dropout
+
+    def _plain_teacher_copy(self) -> nn.Module:
+        """The teacher's architecture and weights as a plain trainable encoder (no gates)."""
+        plain = build_student(self.cfg, self.source_config, cut_config=self.source_config.replace(
+            encoder_layer_drop=self.cfg.distill.student_layer_drop).to_dict())
+        plain.load_state_dict(self.teacher.state_dict())
+        return plain
+
+    def _teacher_objective(self) -> Task:
+        """The teacher stage's objective: the run's task head (the same module, so it carries over
+        into pruning) on the task loss alone; nothing to distil from."""
+        o = self.objective
+        return Task(o.kind, o.head, o.targets, weight=1.0, distillation=None)
 
     def _setup_data(self) -> None:
         """Check every file up front (a manifest with nothing usable stops here, before any
@@ -146,8 +169,11 @@ class PruneRecipe(Runner):
             good = self._fitting(manifest, good, self.skipped_upfront)
         if self.skipped_upfront and self.env.is_main:
             log.warning("%s", format_skipped(self.skipped_upfront, len(manifest)))
+        from ..data.augment import VALID_SEED, Augmenter
+
+        augment = Augmenter.from_config(d.augment) if d.augment.enabled else None
         self.dataset = AudioDataset(manifest.subset(good), max_samples=crop, min_samples=d.min_samples,
-                                    seed=self.cfg.trainer.seed)
+                                    seed=self.cfg.trainer.seed, augment=augment)
         self.sampler = LengthBucketSampler(self.dataset.lengths,
                                            batch_size=d.batch_size if d.max_batch_samples is None else None,
                                            max_batch_samples=d.max_batch_samples, shuffle=True,
@@ -161,8 +187,9 @@ class PruneRecipe(Runner):
                 valid_good = self._fitting(valid, valid_good, valid_skipped)
             # a task's metric is on whole utterances (as prune evaluate --task measures it)
             tasked = t is not None and t.kind != "none"
+            fixed = Augmenter.from_config(d.augment, fixed_seed=VALID_SEED) if d.valid_augment else None
             self.valid = AudioDataset(valid.subset(valid_good), max_samples=None if tasked else d.max_samples,
-                                      min_samples=d.min_samples, seed=self.cfg.trainer.seed)
+                                      min_samples=d.min_samples, seed=self.cfg.trainer.seed, augment=fixed)
         self.vocab, self.targets = None, None
         if t is not None and t.kind != "none":  # every label checked here, before the teacher is loaded
             from .task import load_targets
@@ -219,12 +246,12 @@ class PruneRecipe(Runner):
             groups += [{"params": gates, "lr": o.gate_lr, "weight_decay": 0.0, "name": "gates"},
                        {"params": list(self.lagrangian.parameters()), "lr": o.lambda_lr, "weight_decay": 0.0,
                         "name": "lambdas"}]
-        if self.stage != PRUNE and o.final_lr is not None:
+        if self.stage in (FINAL, DONE) and o.final_lr is not None:
             groups[0]["lr"] = o.final_lr  # DPHuBERT's final distillation: half the pruning stage's lr
         self.optimizer = torch.optim.AdamW(groups, betas=tuple(o.betas))
-        stage_steps = cfg.trainer.prune_steps if self.stage == PRUNE else cfg.trainer.final_steps
-        stage_start = 0 if self.stage == PRUNE else cfg.trainer.prune_steps
-        warmup = o.warmup_steps if self.stage == PRUNE or o.final_warmup_steps is None else o.final_warmup_steps
+        stage_start, stage_steps = self.stage_span(self.stage)
+        warmup = (o.warmup_steps if self.stage in (TEACHER, PRUNE) or o.final_warmup_steps is None
+                  else o.final_warmup_steps)
 
         def model_lr(step: int) -> float:  # linear warm-up, then linear decay to 0 at the stage's end
             return warmup_linear_decay(step - stage_start, warmup, stage_steps)
@@ -237,6 +264,18 @@ class PruneRecipe(Runner):
         self._set_lr_for_step()
         use_cuda = env.device.type == "cuda"
         self.scaler = torch.amp.GradScaler("cuda", enabled=use_cuda and cfg.trainer.precision == "fp16")
+
+    def stage_span(self, stage: str) -> Tuple[int, int]:
+        """(first step, number of steps) of ``stage``. One step counter runs through the stages:
+        task.finetune_teacher_steps of the teacher stage, then trainer.prune_steps, then trainer.final_steps."""
+        tr, n = self.cfg.trainer, self.cfg.task.finetune_teacher_steps
+        final = (n + tr.prune_steps, tr.final_steps)  # DONE: a resume of a finished run is still on it
+        return {TEACHER: (0, n), PRUNE: (n, tr.prune_steps), FINAL: final, DONE: final}[stage]
+
+    @property
+    def prune_step(self) -> int:
+        """Steps into the pruning stage: the Lagrangian's warm-up counts from its start."""
+        return self.step - self.cfg.task.finetune_teacher_steps
 
     def _set_lr_for_step(self) -> None:
         for group, fn, base in zip(self.optimizer.param_groups, self.scheduler.lr_lambdas, self.scheduler.base_lrs):
@@ -292,7 +331,7 @@ class PruneRecipe(Runner):
             student_out = self.model(batch.waveforms, batch.lengths)
             loss, parts = self.objective.loss(student_out, teacher_out, batch)
         if self.stage == PRUNE:
-            reg = self.lagrangian(self.student.encoder, self.step)
+            reg = self.lagrangian(self.student.encoder, self.prune_step)
             loss = loss + reg["penalty"]
             parts.update({k: v.detach() for k, v in reg.items()})
         return loss, parts
@@ -300,14 +339,15 @@ class PruneRecipe(Runner):
     def train(self) -> Path:
         tr = self.cfg.trainer
         # held: cleanup closes it on Ctrl-C, before the one line the CLI prints
-        self.progress = progress = self._progress(tr.prune_steps + tr.final_steps)
+        self.progress = progress = self._progress(self.cfg.task.finetune_teacher_steps + tr.prune_steps
+                                                  + tr.final_steps)
         # with a bar on the terminal, log lines are written above it instead of through it
         with logging_redirect_tqdm() if progress is not None else contextlib.nullcontext():
             return self._train_steps(progress)
 
     def _train_steps(self, progress) -> Path:
         cfg, tr = self.cfg, self.cfg.trainer
-        total = tr.prune_steps + tr.final_steps
+        total = cfg.task.finetune_teacher_steps + tr.prune_steps + tr.final_steps
         if self.env.is_main and cfg.logging.tensorboard:  # here, not in setup: a failed setup writes nothing
             from torch.utils.tensorboard import SummaryWriter
 
@@ -315,7 +355,10 @@ class PruneRecipe(Runner):
         batches = self._batches()
         t_last = time.perf_counter()
         while self.stage != DONE:
-            if self.stage == PRUNE and self.step >= tr.prune_steps:
+            if self.stage == TEACHER and self.step >= cfg.task.finetune_teacher_steps:
+                self._finish_teacher()
+                continue
+            if self.stage == PRUNE and self.step >= sum(self.stage_span(PRUNE)):
                 self._finish_pruning()
                 continue
             if self.stage == FINAL and self.step >= total:
@@ -362,7 +405,7 @@ class PruneRecipe(Runner):
                 now = time.perf_counter()
                 self._log(parts, (now - t_last) / tr.log_every)
                 if self.env.is_main:
-                    target = self.lagrangian.target_at(self.step) if self.stage == PRUNE else None
+                    target = self.lagrangian.target_at(self.prune_step) if self.stage == PRUNE else None
                     log.info("%s", progress_line(self.step, total, self.stage, parts, target,
                                                  (now - t_last) / tr.log_every, self.objective.name))
                 t_last = now
@@ -387,6 +430,23 @@ class PruneRecipe(Runner):
         return self._export()
 
     # ------------------------------------------------------------------------ stage change
+    def _finish_teacher(self) -> None:
+        """The teacher stage is over: its validation is the fine-tuned teacher's task metric (the
+        reference of a pruned model's); the fine-tuned weights become the frozen distillation
+        teacher and the gated student's start, the task head goes on training with the student."""
+        self._validate("fine-tuned teacher")
+        self._adopt_teacher(self.student.encoder.state_dict())
+        self.stage, self.objective = PRUNE, self.run_objective
+        self._set_student(Student(self.gated, self.objective))
+        maybe_fail("between_stages", self.step)  # PRUNE_FAULT=between_stages:STEP (tests)
+        self.save_checkpoint()  # a crash now resumes into the pruning stage
+
+    def _adopt_teacher(self, weights: Dict[str, Tensor]) -> None:
+        """``weights`` (the fine-tuned encoder's) into the frozen teacher and the gated student."""
+        self.teacher.load_state_dict(weights)
+        self.gated.model.load_state_dict(weights)
+        self.teacher_tuned = True
+
     def _finish_pruning(self) -> None:
         """Calibrate the gates onto the target if needed, cut the student, and go on distilling it.
         The student is validated (with its similarity to the teacher) just before and just after
@@ -461,6 +521,8 @@ class PruneRecipe(Runner):
             "skipped_files": dict(self.dataset.skipped),  # found at read time: a resume may not re-read them
             "history": self.history,
             "cut": self.cut,  # the report's record of the cut, made once between the stages
+            # after a teacher stage: the fine-tuned teacher (the distillation target is in no other file)
+            **({"teacher": self.teacher.state_dict()} if self.teacher_tuned else {}),
         }
 
     def save_checkpoint(self) -> Optional[Path]:
@@ -480,7 +542,15 @@ class PruneRecipe(Runner):
     def _restore(self, state: Dict[str, Any]) -> None:
         check_resume_config(state["config"], OmegaConf.to_container(self.cfg, resolve=True), self.run_dir)
         self.stage = state["stage"]
-        if self.stage != PRUNE:
+        if "teacher" in state:  # past a teacher stage: the fine-tuned teacher
+            self._adopt_teacher(state["teacher"])
+        if self.stage != TEACHER:
+            self.objective = self.run_objective
+        if self.stage == PRUNE and self.cfg.task.finetune_teacher_steps > 0:
+            self._set_student(Student(self.gated, self.objective))
+        elif self.stage == TEACHER:
+            pass  # setup installed the teacher-stage student; its weights are loaded below
+        elif self.stage != PRUNE:
             compiled = build_student(self.cfg, self.source_config, cut_config=cut_config(state))
             self.objective.after_cut(hidden_kept(self.source_config, compiled.config))
             self._set_student(Student(compiled, self.objective))
@@ -538,6 +608,8 @@ class PruneRecipe(Runner):
                 "pooling": t.pooling, "weight": t.weight, "distill_weight": self.cfg.distill.weight,
                 "metric": self.task_metric, "higher_is_better": t.kind == "classify",
                 "classes": len(self.vocab), "points": points,
+                # the reference a pruned model's metric is read against (task.finetune_teacher_steps > 0)
+                "teacher_metric": points.get("fine-tuned teacher", {}).get("valid_metric"),
                 "valid_metric": points["end"]["valid_metric"] if "end" in points else None}
 
     def _task_writer(self, record: Dict[str, Any]):
@@ -638,7 +710,7 @@ class PruneRecipe(Runner):
             w.add_scalar(f"lr/{g['name']}", g["lr"], self.step)
         if self.stage == PRUNE:
             lag = self.lagrangian
-            w.add_scalar("pruning/target_sparsity", lag.target_at(self.step), self.step)
+            w.add_scalar("pruning/target_sparsity", lag.target_at(self.prune_step), self.step)
             w.add_scalar("pruning/lambda1", lag.lambda1.item(), self.step)
             w.add_scalar("pruning/lambda2", lag.lambda2.item(), self.step)
             gated: GatedEncoder = self.student.encoder

@@ -78,7 +78,8 @@ def finished_export(run_dir: Path) -> Optional[Path]:
     if state is None:
         return None
     tr = state["config"]["trainer"]
-    last = state["stage"] == DONE or (state["stage"] == FINAL and state["step"] >= tr["prune_steps"] + tr["final_steps"])
+    total = (state["config"].get("task") or {}).get("finetune_teacher_steps", 0) + tr["prune_steps"] + tr["final_steps"]
+    last = state["stage"] == DONE or (state["stage"] == FINAL and state["step"] >= total)
     return export if last else None
 
 

@@ -14,7 +14,8 @@ from ..models import EncoderConfig, Wav2Vec2Model, build_encoder, build_preset, 
 from ..structures import GateConfig, GatedEncoder
 from .checkpoint import check_keys
 
-PRUNE, FINAL, DONE = "prune", "final", "done"  # the stages of a run, as its checkpoints record them
+# the stages of a run, as its checkpoints record them; "teacher" (task.finetune_teacher_steps) comes first
+TEACHER, PRUNE, FINAL, DONE = "teacher", "prune", "final", "done"
 SKIP_KEYS = ("skip_closed", "skip_min_closed")  # pruning.* settings of GatedEncoder's closed-block skipping
 
 
@@ -126,7 +127,9 @@ def inspect_training_checkpoint(path: Path, state: Dict[str, Any]) -> str:
     model, source = student_from_checkpoint(state, path)
     cfg, step = state["config"], state["step"]
     tr, p = cfg["trainer"], cfg["pruning"]
-    plan = f"{tr['prune_steps']} pruning + {tr['final_steps']} final steps"
+    teacher_steps = (cfg.get("task") or {}).get("finetune_teacher_steps", 0)
+    plan = ((f"{teacher_steps} teacher fine-tuning + " if teacher_steps else "")
+            + f"{tr['prune_steps']} pruning + {tr['final_steps']} final steps")
     lines = [f"checkpoint:     {path}", "format:         prune training checkpoint"]
     if isinstance(model, GatedEncoder):
         lag = Lagrangian(model, p["target_kind"], p["target"], p["warmup_steps"], p["macs_seconds"],
@@ -137,8 +140,11 @@ def inspect_training_checkpoint(path: Path, state: Dict[str, Any]) -> str:
                   f"expected now:   {params:,.0f} parameters ({_share(params, full['params'])} kept), "
                   f"{_si(macs)} MACs/s ({_share(macs, full['macs_per_second'])} kept)",
                   f"target:         {lag.kind} sparsity {lag.target_sparsity:.4f} "
-                  f"({lag.target_at(step):.4f} at this step of the warm-up)",
+                  f"({lag.target_at(step - teacher_steps):.4f} at this step of the warm-up)",
                   "unpruned model:", *structure_lines(model.model)]
+    elif state["stage"] == TEACHER:
+        lines += [f"training:       step {step}, teacher stage: fine-tuning the unpruned teacher on the task, "
+                  f"not pruned yet ({plan})", *structure_lines(model, describe(source))]
     else:
         lines += [f"training:       step {step}, {state['stage']} stage: cut ({plan})",
                   *structure_lines(model, describe(source))]
