@@ -1,8 +1,8 @@
 """Refine a latency cut by timing it (#18): the table's prediction of a cut model is off by a few
 percent (what a block costs inside a pass at that width and not alone on the grid), so after the
 table calibration the cut model is timed on this machine under the table's conditions, the table
-target is moved by asked/measured, the gates are calibrated onto it again and the new cut timed,
-for ``rounds`` rounds; the candidate whose measured latency is nearest the asked one is kept.
+target is moved by the miss (``next_target``: by asked/measured, then along the secant of the last
+two timings), the gates are calibrated onto it again and the new cut timed, for ``rounds`` rounds; the candidate whose measured latency is nearest the asked one is kept.
 
 A cut model's measured latency is read on the table's scale: t(cut) / t(unpruned) x the table's
 latency of the unpruned model, the two timed interleaved (``prune.evaluate.report.table_latencies``)
@@ -50,6 +50,23 @@ def time_models(table_path: str, models: Dict[str, nn.Module]) -> Dict[str, floa
     return table_latencies(table_path, models)["measured_ms"]
 
 
+def next_target(table_targets: List[float], measured: List[float], asked: float) -> float:
+    """The table target of the next candidate: after one timing, the last one times asked /
+    measured (the table's bias there, taken as a ratio); after two or more, the secant through the
+    last two (table target, measured) points, which also takes out a bias with a constant part
+    (a small model's fixed costs: a ratio alone then closes only part of the gap each round); the
+    ratio step where the secant is flat, falls or leaves (0, 2 x the last target)."""
+    ratio = table_targets[-1] * asked / measured[-1]
+    if len(measured) < 2 or measured[-1] == measured[-2]:
+        return ratio
+    slope = (measured[-1] - measured[-2]) / (table_targets[-1] - table_targets[-2]) \
+        if table_targets[-1] != table_targets[-2] else 0.0
+    if slope <= 0:
+        return ratio
+    secant = table_targets[-1] + (asked - measured[-1]) / slope
+    return secant if 0 < secant < 2 * table_targets[-1] else ratio
+
+
 def _gate_state(gated: GatedEncoder) -> List[Tensor]:
     return [p.detach().clone() for p in gated.gate_parameters()]
 
@@ -75,8 +92,8 @@ def refine(gated: GatedEncoder, unpruned: nn.Module, size: Callable[[GatedEncode
     record: Dict[str, Any] = {"asked": asked, "table_targets": [], "predicted": [], "measured": []}
     states = []
     for i in range(rounds + 1):
-        if i > 0:  # move the table target by the last miss: measured/predicted is the table's bias there
-            table_target = table_target * asked / record["measured"][-1]
+        if i > 0:
+            table_target = next_target(record["table_targets"], record["measured"], asked)
             calibrate(gated, size, table_target, tolerance)
             apply(gated)
         gated.eval()

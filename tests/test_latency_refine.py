@@ -61,6 +61,20 @@ def test_refining_lands_the_measured_latency_where_the_table_alone_is_10_percent
     assert BIAS * 1e3 * closed_form(cut) == pytest.approx(chosen, rel=1e-6)
 
 
+def test_the_next_target_is_the_ratio_then_the_secant_which_takes_out_a_constant_bias():
+    assert latency_refine.next_target([10.0], [12.0], 10.0) == pytest.approx(10.0 * 10 / 12)
+    # measured = 2 + 1.1 x table: the ratio from (10, 13) asks 7.69 (measured 10.46, 4.6% off); the
+    # secant through both points lands exactly
+    measured = lambda t: 2 + 1.1 * t  # noqa: E731
+    t1 = latency_refine.next_target([10.0], [measured(10.0)], 10.0)
+    assert abs(measured(t1) - 10) > 0.04 * 10
+    t2 = latency_refine.next_target([10.0, t1], [measured(10.0), measured(t1)], 10.0)
+    assert measured(t2) == pytest.approx(10.0, rel=1e-9)
+    # a flat or falling secant (timing noise) falls back to the ratio
+    assert latency_refine.next_target([10.0, 8.0], [12.0, 12.0], 10.0) == pytest.approx(8.0 * 10 / 12)
+    assert latency_refine.next_target([10.0, 8.0], [11.0, 12.0], 10.0) == pytest.approx(8.0 * 10 / 12)
+
+
 def test_the_refinement_is_skipped_in_one_reason_where_the_table_cannot_be_honoured(table):
     here = latency_refine.machine("cpu")
     made = dict(synthetic_table(threads=torch.get_num_threads()))
