@@ -225,7 +225,8 @@ def write_report(run_dir: Path, teacher: Wav2Vec2Model, pruned: Wav2Vec2Model, c
              f"above it: " + ", ".join(f"{name} {spread(t)}" for name, t in times.items()),
              target_line(meta)]
     check = None
-    if cfg is not None and "table" in needs_of(cfg.pruning.target_kind):  # a latency target
+    if cfg is not None and "table" in needs_of(cfg.pruning.get("cut_target_kind") or cfg.pruning.target_kind):
+        # a latency target, or a cut onto one
         check = table_latencies(cfg.pruning.latency_table, {"teacher": teacher, "pruned": pruned})
         lines.append(latency_line(check))
     if meta.get("similarity"):

@@ -105,6 +105,13 @@ class PruningConfig:
     tolerance: float = 0.005  # the exported size must land within this fraction of the target size
     max_cut_shift: float = 0.05  # a cut that moves the size more than this fraction of the target: training missed it
     calibrate: bool = True  # shift the gates' thresholds at the cut until the size is within tolerance
+    # the measure the cut calibrates onto (null: pruning.target_kind), e.g. train to a params target, cut to a latency;
+    # cut_target reads as pruning.target does for that measure (null: pruning.target); a latency kind needs the table
+    cut_target_kind: Optional[str] = None
+    cut_target: Optional[float] = None
+    # a latency cut (target or cut_target kind latency/latency_ms): rounds of timing the cut model against the unpruned
+    # one under the table's conditions and re-calibrating the table target by predicted/measured (0: the table's word)
+    latency_refine: int = 1
     skip_closed: bool = True  # compute only the units whose gate sample is nonzero (same result, less work)
     skip_min_closed: float = 0.3  # ... in groups with at least this fraction closed (gathering costs too)
     gates: GateConfig = field(default_factory=GateConfig)  # which structures are gated, initial drop rates
@@ -333,16 +340,17 @@ def check_optim(o: DictConfig, lrs: Tuple[str, ...]) -> None:
 
 
 def measure_settings(p: Any, threads: Optional[int] = None, teacher: Optional[EncoderConfig] = None,
-                     check: bool = True) -> Dict[str, Any]:
-    """What the measure ``pruning.target_kind`` needs (``prune.measures.Need``: a latency table),
-    loaded from its ``pruning.*`` key and, with ``check``, checked against ``trainer.threads``
-    (``threads``) and the teacher (None: not known yet); ConfigError naming the key."""
-    measure = measures.MEASURES.get(p["target_kind"])
+                     check: bool = True, key: str = "target_kind") -> Dict[str, Any]:
+    """What the measure ``pruning.<key>`` (``target_kind``, or ``cut_target_kind``) needs
+    (``prune.measures.Need``: a latency table), loaded from its ``pruning.*`` key and, with
+    ``check``, checked against ``trainer.threads`` (``threads``) and the teacher (None: not known
+    yet); ConfigError naming the key."""
+    measure = measures.MEASURES.get(p.get(key) if hasattr(p, "get") else p[key])
     settings: Dict[str, Any] = {}
     for need in () if measure is None else measure.needs:
         value = p.get(need.key) if hasattr(p, "get") else None
         if value is None:
-            raise ConfigError(f"pruning.{need.key}: pruning.target_kind={measure.name} needs it; {need.hint}")
+            raise ConfigError(f"pruning.{need.key}: pruning.{key}={measure.name} needs it; {need.hint}")
         try:
             settings[need.name] = need.load(value)
             if check:
@@ -367,6 +375,25 @@ def check_target(p: DictConfig, teacher: Optional[EncoderConfig], threads: Optio
         measure.check_target(p.target, None if teacher is None else measure.size_of(teacher, p.macs_seconds))
     except ValueError as e:
         raise ConfigError(str(e)) from None
+    kind = p.get("cut_target_kind")
+    if kind is not None:  # the cut's own measure: its needs (a latency table) and its target, before compute
+        cut = measures.MEASURES.get(kind)
+        if cut is None:
+            raise ConfigError(f"pruning.cut_target_kind: must be null or one of {measures.names()}, got {kind!r}")
+        cut = cut.bind(measure_settings(p, threads, teacher, key="cut_target_kind"))
+        target = p.target if p.get("cut_target") is None else p.cut_target
+        try:
+            cut.check_target(target, None if teacher is None else cut.size_of(teacher, p.macs_seconds))
+        except ValueError as e:
+            raise ConfigError(str(e).replace("pruning.target_kind", "pruning.cut_target_kind").replace(
+                "pruning.target:", "pruning.cut_target:")) from None
+    elif p.get("cut_target") is not None:
+        raise ConfigError(f"pruning.cut_target: {p.cut_target} given without pruning.cut_target_kind; set "
+                          f"pruning.cut_target_kind too (e.g. latency) or drop cut_target")
+    refine = p.get("latency_refine", 1)
+    if not isinstance(refine, int) or isinstance(refine, bool) or refine < 0:
+        raise ConfigError(f"pruning.latency_refine: must be a whole number >= 0 (timing rounds at the cut), "
+                          f"got {refine!r}")
 
 
 def check_shape_config(p: DictConfig, teacher: Optional[EncoderConfig]) -> None:

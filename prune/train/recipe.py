@@ -119,6 +119,7 @@ class PruneRecipe(Runner):
             target_size=self.shaper.fixed_size(gated, lambda g: measure.expected_of(g, p.macs_seconds)),
         ).to(self.env.device)
         self.gated = gated  # the pruning stage's student (the Lagrangian measures it)
+        self.cut_target = self._cut_target(gated)
         self.run_objective = self.objective  # the pruning and final stages' (the teacher stage has its own)
         if cfg.task.finetune_teacher_steps > 0:  # DiariZen's order: the teacher fine-tuned on the task first
             self.stage = TEACHER
@@ -154,6 +155,22 @@ class PruneRecipe(Runner):
         into pruning) on the task loss alone; nothing to distil from."""
         o = self.objective
         return Task(o.kind, o.head, o.targets, weight=1.0, distillation=None)
+
+    def _cut_target(self, gated: GatedEncoder) -> Lagrangian:
+        """What the cut calibrates onto: the training's Lagrangian, or with ``pruning.cut_target_kind``
+        a measure of its own (its target: ``pruning.cut_target``, else ``pruning.target``); only
+        its sizes are read, it is never trained or saved."""
+        p = self.cfg.pruning
+        if p.cut_target_kind is None:
+            return self.lagrangian
+        settings = measure_settings(p, self.cfg.trainer.threads, self.source_config, key="cut_target_kind")
+        target = p.target if p.cut_target is None else p.cut_target
+        try:
+            MEASURES[p.cut_target_kind].bind(settings).check_target(
+                target, MEASURES[p.cut_target_kind].bind(settings).size_of(self.source_config, p.macs_seconds))
+        except ValueError as e:  # a checkpoint teacher: its sizes are known only now
+            raise ValueError(str(e).replace("pruning.target:", "pruning.cut_target:")) from None
+        return Lagrangian(gated, p.cut_target_kind, target, 0, p.macs_seconds, settings)
 
     def _setup_data(self) -> None:
         """Check every file up front (a manifest with nothing usable stops here, before any
@@ -454,7 +471,7 @@ class PruneRecipe(Runner):
         gated: GatedEncoder = self.student.encoder
         self._check_ranks_agree(gated)
         self._validate("before cut")
-        lag, p = self.lagrangian, self.cfg.pruning
+        lag, p = self.cut_target, self.cfg.pruning  # the training's target unless pruning.cut_target_kind
         target_size = lag.target_size
         gated.eval()
         size = self.shaper.sized(lag.expected_size)  # uniform / shape / round_to forced at every measurement
@@ -464,8 +481,12 @@ class PruneRecipe(Runner):
         if calibrated:
             calibrate(gated, size, target_size, p.tolerance)
             self.shaper.apply(gated)  # the forced units of the gates as calibrated
+        refined = self._refine_latency(gated, size) if p.calibrate else None
         compiled = compile_encoder(gated)
-        self.cut = cut_record(lag, target_size, gates_size, lag.size_of(compiled.config), p, calibrated)
+        table_target = target_size if refined is None else refined["table_targets"][refined["chosen"]]
+        self.cut = cut_record(lag, table_target, gates_size, lag.size_of(compiled.config), p, calibrated)
+        if refined is not None:
+            self.cut["latency_refine"] = refined
         if self.env.is_main:
             self._log_cut(self.cut)
         self.stage = FINAL
@@ -475,10 +496,36 @@ class PruneRecipe(Runner):
         maybe_fail("between_stages", self.step)  # PRUNE_FAULT=between_stages:STEP (tests)
         self.save_checkpoint()  # between stages: a crash now resumes into stage 2
 
+    def _refine_latency(self, gated: GatedEncoder, size) -> Optional[Dict[str, Any]]:
+        """With a latency cut and ``pruning.latency_refine`` > 0: time the calibrated cut here and
+        re-calibrate (``prune.latency_refine``); its record, or None (not a latency cut, refine=0,
+        or this machine cannot honour the table: then one log line says why)."""
+        from .. import latency_refine
+
+        lag, p = self.cut_target, self.cfg.pruning
+        table = dict(lag.measure.settings).get("table")
+        if table is None or p.latency_refine == 0 or self.shaper.fixes_all(gated):
+            return None
+        why = latency_refine.skip_reason(table, self.env.enabled)
+        if why is not None:
+            if self.env.is_main:
+                log.info("pruning.latency_refine: not timing the cut (%s); the table's calibration stands", why)
+            return None
+        record = latency_refine.refine(gated, self.teacher, size, table, lag.target_size, lag.full, p.tolerance,
+                                       p.latency_refine, apply=self.shaper.apply)
+        if self.env.is_main:
+            log.info("pruning.latency_refine: asked %.2f %s; table targets %s, predicted %s, measured %s; chose round %d",
+                     record["asked"], lag.measure.unit, _fmt(record["table_targets"]), _fmt(record["predicted"]),
+                     _fmt(record["measured"]), record["chosen"])
+        return record
+
     def _log_cut(self, cut: Dict[str, Any]) -> None:
         """One line on the cut: a loud warning when the training did not bring the size to the target."""
         warning = cut_warning(cut)
-        if warning is not None:
+        if self.cut_target is not self.lagrangian:  # trained to one measure, cut to another: the cut decides by design
+            log.info("pruning.cut_target_kind=%s: the gates (trained to a %s target) read %.2f %s, calibrated to %.2f",
+                     cut["kind"], self.lagrangian.kind, cut["gates_size"], cut["unit"], cut["cut_size"])
+        elif warning is not None:
             log.warning("%s", warning)
         elif cut["calibrated"]:
             log.warning("the gates ended at %.0f (%s) for a target of %.0f: thresholds shifted together to %.0f",
@@ -799,6 +846,10 @@ def shaper_of(p: DictConfig, teacher: EncoderConfig) -> Tuple[Shaper, Shape]:
     except ValueError as e:
         raise ConfigError(str(e)) from None
     return Shaper(uniform, shape, round_to), shape
+
+
+def _fmt(values: List[float]) -> str:
+    return "[" + ", ".join(f"{v:.2f}" for v in values) + "]"
 
 
 def cut_record(lag: Lagrangian, target_size: float, gates_size: float, cut_size: float, p: DictConfig,
