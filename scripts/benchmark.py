@@ -111,24 +111,24 @@ def inference(args) -> Dict:
 
 
 # ------------------------------------------------------------------------------------- 8
-# the gate kinds section 7 adds to the default ones, each switched on together with those before it
-NEW_GATES = ("hidden_dim", "head_qk_dims", "head_v_dims")
+# section 8's gate variants: the default gates, then each new kind on top of them, then all together
+NEW_GATES = {"+hidden_dim": ("hidden_dim",), "+head dims": ("head_qk_dims", "head_v_dims"),
+             "+hidden_dim +head dims": ("hidden_dim", "head_qk_dims", "head_v_dims")}
 
 
 def structure_variants(preset: str):
-    """{name: (config, kept heads, kept FFN units)} of section 7, all cut from the same random
-    weights with the same seeded gate procedure (seed 1) as section 1."""
+    """{name: compiled model} of section 8, all cut from the same random weights with the same
+    seeded gate procedure (seed 1) as section 1."""
     torch.manual_seed(0)
     full = build_preset(preset).eval()
-    extra = {name: True for name in NEW_GATES if name in GateConfig.__dataclass_fields__}
     variants = {"unpruned": full}
     for sparsity in (0.75, 0.9):
-        for label, gates, round_to in (("default", GateConfig(), 1), ("+" + ",".join(extra), GateConfig(**extra), 1),
-                                       ("default, round_to=8", GateConfig(), 8)):
-            if round_to > 1 and sparsity != 0.75:
-                continue
+        runs = [("default", GateConfig(), 1)]
+        runs += [(label, GateConfig(**{k: True for k in kinds}), 1) for label, kinds in NEW_GATES.items()]
+        runs += [("default, round_to=8", GateConfig(), 8)] if sparsity == 0.75 else []
+        for label, gates, round_to in runs:
             gated = GatedEncoder(build_preset(preset), gates)
-            gated.model.load_state_dict(full.state_dict(), strict=False)
+            gated.model.load_state_dict(full.state_dict())
             shaper = Shaper(round_to=round_to)
             set_random_gates(gated, sparsity, seed=1, size=shaper.sized(GatedEncoder.expected_params))
             gated.eval()
@@ -156,14 +156,26 @@ def structures(args) -> Dict:
                             "heads": heads, "ffn_units": units, "gmacs_per_s": count_macs(c, 1.0) / 1e9,
                             "latency_s": fastest(times[name]), "spread": spread(times[name]), "speedup": speedup,
                             "mac_reduction": mac_cut})
-            rows.append([name, str(batch), f"{prune.num_params(m) / 1e6:.2f} M", str(c.encoder_embed_dim), str(heads),
+            qk = _mean_kept_dims(c, "encoder_head_qk_dims")
+            results[-1]["mean_qk_dims"] = qk
+            rows.append([name, str(batch), f"{prune.num_params(m) / 1e6:.2f} M", str(c.encoder_embed_dim), str(heads), qk,
                          str(units), f"{count_macs(c) / 1e9:.2f}", f"{fastest(times[name]):.3f} s",
                          spread(times[name]), f"{speedup:.2f}x", f"{mac_cut:.2f}x", f"{speedup / mac_cut:.2f}"])
     print(f"\n8. Structures, {args.preset}, {args.seconds:g} s of audio, {torch.get_num_threads()} threads, "
           f"{args.clock} clock, best of {args.repeats}")
-    print(format_table([["model", "batch", "params", "hidden", "heads", "FFN units", "GMACs/s", "latency",
+    print(format_table([["model", "batch", "params", "hidden", "heads", "qk dims", "FFN units", "GMACs/s", "latency",
                          "median/max", "speedup", "MAC cut", "speedup / MAC cut"]] + rows))
     return {"structures": results}
+
+
+def _mean_kept_dims(c, field: str) -> str:
+    """The mean head size (of ``encoder_head_dim``) over the layers that keep heads, or "all"."""
+    layers = [i for i, (h, a) in enumerate(zip(c.encoder_num_heads, c.encoder_attention_kept)) if h and a]
+    dims = getattr(c, field, None)
+    if not layers or dims is None:
+        return "-" if not layers else "all"
+    kept = [dims[i] for i in layers]
+    return f"{sum(kept) / len(kept):.0f}" if kept else "-"
 
 
 # ------------------------------------------------------------------------------------- 2
