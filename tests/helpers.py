@@ -30,6 +30,12 @@ def randomize_gates(gated: GatedEncoder, seed: int = 0, hard_cases: bool = True)
     return gated
 
 
+def run_no_grad(model, x, lengths):
+    """``model(x, lengths)`` without autograd (hidden states, lengths)."""
+    with torch.no_grad():
+        return model(x, lengths)
+
+
 def max_rel_error(a, b) -> float:
     """max |a - b| / max |b| over a list of tensors."""
     return max(((x - y).abs().max() / y.abs().max()).item() for x, y in zip(a, b))

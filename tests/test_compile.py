@@ -2,6 +2,7 @@ import pytest
 import torch
 from conftest import TINY
 from helpers import max_rel_error, randomize_gates
+from helpers import run_no_grad as _run
 
 from prune.compile import compile_encoder
 from prune.gates import HardConcrete
@@ -10,16 +11,6 @@ from prune.models import build_encoder, build_preset
 from prune.structures import GatedEncoder
 
 TOL = 1e-5  # max relative error, float32
-
-
-def _run(model, x, lengths):
-    with torch.no_grad():
-        return model(x, lengths)
-
-
-@pytest.fixture
-def batch():
-    return torch.randn(2, 16000), torch.tensor([16000, 11000])
 
 
 @pytest.mark.parametrize("name", TINY)

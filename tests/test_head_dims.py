@@ -6,6 +6,7 @@ import pytest
 import torch
 from conftest import TINY
 from helpers import CLOSED, max_rel_error, randomize_gates
+from helpers import run_no_grad as _run
 
 from prune.compile import compile_encoder
 from prune.measured import measured_macs, num_params
@@ -14,16 +15,6 @@ from prune.structures import GateConfig, GatedEncoder, count_macs, count_params
 
 TOL = 1e-5
 DIMS = GateConfig(head_qk_dims=True, head_v_dims=True)
-
-
-@pytest.fixture
-def batch():
-    return torch.randn(2, 16000), torch.tensor([16000, 11000])
-
-
-def _run(model, x, lengths):
-    with torch.no_grad():
-        return model(x, lengths)
 
 
 def _gated(name, gates=DIMS, seed=0, hard_cases=True, model=None):
