@@ -26,7 +26,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 import torch
 from torch import Tensor, nn
 
-from .latency import FORMAT, VERSION, LatencyTable, fingerprint, machine
+from .latency import FORMAT, VERSION, LatencyTable, fingerprint, load_table, machine
 from .measured import fastest, interleaved
 from .models.components import (ConvLayerBlock, ConvolutionalPositionalEmbedding, FeatureProjection, FeedForward,
                                 PhantomLayerNorm, RelativePositionBias, SelfAttention, WavLMSelfAttention,
@@ -223,3 +223,33 @@ def grid_sizes(table: Dict[str, Any]) -> Sequence[int]:
     """(conv points, projection points, head points, FFN points) of a table: for messages."""
     return (sum(len(c["in"]) * len(c["out"]) for c in table["conv"]), len(table["projection"]["channels"]),
             len(table["attention"]["heads"]), len(table["ffn"]["units"]))
+
+
+def cpu_copy(model: nn.Module) -> nn.Module:
+    """A CPU copy of an encoder in eval mode (timing and probes leave the original where it is)."""
+    copy = build_encoder(model.config)
+    copy.load_state_dict({k: v.detach().cpu() for k, v in model.state_dict().items()})
+    return copy.eval()
+
+
+def table_latencies(table_path: str, models: Dict[str, nn.Module], repeats: int = 10
+                    ) -> Dict[str, Any]:
+    """A latency target's check (#18): each model's latency as the table predicts it and as measured
+    here under the table's conditions (its utterance length, batch, threads and clock; CPU copies,
+    interleaved, the fastest of ``repeats``), in milliseconds."""
+    table = load_table(table_path)
+    clock = table.data.get("clock", "wall")
+    x = torch.randn(table.batch, int(round(table.seconds * SAMPLE_RATE)))
+    copies = {name: cpu_copy(m) for name, m in models.items()}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(table.threads)
+    try:
+        with torch.no_grad():
+            times = interleaved({name: (lambda m=m: m(x)) for name, m in copies.items()}, repeats,
+                                clock=CLOCKS.get(clock, CLOCKS["wall"]))
+    finally:
+        torch.set_num_threads(threads)
+    return {"table": table_path, "seconds": table.seconds, "batch": table.batch, "threads": table.threads,
+            "clock": clock, "device": table.data["machine"].get("device", "cpu"),
+            "predicted_ms": {name: 1e3 * table.latency(m.config) for name, m in models.items()},
+            "measured_ms": {name: 1e3 * fastest(t) for name, t in times.items()}}

@@ -5,7 +5,7 @@ target is moved by the miss (``next_target``: by asked/measured, then along the 
 two timings), the gates are calibrated onto it again and the new cut timed, for ``rounds`` rounds; the candidate whose measured latency is nearest the asked one is kept.
 
 A cut model's measured latency is read on the table's scale: t(cut) / t(unpruned) x the table's
-latency of the unpruned model, the two timed interleaved (``prune.evaluate.report.table_latencies``)
+latency of the unpruned model, the two timed interleaved (``prune.latency_profile.table_latencies``)
 so load and clock drift hit both alike, and a bias common to every pass (the machine being a bit
 faster today) cancels.
 
@@ -45,7 +45,7 @@ def skip_reason(table: LatencyTable, distributed: bool = False) -> Optional[str]
 def time_models(table_path: str, models: Dict[str, nn.Module]) -> Dict[str, float]:
     """Measured milliseconds of each model under the table's conditions, interleaved (the hook
     tests replace with a known-biased timer)."""
-    from .evaluate.report import table_latencies
+    from .latency_profile import table_latencies
 
     return table_latencies(table_path, models)["measured_ms"]
 

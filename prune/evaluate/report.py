@@ -14,6 +14,7 @@ from omegaconf import DictConfig
 from ..checkpoints import describe
 from ..measured import fastest, interleaved, spread
 from ..models import SAMPLE_RATE, Wav2Vec2Model
+from ..latency_profile import cpu_copy, table_latencies
 from ..structures import SHOWN
 
 log = logging.getLogger(__name__)
@@ -28,43 +29,9 @@ def cpu_latencies(models: Dict[str, Wav2Vec2Model], seconds: float, repeats: int
     the models): ``repeats`` passes each, the models interleaved (as scripts/benchmark.py), so a
     burst of load on the machine hits them alike instead of skewing their ratio."""
     x = torch.randn(1, int(seconds * SAMPLE_RATE))
-    copies = {name: _cpu_copy(m) for name, m in models.items()}
+    copies = {name: cpu_copy(m) for name, m in models.items()}
     with torch.no_grad():
         return interleaved({name: (lambda m=m: m(x)) for name, m in copies.items()}, repeats)
-
-
-def _cpu_copy(model: Wav2Vec2Model) -> Wav2Vec2Model:
-    from ..models import build_encoder
-
-    copy = build_encoder(model.config)
-    copy.load_state_dict({k: v.detach().cpu() for k, v in model.state_dict().items()})
-    return copy.eval()
-
-
-def table_latencies(table_path: str, models: Dict[str, Wav2Vec2Model], repeats: int = LATENCY_REPEATS
-                    ) -> Dict[str, Any]:
-    """A latency target's check (#18): each model's latency as the table predicts it and as measured
-    here under the table's conditions (its utterance length, batch, threads and clock; CPU copies,
-    interleaved, the fastest of ``repeats``), in milliseconds."""
-    from ..latency import load_table
-    from ..latency_profile import CLOCKS
-
-    table = load_table(table_path)
-    clock = table.data.get("clock", "wall")
-    x = torch.randn(table.batch, int(round(table.seconds * SAMPLE_RATE)))
-    copies = {name: _cpu_copy(m) for name, m in models.items()}
-    threads = torch.get_num_threads()
-    torch.set_num_threads(table.threads)
-    try:
-        with torch.no_grad():
-            times = interleaved({name: (lambda m=m: m(x)) for name, m in copies.items()}, repeats,
-                                clock=CLOCKS.get(clock, CLOCKS["wall"]))
-    finally:
-        torch.set_num_threads(threads)
-    return {"table": table_path, "seconds": table.seconds, "batch": table.batch, "threads": table.threads,
-            "clock": clock, "device": table.data["machine"].get("device", "cpu"),
-            "predicted_ms": {name: 1e3 * table.latency(m.config) for name, m in models.items()},
-            "measured_ms": {name: 1e3 * fastest(t) for name, t in times.items()}}
 
 
 def needs_of(kind: str) -> List[str]:
@@ -216,7 +183,7 @@ def write_report(run_dir: Path, teacher: Wav2Vec2Model, pruned: Wav2Vec2Model, c
 
         for name, m in models.items():
             # fixed probe seeds, not the training seed: reports of runs with different seeds compare
-            probes[name] = phone_probe(_cpu_copy(m), Path(corpus), steps=cfg.probe.steps, seed=list(cfg.probe.seeds))
+            probes[name] = phone_probe(cpu_copy(m), Path(corpus), steps=cfg.probe.steps, seed=list(cfg.probe.seeds))
             log.info("phone probe, %s: valid PER %s", name, per_text(probes[name]))
     sizes = {"teacher": before, "pruned": after, "random init": after}
     columns = [(name, sizes[name], latencies[name], probes[name]["valid_per"] if probes else None) for name in models]
@@ -227,7 +194,7 @@ def write_report(run_dir: Path, teacher: Wav2Vec2Model, pruned: Wav2Vec2Model, c
     check = None
     if cfg is not None and "table" in needs_of(cfg.pruning.get("cut_target_kind") or cfg.pruning.target_kind):
         # a latency target, or a cut onto one
-        check = table_latencies(cfg.pruning.latency_table, {"teacher": teacher, "pruned": pruned})
+        check = table_latencies(cfg.pruning.latency_table, {"teacher": teacher, "pruned": pruned}, LATENCY_REPEATS)
         lines.append(latency_line(check))
     if meta.get("similarity"):
         lines.append(similarity_table(meta["similarity"]))
