@@ -30,6 +30,19 @@ def randomize_gates(gated: GatedEncoder, seed: int = 0, hard_cases: bool = True)
     return gated
 
 
+def monte_carlo_cost(gated, kind: str, keep, generator, draws: int = 400) -> float:
+    """The mean eval-mode cost ``getattr(gated, kind)()`` over ``draws`` gate patterns, each gate of
+    ``gated.gate_parameters()`` open with its probability in ``keep`` (hard open / closed log_alphas)."""
+    gated.eval()
+    total = 0.0
+    with torch.no_grad():
+        for _ in range(draws):
+            for param, k in zip(gated.gate_parameters(), keep):
+                param.copy_(torch.where(torch.bernoulli(k, generator=generator) > 0, 30.0, -30.0))
+            total += getattr(gated, kind)().item()
+    return total / draws
+
+
 def run_no_grad(model, x, lengths):
     """``model(x, lengths)`` without autograd (hidden states, lengths)."""
     with torch.no_grad():

@@ -5,7 +5,7 @@ model is exact and its costs are the expected ones."""
 import pytest
 import torch
 from conftest import TINY
-from helpers import CLOSED, max_rel_error, randomize_gates
+from helpers import CLOSED, max_rel_error, monte_carlo_cost, randomize_gates
 from helpers import run_no_grad as _run
 
 from prune.compile import compile_encoder
@@ -109,14 +109,7 @@ def test_training_costs_are_the_expectation_over_independent_gates(kind):
     expected = getattr(gated, kind)().item()
     bias = gated.attention[0].qk_gate.bias
     keep = [torch.sigmoid(p.detach() - bias) for p in gated.gate_parameters()]
-    gated.eval()
-    total, draws = 0.0, 400
-    with torch.no_grad():
-        for _ in range(draws):
-            for param, k in zip(gated.gate_parameters(), keep):
-                param.copy_(torch.where(torch.bernoulli(k, generator=g) > 0, 30.0, -30.0))
-            total += getattr(gated, kind)().item()
-    assert expected == pytest.approx(total / draws, rel=0.01)
+    assert expected == pytest.approx(monte_carlo_cost(gated, kind, keep, g), rel=0.01)
     without = GatedEncoder(build_preset("wavlm_base_tiny"))  # the dims gates do move the cost
     assert abs(getattr(without.train(), kind)().item() - expected) > 0.05 * expected
 

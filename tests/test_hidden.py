@@ -4,7 +4,7 @@ stream's channels; the compiled model is exact and its costs are the expected on
 import pytest
 import torch
 from conftest import TINY
-from helpers import CLOSED, max_rel_error, randomize_gates
+from helpers import CLOSED, max_rel_error, monte_carlo_cost, randomize_gates
 from helpers import run_no_grad as _run
 
 from prune.compile import compile_encoder
@@ -106,15 +106,7 @@ def test_training_costs_are_the_expectation_over_independent_gates(kind):
     expected = getattr(gated, kind)().item()
     probs = [p.detach().clone() for p in gated.gate_parameters()]
     keep = [torch.sigmoid(p - gated.hidden[0].gate.bias) for p in probs]
-    gated.eval()
-    total = 0.0
-    draws = 400
-    with torch.no_grad():
-        for _ in range(draws):
-            for param, k in zip(gated.gate_parameters(), keep):
-                param.copy_(torch.where(torch.bernoulli(k, generator=g) > 0, 30.0, -30.0))
-            total += getattr(gated, kind)().item()
-    assert expected == pytest.approx(total / draws, rel=0.01)
+    assert expected == pytest.approx(monte_carlo_cost(gated, kind, keep, g), rel=0.01)
 
 
 def test_hidden_gate_is_off_by_default():
