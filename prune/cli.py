@@ -294,7 +294,8 @@ def export(args: argparse.Namespace) -> int:
     from .train.student import export_training_checkpoint
 
     state = export_training_checkpoint(Path(args.checkpoint), Path(args.out), args.overwrite)
-    print(f"exported step {state['step']} ({state['stage']} stage) to {Path(args.out)}")
+    head = " with its task head" if (Path(args.out) / "task.json").is_file() else ""
+    print(f"exported step {state['step']} ({state['stage']} stage) to {Path(args.out)}{head}")
     return 0
 
 

@@ -23,11 +23,14 @@ is at most 1.5).
 from __future__ import annotations
 
 import argparse
+import collections
+import concurrent.futures
 import json
 import shlex
 import statistics
 import subprocess
 import sys
+import threading
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
@@ -114,19 +117,41 @@ def prune_command(argv: List[str]) -> List[str]:
     return [sys.executable, "-m", "prune.cli", *argv]
 
 
-def execute(runs: List[Dict[str, Any]]) -> None:
-    """Run each command, one at a time; a run with its report.json already is skipped."""
-    for r in runs:
+def execute(runs: List[Dict[str, Any]], jobs: int = 1) -> None:
+    """Run each run's commands in order, ``jobs`` runs at a time; a command whose folder has its
+    report.json already is skipped. The agnostic pruned run two runs share is made once: a lock per
+    folder makes the second wait for the first."""
+    locks: Dict[Path, threading.Lock] = collections.defaultdict(threading.Lock)
+    guard = threading.Lock()
+
+    def one(r: Dict[str, Any]) -> None:
         for argv in r["commands"]:
             folder = Path(next(a.split("=", 1)[1] for a in argv if a.startswith("hydra.run.dir=")))
-            if (folder / "report.json").is_file():
-                print(f"reused: {folder}", flush=True)
-                continue
-            print("running:", " ".join(shlex.quote(a) for a in ["prune", *argv]), flush=True)
-            done = subprocess.run(prune_command(argv))
-            if done.returncode != 0:
-                raise SystemExit(f"task_table: `prune {argv[0]}` for {folder} failed (exit {done.returncode}); "
-                                 f"its log is above, fix it and rerun the script (finished runs are reused)")
+            with guard:
+                lock = locks[folder]
+            with lock:
+                if (folder / "report.json").is_file():
+                    print(f"reused: {folder}", flush=True)
+                    continue
+                print("running:", " ".join(shlex.quote(a) for a in ["prune", *argv]), flush=True)
+                if jobs == 1:
+                    done = subprocess.run(prune_command(argv))
+                else:  # in parallel each run writes its folder's task_table.log (the outputs would interleave)
+                    folder.mkdir(parents=True, exist_ok=True)
+                    with open(folder / "task_table.log", "a") as log:
+                        done = subprocess.run(prune_command(argv), stdout=log, stderr=subprocess.STDOUT)
+                if done.returncode != 0:
+                    where = "above" if jobs == 1 else folder / "task_table.log"
+                    raise SystemExit(f"task_table: `prune {argv[0]}` for {folder} failed (exit {done.returncode}); "
+                                     f"its log is {where}, fix it and rerun the script (finished runs are reused)")
+
+    if jobs == 1:
+        for r in runs:
+            one(r)
+        return
+    with concurrent.futures.ThreadPoolExecutor(jobs) as pool:
+        for future in concurrent.futures.as_completed([pool.submit(one, r) for r in runs]):
+            future.result()  # the first failure stops the table (the runs under way finish)
 
 
 def metric(run: str) -> float:
@@ -187,17 +212,23 @@ def main(argv: Optional[List[str]] = None) -> None:
     p.add_argument("--valid-augment", action="store_true", help="data.valid_augment=true in every run")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="more overrides for every run")
     p.add_argument("--probe", action="store_true", help="keep the recipe's phone probe in each report (slow)")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="runs at a time (each then gets trainer.threads=1 unless --set names it; 2 on 2 cores)")
     p.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
     args = p.parse_args(argv)
     args.set = [*args.set, *(["data.augment.enabled=true"] if args.augment else []),
                 *(["data.valid_augment=true"] if args.valid_augment else [])]
+    if args.jobs < 1:
+        p.error(f"--jobs must be at least 1, got {args.jobs}")
+    if args.jobs > 1 and not any(a.startswith("trainer.threads=") for a in args.set):
+        args.set.append("trainer.threads=1")  # N runs of 2 threads on 2 cores slow each other down many-fold
     runs = plan(args)
     if args.dry_run:
         for r in runs:
             for command in r["commands"]:
                 print(" ".join(shlex.quote(a) for a in ["prune", *command]))
         return
-    execute(runs)
+    execute(runs, args.jobs)
     table = summarise(runs)
     out = Path(args.out)
     (out / "task_table.json").write_text(json.dumps({"seeds": args.seeds, "runs": runs, "table": table}, indent=2))

@@ -35,6 +35,16 @@ def prune_cli(args: List[str], cwd: Path = REPO, timeout: int = 600, env=None) -
                           timeout=timeout, env={**os.environ, **(env or {})})
 
 
+def voice_labels(tmp_path: Path, train: Path, valid: Path) -> Path:
+    """A label TSV for a noise corpus: three "voices" (id mod 3) and a two-phone transcript each."""
+    from prune.data.manifest import read_manifest
+
+    ids = read_manifest(train).ids + read_manifest(valid).ids
+    path = tmp_path / "labels.tsv"
+    path.write_text("\n".join(["id\tvoice\tphones", *[f"{u}\tv{int(u) % 3}\ta b" for u in ids]]) + "\n")
+    return path
+
+
 def short_run_args(train: Path, valid: Path, run_dir: Path, prune_steps: int = 30, final_steps: int = 10,
                    extra: List[str] = ()) -> List[str]:
     """tiny_demo shortened, its warm-ups scaled to fit the steps (the config check asks for it)."""

@@ -10,11 +10,10 @@ import signal
 
 import pytest
 import torch
-from helpers_train import DEMO_CORPUS, REPO, noise_corpus, prune_cli, short_run_args
+from helpers_train import DEMO_CORPUS, REPO, noise_corpus, prune_cli, short_run_args, voice_labels
 from safetensors.torch import load_file, save_file
 
 from prune.checkpoints import load_pruned, read_export_info
-from prune.data.manifest import read_manifest
 from prune.evaluate.task import evaluate_task
 from prune.train.config import ConfigError, compose, validate
 from prune.train.task import HEAD_FILE, INFO_FILE, load_task_head
@@ -74,13 +73,6 @@ def test_finetune_without_a_model_fails_in_one_line(tmp_path):
     assert result.returncode == 1 and result.stderr.strip() == (
         f"prune finetune: {tmp_path / 'nothing'} does not exist (give an export folder, a Hugging Face folder or a "
         f"fairseq / torchaudio checkpoint)")
-
-
-def voice_labels(tmp_path, train, valid):
-    ids = read_manifest(train).ids + read_manifest(valid).ids
-    path = tmp_path / "labels.tsv"
-    path.write_text("\n".join(["id\tvoice\tphones", *[f"{u}\tv{int(u) % 3}\ta b" for u in ids]]) + "\n")
-    return path
 
 
 def test_a_task_run_killed_mid_run_and_resumed_gives_the_same_export(tmp_path):

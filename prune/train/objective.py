@@ -129,6 +129,14 @@ class Task(Objective):
     def layers(self) -> List[int]:
         return self.distillation.layers if self.distillation is not None else []
 
+    def after_cut(self, hidden_kept: Optional[List[int]]) -> None:
+        """A cut hidden dimension: the head reads the kept channels as the gated student's zeros
+        and values (``LayerMix.keep_inputs``), the distillation heads their kept columns."""
+        if hidden_kept is not None:
+            self.head.mix.keep_inputs(hidden_kept, self.head.linear.in_features)
+        if self.distillation is not None:
+            self.distillation.after_cut(hidden_kept)
+
     def modules(self) -> Dict[str, nn.Module]:
         own = {"task_head": self.head}
         return {**own, **(self.distillation.modules() if self.distillation is not None else {})}

@@ -568,6 +568,8 @@ class PruneRecipe(Runner):
             "skipped_files": dict(self.dataset.skipped),  # found at read time: a resume may not re-read them
             "history": self.history,
             "cut": self.cut,  # the report's record of the cut, made once between the stages
+            # a task run: its vocabulary (prune export CHECKPOINT writes the task head with it)
+            "task_vocabulary": self.vocab.to_dict() if self.vocab is not None else None,
             # after a teacher stage: the fine-tuned teacher (the distillation target is in no other file)
             **({"teacher": self.teacher.state_dict()} if self.teacher_tuned else {}),
         }
@@ -648,24 +650,15 @@ class PruneRecipe(Runner):
 
     def _task_record(self) -> Dict[str, Any]:
         """The task's settings and its validation metric at each named point, for the export and report."""
-        t = self.cfg.task
-        points = {e["point"]: {k: e[k] for k in ("step", "stage", "valid_task_loss", "valid_metric")}
-                  for e in self.history if "point" in e and "valid_metric" in e}
-        return {"kind": t.kind, "labels": t.labels, "column": t.column, "tokens": t.tokens, "layer": t.layer,
-                "pooling": t.pooling, "weight": t.weight, "distill_weight": self.cfg.distill.weight,
-                "metric": self.task_metric, "higher_is_better": t.kind == "classify",
-                "classes": len(self.vocab), "points": points,
-                # the reference a pruned model's metric is read against (task.finetune_teacher_steps > 0)
-                "teacher_metric": points.get("fine-tuned teacher", {}).get("valid_metric"),
-                "valid_metric": points["end"]["valid_metric"] if "end" in points else None}
+        from .task import task_record
+
+        return task_record(self.cfg.task, self.cfg.distill.weight, self.history, len(self.vocab))
 
     def _task_writer(self, record: Dict[str, Any]):
         """What writes task_head.safetensors + task.json into the export's temporary folder."""
-        from .task import save_task_files
+        from .task import task_writer
 
-        info = {**record, "num_hiddens": self.source_config.encoder_num_layers + 1,
-                "dim": self.source_config.encoder_embed_dim, "vocabulary": self.vocab.to_dict()}
-        return lambda folder: save_task_files(folder, self.objective.head, info)
+        return task_writer(self.objective.head, record, self.source_config.encoder_num_layers + 1, self.vocab)
 
     @torch.no_grad()
     def _validate(self, point: Optional[str] = None) -> Optional[float]:

@@ -169,6 +169,35 @@ def export_training_checkpoint(checkpoint: Path, out: Path, overwrite: bool = Fa
         Shaper(bool(p.get("uniform", False)), Shape.from_config(p.get("shape")), p.get("round_to", 1)).apply(
             model.eval())
         model = compile_encoder(model.eval())
-    write_model(model.eval(), out, NATIVE, overwrite=overwrite, source=source,
-                metadata={"from_checkpoint": str(checkpoint), "step": state["step"], "stage": state["stage"]})
+    metadata = {"from_checkpoint": str(checkpoint), "step": state["step"], "stage": state["stage"]}
+    extra = None
+    if ((state["config"].get("task") or {}).get("kind") or "none") != "none":
+        metadata["task"], extra = task_files_of_checkpoint(state, source, model, Path(checkpoint))
+    write_model(model.eval(), out, NATIVE, overwrite=overwrite, source=source, metadata=metadata, extra=extra)
     return state
+
+
+def task_files_of_checkpoint(state: Dict[str, Any], source: EncoderConfig, model: Wav2Vec2Model, path: Path):
+    """A task run's checkpoint: (its task record, the writer of its task head for ``model``, the
+    student as exported: cut now if it was still gated, so the head follows a cut hidden dimension)."""
+    from ..data.labels import Vocabulary
+    from .task import build_head, task_record, task_writer
+
+    cfg, weights = state["config"], state["student"]
+    if state.get("task_vocabulary") is None:
+        raise ValueError(f"{path}: a task run's checkpoint without its vocabulary (written before prune recorded "
+                         f"it); export the run's own export/ folder, or resume the run to write a new checkpoint")
+    vocab = Vocabulary.from_dict(state["task_vocabulary"])
+    t = cfg["task"]
+    head = build_head(t["kind"], source.encoder_num_layers + 1, source.encoder_embed_dim, vocab, t["layer"],
+                      t["pooling"])
+    prefix = "task_head."
+    own = {k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix)}
+    if "mix.inputs" in own:  # saved after a cut of the hidden dimension
+        head.mix.keep_inputs(own["mix.inputs"].tolist(), source.encoder_embed_dim)
+    head.load_state_dict(own)
+    kept = hidden_kept(source, model.config)
+    if kept is not None and head.mix.inputs is None:  # a gated checkpoint cut just now
+        head.mix.keep_inputs(kept, source.encoder_embed_dim)
+    record = task_record(t, cfg["distill"]["weight"], state["history"], len(vocab))
+    return record, task_writer(head.eval(), record, source.encoder_num_layers + 1, vocab)

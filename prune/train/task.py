@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -38,13 +38,29 @@ class LayerMix(nn.Module):
         super().__init__()
         self.layer = layer
         self.layer_logits = nn.Parameter(torch.zeros(num_hiddens if layer is None else 1))
+        self.width: Optional[int] = None  # after keep_inputs: the unpruned hidden size
+        self.register_buffer("inputs", None)  # after keep_inputs: (kept,) positions of the kept channels
+
+    def keep_inputs(self, index: Sequence[int], width: int) -> None:
+        """After a cut of the hidden dimension the hidden states hold only the kept channels
+        (``index``: their positions among ``width``). The gated student's removed channels were
+        exact zeros, and the LayerNorm here counted them (a removed channel's normalised value is
+        not zero), so they are put back as zeros before anything reads them: the head computes
+        what it computed on the gated student, with its weights unchanged."""
+        self.inputs, self.width = torch.as_tensor(list(index), dtype=torch.long), int(width)
+
+    def _widen(self, h: Tensor) -> Tensor:
+        """(batch, frames, kept) -> (batch, frames, width), zeros at the removed channels."""
+        if self.inputs is None:
+            return h
+        return h.new_zeros(*h.shape[:-1], self.width).index_copy_(-1, self.inputs.to(h.device), h)
 
     def forward(self, hiddens: Sequence[Tensor]) -> Tensor:
-        """hiddens: each (batch, frames, dim) -> (batch, frames, dim)"""
+        """hiddens: each (batch, frames, dim) -> (batch, frames, dim) (dim: the unpruned width)"""
         if self.layer is not None:
-            return hiddens[self.layer]
+            return self._widen(hiddens[self.layer])
         weights = torch.softmax(self.layer_logits, 0)
-        return sum(w * F.layer_norm(h, h.shape[-1:]) for w, h in zip(weights, hiddens))
+        return sum(w * F.layer_norm(x, x.shape[-1:]) for w, x in zip(weights, map(self._widen, hiddens)))
 
 
 class CTCHead(nn.Module):
@@ -134,6 +150,30 @@ def save_task_files(folder: Path, head: TaskHead, info: Dict[str, Any]) -> None:
         json.dump(info, f, indent=2, ensure_ascii=False)
 
 
+def task_record(task: Mapping[str, Any], distill_weight: float, history: Sequence[Mapping[str, Any]],
+                classes: int) -> Dict[str, Any]:
+    """What task.json records of a run's task (besides the head's shape): its settings and the
+    validation metric at each named point of ``history`` (the run's, or a checkpoint's)."""
+    points = {e["point"]: {k: e[k] for k in ("step", "stage", "valid_task_loss", "valid_metric")}
+              for e in history if "point" in e and "valid_metric" in e}
+    return {"kind": task["kind"], "labels": task["labels"], "column": task["column"], "tokens": task["tokens"],
+            "layer": task["layer"], "pooling": task["pooling"], "weight": task["weight"],
+            "distill_weight": distill_weight, "metric": metric_name(task["kind"], task["column"], task["tokens"]),
+            "higher_is_better": task["kind"] == "classify", "classes": classes, "points": points,
+            # the reference a pruned model's metric is read against (task.finetune_teacher_steps > 0)
+            "teacher_metric": points.get("fine-tuned teacher", {}).get("valid_metric"),
+            "valid_metric": points["end"]["valid_metric"] if "end" in points else None}
+
+
+def task_writer(head: TaskHead, record: Dict[str, Any], num_hiddens: int, vocab: Vocabulary):
+    """The callable that writes ``head`` + its task.json (``record`` and the head's shape) into an
+    export's temporary folder (``prune.checkpoints.convert.write_model``'s ``extra``)."""
+    info = {**record, "num_hiddens": num_hiddens, "dim": head.linear.in_features, "vocabulary": vocab.to_dict(),
+            # the kept channels' positions in dim when the hidden dimension was cut (LayerMix.keep_inputs)
+            "hidden_kept": None if head.mix.inputs is None else head.mix.inputs.tolist()}
+    return lambda folder: save_task_files(folder, head, info)
+
+
 def load_task_head(folder: Union[str, Path]) -> Tuple[TaskHead, Dict[str, Any], Vocabulary]:
     """The task head saved beside an export (``save_task_files``): (head in eval mode, info, vocabulary)."""
     from safetensors.torch import load_file
@@ -145,6 +185,8 @@ def load_task_head(folder: Union[str, Path]) -> Tuple[TaskHead, Dict[str, Any], 
     info = json.loads((folder / INFO_FILE).read_text())
     vocab = Vocabulary.from_dict(info["vocabulary"])
     head = build_head(info["kind"], info["num_hiddens"], info["dim"], vocab, info.get("layer"), info.get("pooling", "mean"))
+    if info.get("hidden_kept") is not None:  # a model with a cut hidden dimension
+        head.mix.keep_inputs(info["hidden_kept"], info["dim"])
     head.load_state_dict(load_file(str(folder / HEAD_FILE)))
     return head.eval(), info, vocab
 
