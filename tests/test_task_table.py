@@ -80,3 +80,27 @@ def test_dry_run_from_the_command_line(tmp_path):
     lines = done.stdout.splitlines()
     assert len(lines) == 5 and all(line.startswith("prune ") for line in lines)
     assert not any(tmp_path.iterdir())  # nothing run, nothing written
+
+
+def test_parallel_runs_make_the_shared_pruned_run_once_and_every_report(tmp_path, monkeypatch):
+    """--jobs 2: each run's commands in order, the agnostic pruned run both tasks share made once
+    (the second waits on its folder's lock), each run's output in its folder's task_table.log."""
+    args = parsed(tmp_path, "--seeds", "0", "--sparsities", "0.9", "--jobs", "2")
+    assert "trainer.threads=1" in args.set  # two 2-thread runs on 2 cores would slow each other down
+    runs = task_table.plan(args)
+    calls = tmp_path / "calls.txt"
+    fake = ("import pathlib, sys, time; d = [a.split('=', 1)[1] for a in sys.argv[1:] if a.startswith('hydra.run.dir=')][0]; "
+            f"open({str(calls)!r}, 'a').write(d + '\\n'); time.sleep(0.3); p = pathlib.Path(d); "
+            "p.mkdir(parents=True, exist_ok=True); (p / 'report.json').write_text('{}'); print('ran', d)")
+    monkeypatch.setattr(task_table, "prune_command", lambda argv: [sys.executable, "-c", fake, *argv])
+    task_table.execute(runs, jobs=2)
+    made = calls.read_text().split()
+    pruned = [f for f in made if "agnostic_pruned" in f]
+    assert len(pruned) == 1 and len(made) == len(set(made)) == 1 + sum(len(r["commands"]) - ("agnostic" == r["method"])
+                                                                       for r in runs)
+    for r in runs:
+        assert "ran" in (tmp_path / r["run"] / "task_table.log").read_text()
+    # a failed command stops the table with the log's place in one line
+    monkeypatch.setattr(task_table, "prune_command", lambda argv: [sys.executable, "-c", "raise SystemExit(3)"])
+    with pytest.raises(SystemExit, match="failed \\(exit 3\\).*task_table.log"):
+        task_table.execute(task_table.plan(parsed(tmp_path / "again", "--seeds", "0", "--sparsities", "0.9")), jobs=2)
