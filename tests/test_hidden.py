@@ -186,3 +186,58 @@ def test_inspect_describe_and_calibration_know_the_hidden_kind(tmp_path):
 
 HIDDEN_ONLY = GateConfig(conv_channels=False, attention_heads=False, attention_layers=False, ffn_units=False,
                          ffn_layers=False, hidden_dim=True)
+
+
+NO_DROPOUT = dict(encoder_dropout=0.0, encoder_attention_dropout=0.0, encoder_projection_dropout=0.0,
+                  encoder_ff_interm_dropout=0.0, encoder_layer_drop=0.0)
+
+
+def _sparse_step(gated, skip, x, lengths, targets):
+    gated.skip_closed = skip
+    gated.zero_grad(set_to_none=True)
+    torch.manual_seed(7)  # the same gate samples in both runs
+    hiddens, _ = gated(x, lengths)
+    loss = sum(((h - t) ** 2).mean() for h, t in zip(hiddens, targets)) + gated.expected_params() * 1e-6
+    loss.backward()
+    grads = {n: torch.zeros_like(p) if p.grad is None else p.grad.clone() for n, p in gated.named_parameters()}
+    return loss.detach(), [h.detach() for h in hiddens], grads
+
+
+@pytest.mark.parametrize("name", TINY)
+@pytest.mark.parametrize("dims", [False, True])
+def test_the_narrow_stream_gives_the_same_loss_and_gradients(name, dims):
+    """Sparsity-aware training with the hidden gate: the transformer runs on the open channels alone
+    (gathered weights, phantom LayerNorm statistics, the positional conv on the full stream) and
+    gives the hidden states, loss and every gradient of the full computation; with every other
+    structure's closed units skipped too (and the head dims when ``dims``)."""
+    gates = GateConfig(hidden_dim=True, head_qk_dims=dims, head_v_dims=dims)
+    gated = GatedEncoder(build_preset(name, **NO_DROPOUT), gates, skip_min_closed=0.0)
+    randomize_gates(gated, seed=4, hard_cases=False)
+    with torch.no_grad():  # closed heads, units and conv channels as well, blocks partly open
+        gated.hidden[0].gate.log_alpha[: gated.config.encoder_embed_dim // 3] = CLOSED
+        gated.attention[0].head_gate.log_alpha[:1] = CLOSED
+        gated.feed_forward[-1].unit_gate.log_alpha[: gated.feed_forward[-1].num_units // 2] = CLOSED
+        gated.conv[-1].gate.log_alpha[:2] = CLOSED
+    gated.train()
+    x, lengths = torch.randn(2, 12000), torch.tensor([12000, 9000])
+    with torch.no_grad():
+        targets = [torch.randn_like(h) for h in gated.model(x, lengths)[0]]
+    torch.manual_seed(7)
+    drawn = gated.sample_gates()
+    D = gated.config.encoder_embed_dim
+    assert drawn.hidden_active is not None and drawn.hidden_active.numel() <= D - D // 3
+    assert all(l.hidden.numel() == drawn.hidden_active.numel() for l in drawn.layers)
+    loss_on, hiddens_on, grads_on = _sparse_step(gated, True, x, lengths, targets)
+    loss_off, hiddens_off, grads_off = _sparse_step(gated, False, x, lengths, targets)
+    assert all(a.shape == b.shape for a, b in zip(hiddens_on, hiddens_off))
+    assert max_rel_error(hiddens_on, hiddens_off) < TOL
+    assert abs(loss_on - loss_off) <= 1e-6 * abs(loss_off)
+    assert grads_on.keys() == grads_off.keys()
+    for n in grads_off:  # float32 sums in another order: relative to each tensor's scale
+        a, b = grads_on[n], grads_off[n]
+        assert (a - b).abs().max() <= 1e-4 * b.abs().max() + 1e-8, n
+    closed = torch.ones(D, dtype=torch.bool)
+    closed[drawn.hidden_active] = False  # their FFN columns got no gradient, the open ones did
+    for kind in ("feed_forward.intermediate_dense", "attention.q_proj"):
+        grad = grads_on[f"model.encoder.transformer.layers.0.{kind}.weight"]
+        assert grad[:, closed].abs().sum() == 0 and grad[:, ~closed].abs().sum() > 0, kind

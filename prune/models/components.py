@@ -332,22 +332,26 @@ class SelfAttention(nn.Module):
         else:
             self.out_proj = _BiasOnly(embed_dim)
 
-    def _scores_bias(self, x: Tensor, position_bias: Optional[Tensor], active: Optional[Tensor]) -> Optional[Tensor]:
+    def _scores_bias(self, x: Tensor, position_bias: Optional[Tensor], active: Optional[Tensor],
+                     hidden_active: Optional[Tensor] = None) -> Optional[Tensor]:
         return None
 
     def forward(self, x: Tensor, key_padding_mask: Optional[Tensor] = None,
                 position_bias: Optional[Tensor] = None, head_gate: Optional[Tensor] = None,
                 active: Optional[Tensor] = None, qk_gate: Optional[Tensor] = None, v_gate: Optional[Tensor] = None,
-                qk_active: Optional[Tensor] = None, v_active: Optional[Tensor] = None) -> Tensor:
+                qk_active: Optional[Tensor] = None, v_active: Optional[Tensor] = None,
+                hidden_active: Optional[Tensor] = None) -> Tensor:
         """x: (batch, frames, embed_dim); key_padding_mask: (batch, frames), True = padding;
         position_bias: (heads_orig, frames, frames) (WavLM); head_gate: (num_heads,);
         active: the heads to compute (None: all; closed heads' gates are 0); qk_gate: (qk_dim,) on
         each head's query dims (scores = sum_i z_i q_i k_i: the gate folds into W_q); v_gate:
-        (v_dim,) on each head's value dims; qk_active / v_active: the open dims to compute
-        -> (batch, frames, embed_dim)"""
+        (v_dim,) on each head's value dims; qk_active / v_active: the open dims to compute;
+        hidden_active: x holds only these channels of embed_dim, and so does the output
+        -> (batch, frames, embed_dim or hidden_active.numel())"""
         heads = self.num_heads if active is None else active.numel()
+        out_bias = _rows(self.out_proj.bias, hidden_active)
         if heads == 0:  # only the output bias is left
-            return self.out_proj.bias + x.new_zeros(x.shape[:-1] + (self.embed_dim,))
+            return out_bias + x.new_zeros(x.shape[:-1] + out_bias.shape)
         qk_rows = _head_rows(active, qk_active, self.num_heads, self.qk_dim, x.device)
         v_rows = _head_rows(active, v_active, self.num_heads, self.v_dim, x.device)
         batch, frames, _ = x.shape
@@ -355,7 +359,8 @@ class SelfAttention(nn.Module):
         def project(lin: nn.Linear, rows: Optional[Tensor], gate: Optional[Tensor], dims: Optional[Tensor],
                     width: int) -> Tensor:
             width = width if dims is None else dims.numel()  # (a view with -1 fails on 0 dims)
-            y = F.linear(x, _rows(lin.weight, rows), _rows(lin.bias, rows)).view(batch, frames, heads, width)
+            weight = _rows(_rows(lin.weight, rows), hidden_active, dim=1)
+            y = F.linear(x, weight, _rows(lin.bias, rows)).view(batch, frames, heads, width)
             if gate is not None:
                 y = y * _rows(gate, dims)
             return y.transpose(1, 2)  # (batch, heads, frames, dims)
@@ -363,7 +368,7 @@ class SelfAttention(nn.Module):
         q = project(self.q_proj, qk_rows, qk_gate, qk_active, self.qk_dim)
         k = project(self.k_proj, qk_rows, None, qk_active, self.qk_dim)
         v = project(self.v_proj, v_rows, v_gate, v_active, self.v_dim)
-        mask = self._scores_bias(x, position_bias, active)  # (batch, heads, frames, frames) or None
+        mask = self._scores_bias(x, position_bias, active, hidden_active)  # (batch, heads, frames, frames) or None
         if key_padding_mask is not None:
             pad = key_padding_mask[:, None, None, :]
             if mask is None:
@@ -380,7 +385,7 @@ class SelfAttention(nn.Module):
         # kernel's output strides, and under symbolic shapes (torch.export, ONNX) the exporter cannot
         # decide it once frames may be 1 (it emits a view that then fails for WavLM's float mask)
         out = torch.cat(out.unbind(1), dim=-1)
-        return F.linear(out, _rows(self.out_proj.weight, v_rows, dim=1), self.out_proj.bias)
+        return F.linear(out, _rows(_rows(self.out_proj.weight, hidden_active), v_rows, dim=1), out_bias)
 
 
 def _head_rows(heads: Optional[Tensor], dims: Optional[Tensor], num_heads: int, width: int,
@@ -420,8 +425,10 @@ class WavLMSelfAttention(SelfAttention):
             self.gru_rel_pos_const = nn.Parameter(torch.ones(1, num_heads, 1, 1))
             self.gru_rel_pos_linear = nn.Linear(head_dim, 8)
 
-    def _scores_bias(self, x: Tensor, position_bias: Optional[Tensor], active: Optional[Tensor]) -> Optional[Tensor]:
+    def _scores_bias(self, x: Tensor, position_bias: Optional[Tensor], active: Optional[Tensor],
+                     hidden_active: Optional[Tensor] = None) -> Optional[Tensor]:
         assert position_bias is not None, "WavLM attention needs the transformer's position bias"
+        x = _widen(x, hidden_active, self.embed_dim)  # the chunks are of the full stream's channels
         batch, frames, _ = x.shape
         head_index = _rows(self.head_index, active)
         if self.spread is not None:  # (batch, frames, embed_dim) -> the original channels, zeros for the removed
@@ -474,19 +481,23 @@ class FeedForward(nn.Module):
         self.intermediate_dropout = nn.Dropout(interm_dropout)
         self.output_dropout = nn.Dropout(output_dropout)
 
-    def forward(self, x: Tensor, unit_gate: Optional[Tensor] = None, active: Optional[Tensor] = None) -> Tensor:
+    def forward(self, x: Tensor, unit_gate: Optional[Tensor] = None, active: Optional[Tensor] = None,
+                hidden_active: Optional[Tensor] = None) -> Tensor:
         """x: (batch, frames, io_features), unit_gate: (interm_features,), active: the units to
-        compute (None: all; closed units' gates are 0) -> same shape as x"""
+        compute (None: all; closed units' gates are 0); hidden_active: x holds only these of the
+        io_features channels, and so does the output -> same shape as x"""
         units = self.interm_features if active is None else active.numel()
+        out_bias = _rows(self.output_dense.bias, hidden_active)
         if units == 0:
             # a fresh tensor, not a view of the parameter (hooks and dropout need that)
-            return self.output_dropout(self.output_dense.bias + x.new_zeros(x.shape))
+            return self.output_dropout(out_bias + x.new_zeros(x.shape))
         dense = self.intermediate_dense
-        h = self.intermediate_dropout(F.gelu(F.linear(x, _rows(dense.weight, active), _rows(dense.bias, active))))
+        weight = _rows(_rows(dense.weight, active), hidden_active, dim=1)
+        h = self.intermediate_dropout(F.gelu(F.linear(x, weight, _rows(dense.bias, active))))
         if unit_gate is not None:
             h = h * _rows(unit_gate, active)
-        return self.output_dropout(F.linear(h, _rows(self.output_dense.weight, active, dim=1),
-                                            self.output_dense.bias))
+        return self.output_dropout(F.linear(h, _rows(_rows(self.output_dense.weight, hidden_active), active, dim=1),
+                                            out_bias))
 
 
 class _BiasOnly(nn.Module):
@@ -504,6 +515,22 @@ _NO_GATES = LayerGates()  # the plain layer
 def _gated(x: Tensor, hidden: Optional[Tensor]) -> Tensor:
     """x: (..., embed_dim) times the hidden-dimension gate (embed_dim,), if there is one."""
     return x if hidden is None else x * hidden
+
+
+def _norm(norm: "PhantomLayerNorm", x: Tensor, active: Optional[Tensor]) -> Tensor:
+    """``norm`` over the narrow stream x (..., open channels ``active``; None: all): the closed
+    channels are exact zeros of the full stream, so they count as phantoms in the statistics."""
+    if active is None:
+        return norm(x)
+    return phantom_layer_norm(x, norm.weight.index_select(0, active), norm.bias.index_select(0, active),
+                              norm.total_features, norm.eps)
+
+
+def _widen(x: Tensor, active: Optional[Tensor], width: int) -> Tensor:
+    """The narrow stream (..., active.numel()) as the full one (..., width): zeros at the closed channels."""
+    if active is None:
+        return x
+    return x.new_zeros(*x.shape[:-1], width).index_copy(-1, active, x)
 
 
 class EncoderLayer(nn.Module):
@@ -547,27 +574,28 @@ class EncoderLayer(nn.Module):
 
     def _layer(self, x: Tensor, key_padding_mask: Optional[Tensor], position_bias: Optional[Tensor],
                g: LayerGates) -> Tensor:
+        a = g.hidden_active  # the narrow stream: x holds the open hidden channels alone
         if self.attention is not None and g.attention_on:
             h = x
             if self.layer_norm_first and self.layer_norm is not None:
-                h = _gated(self.layer_norm(h), g.hidden)
+                h = _gated(_norm(self.layer_norm, h, a), g.hidden)
             h = self.dropout(self.attention(h, key_padding_mask, position_bias, g.heads, g.heads_active,
-                                            g.qk_dims, g.v_dims, g.qk_dims_active, g.v_dims_active))
+                                            g.qk_dims, g.v_dims, g.qk_dims_active, g.v_dims_active, a))
             if g.attention is not None:
                 h = h * g.attention
             x = x + _gated(h, g.hidden)
         if not self.layer_norm_first and self.layer_norm is not None:
-            x = _gated(self.layer_norm(x), g.hidden)
+            x = _gated(_norm(self.layer_norm, x, a), g.hidden)
         if self.feed_forward is not None and g.ffn_on:
             h = x
             if self.layer_norm_first and self.final_layer_norm is not None:
-                h = _gated(self.final_layer_norm(h), g.hidden)
-            h = self.feed_forward(h, g.units, g.units_active)
+                h = _gated(_norm(self.final_layer_norm, h, a), g.hidden)
+            h = self.feed_forward(h, g.units, g.units_active, a)
             if g.ffn is not None:
                 h = h * g.ffn
             x = x + _gated(h, g.hidden)
         if not self.layer_norm_first and self.final_layer_norm is not None:
-            x = _gated(self.final_layer_norm(x), g.hidden)
+            x = _gated(_norm(self.final_layer_norm, x, a), g.hidden)
         return x
 
 
@@ -598,12 +626,17 @@ class Transformer(nn.Module):
             raise ValueError(f"num_layers={num_layers} is outside [0, {len(self.layers)}] (the model's layers)")
         layers = self.layers if num_layers is None else self.layers[:num_layers]
         hidden = None if gates is None else gates.hidden
-        pos = self.pos_conv_embed(x)
-        if hidden is not None:  # after a GELU: the 0/1 pattern (a soft value could not fold into the conv)
-            pos = pos * (hidden != 0).to(pos.dtype)
+        a = None if gates is None else gates.hidden_active  # x is the narrow stream: the open channels alone
+        if a is None:
+            pos = self.pos_conv_embed(x)
+            if hidden is not None:  # after a GELU: the 0/1 pattern (a soft value could not fold into the conv)
+                pos = pos * (hidden != 0).to(pos.dtype)
+        else:  # the grouped conv on the full stream (closed inputs are zeros), read at the open channels
+            pos = self.pos_conv_embed(_widen(x, a, hidden.numel())).index_select(-1, a)
+            hidden = hidden.index_select(0, a)  # every one nonzero
         x = x + pos
         if not self.layer_norm_first:
-            x = _gated(self.layer_norm(x), hidden)
+            x = _gated(_norm(self.layer_norm, x, a), hidden)
         x = self.dropout(x)
         position_bias = self.rel_pos_bias(x.shape[1]) if self.rel_pos_bias is not None else None
         hiddens = [x]
@@ -612,7 +645,9 @@ class Transformer(nn.Module):
                 x = layer(x, key_padding_mask, position_bias, None if gates is None else gates.layers[i])
             hiddens.append(x)
         if self.layer_norm_first and len(layers) == len(self.layers):
-            hiddens[-1] = _gated(self.layer_norm(hiddens[-1]), hidden)
+            hiddens[-1] = _gated(_norm(self.layer_norm, hiddens[-1], a), hidden)
+        if a is not None:  # the hidden states as the full stream has them
+            hiddens = [_widen(h, a, gates.hidden.numel()) for h in hiddens]
         return hiddens
 
 
@@ -635,6 +670,8 @@ class Encoder(nn.Module):
             x = self.feature_projection(features)
         if gates is not None and gates.hidden is not None:
             x = x * gates.hidden
+            if gates.hidden_active is not None:  # the transformer runs on the open channels alone
+                x = x.index_select(-1, gates.hidden_active)
         key_padding_mask = None
         if lengths is not None:
             frames = torch.arange(x.shape[1], device=x.device)

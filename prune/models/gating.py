@@ -40,7 +40,9 @@ class LayerGates(NamedTuple):
     (uniform mode, post-norm: a removed layer is an identity, LayerNorms included), layer_on:
     whether it is open (closed: the layer returns its input, nothing computed); qk_dims (qk_dim,) /
     v_dims (v_dim,): the gates on the query/key and value dims inside the heads, shared by the
-    layer's heads; qk_dims_active / v_dims_active: their open dims (None: all)."""
+    layer's heads; qk_dims_active / v_dims_active: their open dims (None: all); hidden_active: the
+    open channels of the hidden dimension (None: all computed): then the layer's input and output
+    hold only those channels and ``hidden`` is the gate at them (the narrow stream)."""
 
     heads: Optional[Tensor] = None
     attention: Optional[Tensor] = None
@@ -57,13 +59,16 @@ class LayerGates(NamedTuple):
     v_dims: Optional[Tensor] = None
     qk_dims_active: Optional[Tensor] = None
     v_dims_active: Optional[Tensor] = None
+    hidden_active: Optional[Tensor] = None
 
 
 class Gates(NamedTuple):
     """Every gate of one forward pass; ``skipping``: whether the active sets were computed;
-    ``hidden``: (embed_dim,) the hidden-dimension gate (None: not gated)."""
+    ``hidden``: (embed_dim,) the hidden-dimension gate (None: not gated); ``hidden_active``: its open
+    channels when the transformer runs on them alone (None: all channels computed)."""
 
     extractor: ExtractorGates
     layers: List[LayerGates]
     skipping: bool = False
     hidden: Optional[Tensor] = None
+    hidden_active: Optional[Tensor] = None

@@ -128,7 +128,13 @@ class GatedEncoder(nn.Module):
         flags = open_flags(masks) if self.skip_closed else [None] * len(masks)
         convs = [(m, f) for s, m, f in zip(self.structures, masks, flags) if s.kind == ConvChannels.kind]
         hidden = next((m[HIDDEN] for m in masks if HIDDEN in m), None)  # the model's one hidden gate
-        fields: List[dict] = [{"hidden": hidden} for _ in range(self.config.encoder_num_layers)]
+        hidden_active = None
+        if self.skip_closed and hidden is not None:  # the transformer runs on the open channels alone
+            flag = next(f[HIDDEN] for f in flags if HIDDEN in f)
+            hidden_active = open_index(flag, self.skip_min_closed, hidden.device)
+        narrow = hidden if hidden_active is None else hidden.index_select(0, hidden_active)
+        fields: List[dict] = [{"hidden": narrow, "hidden_active": hidden_active}
+                              for _ in range(self.config.encoder_num_layers)]
         for structure, m, f in zip(self.structures, masks, flags):
             if structure.layer is not None:
                 fields[structure.layer].update(structure.layer_fields(m, f, self.skip_min_closed))
@@ -140,7 +146,7 @@ class GatedEncoder(nn.Module):
                 if self.skip_closed:
                     f[structure.block_field + "_on"] = f[owner.block_field + "_on"]
         return Gates(extractor=self._extractor_gates(convs), layers=[LayerGates(**f) for f in fields],
-                     skipping=self.skip_closed, hidden=hidden)
+                     skipping=self.skip_closed, hidden=hidden, hidden_active=hidden_active)
 
     def _draw(self) -> List[Dict[str, Tensor]]:
         """Each structure's masks. The samples are drawn transformer blocks first, then the conv
