@@ -395,6 +395,10 @@ def profile(args: argparse.Namespace) -> int:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.head_points is not None and args.head_points < 1:
         raise ValueError(f"--head-points must be >= 1, got {args.head_points}")
+    from .latency_profile import FIT_SPARSITIES
+
+    if not 0 <= args.fit_states <= len(FIT_SPARSITIES):
+        raise ValueError(f"--fit-states must be in [0, {len(FIT_SPARSITIES)}], got {args.fit_states}")
     if not args.seconds >= 0.025:
         raise ValueError(f"--seconds must be at least one frame (0.025 s), got {args.seconds}")
     check_clock(args.clock, args.threads, args.device)
@@ -414,7 +418,8 @@ def profile(args: argparse.Namespace) -> int:
         config = load_pretrained(args.model).config
     torch.set_num_threads(args.threads)
     table = run_profile(config, args.seconds, args.batch, args.threads, args.device, args.repeats,
-                        args.conv_points, args.ffn_points, args.head_points, progress=print, clock=args.clock)
+                        args.conv_points, args.ffn_points, args.head_points, progress=print, clock=args.clock,
+                        fit_states=args.fit_states)
     try:
         save_table(table, out)
     except LatencyTableError as e:  # a table profile made itself should always be valid
@@ -422,7 +427,8 @@ def profile(args: argparse.Namespace) -> int:
     conv, projection, heads, units = grid_sizes(table)
     print(f"latency table: {out} ({conv} conv, {projection} projection, {heads} attention, {units} FFN grid points; "
           f"{args.seconds:g} s, batch {args.batch}, {args.threads} thread(s), {args.device}, {args.clock} clock; "
-          f"whole pass / sum of parts {table['scale']:.3f}); use it with "
+          f"whole pass = {table['scale']:.3f} x parts {1e3 * table['offset']:+.2f} ms, fitted to "
+          f"{len(table['whole']['fit'])} whole passes); use it with "
           f"pruning.target_kind=latency pruning.latency_table={out} trainer.threads={args.threads}")
     return 0
 
@@ -559,6 +565,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--clock", choices=["wall", "thread"], default="wall",
                    help="wall: elapsed time (default); thread: this thread's CPU time, which other processes' "
                         "load does not inflate (a shared machine; --threads 1 only)")
+    p.add_argument("--fit-states", type=int, default=3,
+                   help="cut models (seeded random gates at 50, 75, 90%%, ...) timed whole besides the unpruned one, "
+                        "to fit whole pass = offset + scale x sum of parts (default: 3; 0: the scale alone)")
     p.add_argument("--out", required=True, help="the latency table to write (JSON)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     p.set_defaults(func=profile)

@@ -2,8 +2,9 @@
 one machine (``prune profile`` writes them), and the latency of a plain config or the expected,
 differentiable latency of a gated encoder read from one.
 
-A model's latency is the sum of its parts, times the table's ``scale`` (the unpruned model's whole
-pass over the sum of its parts, timed together: ``prune.latency_profile``): the fixed parts (waveform normalisation, positional
+A model's latency is the sum of its parts read through the table's line, ``offset + scale x parts``
+(fitted to whole passes of the unpruned and of a few cut models, timed together with the parts:
+``prune.latency_profile``; a table without ``offset`` has 0 there): the fixed parts (waveform normalisation, positional
 conv, the transformer's LayerNorms), each conv layer at its kept (input, output) channels, the
 feature projection at the last conv layer's kept channels, and each transformer layer's attention
 block at its kept heads and FFN block at its kept units (a removed block costs nothing; a block
@@ -21,8 +22,9 @@ The JSON (``FORMAT``, ``VERSION``)::
      "model": {fingerprint: what must match the model pruned, see ``fingerprint``},
      "fixed": s, "conv": [{"in": [..], "out": [..], "seconds": [[s per out] per in]} per conv layer],
      "projection": {"channels": [..], "seconds": [..]}, "attention": {"heads": [..], "seconds": [..]},
-     "ffn": {"units": [..], "seconds": [..]}, "scale": whole / parts,
-     "whole": {"measured": s, "parts": s}, "clock": "wall" | "thread"}
+     "ffn": {"units": [..], "seconds": [..]}, "scale": the line's slope, "offset": s (optional, 0),
+     "whole": {"measured": s, "parts": s, "fit": [{"sparsity", "parts", "measured"} per whole pass]},
+     "clock": "wall" | "thread"}
 
 All times are the fastest of ``repeats`` interleaved passes, batch ``batch``, ``seconds`` of audio.
 """
@@ -193,7 +195,7 @@ class LatencyTable:
                                             f"yet; set pruning.gates.hidden_dim=false with a latency target")
             else:  # a structure the table does not know: fail loudly rather than leave it out
                 raise LatencyTableError(f"{self.path}: no latency entry for structure kind {s.kind!r}")
-        return (total * float(self.data["scale"])).clamp(min=0.0)
+        return (total * float(self.data["scale"]) + float(self.data.get("offset", 0.0))).clamp(min=0.0)
 
     def latency(self, config: EncoderConfig) -> float:
         """Seconds of a plain model built from ``config`` (interpolated at its kept counts)."""
@@ -234,9 +236,9 @@ def validate(data: Any, path: str) -> None:
     for key in ("threads", "batch"):
         if not (isinstance(data.get(key), int) and data[key] >= 1):
             raise bad(f"{key!r} must be a whole number >= 1")
-    if not _finite_list([data.get("seconds"), data.get("fixed"), data.get("scale")]) or data["seconds"] <= 0 \
-            or data["scale"] <= 0:
-        raise bad("'seconds', 'fixed' and 'scale' must be numbers, 'seconds' and 'scale' above 0")
+    if not _finite_list([data.get("seconds"), data.get("fixed"), data.get("scale"), data.get("offset", 0.0)]) \
+            or data["seconds"] <= 0 or data["scale"] <= 0:
+        raise bad("'seconds', 'fixed', 'scale' and 'offset' must be numbers, 'seconds' and 'scale' above 0")
     curves = [("projection", "channels"), ("attention", "heads"), ("ffn", "units")]
     for part, axis in curves:
         c = data.get(part)

@@ -9,11 +9,14 @@ sees for ``seconds`` of audio and ``batch`` utterances, and all of them are time
 (``prune.measured.interleaved``), the fastest of ``repeats`` kept: load on a shared machine hits
 every grid point alike.
 
-The parts timed one by one add up to less than a whole pass (at HuBERT Base, 1 s, one thread:
-about 8% less, alike at every sparsity: what runs between the blocks, and the allocator and cache
-state a block finds inside a pass and not alone), so the profile also times the unpruned model's
-whole pass, in the same rounds, and the table's ``scale`` (whole / sum of its parts) multiplies
-every prediction.
+The parts timed one by one do not add up to a whole pass: at HuBERT Base (1 s, one thread) they
+come to about 8% less, alike at every sparsity (what runs between the blocks, the allocator and
+cache state a block finds inside a pass and not alone); on a model as small as the demo's, cut
+models ran 40-50% slower than their parts said, a cost per pass that does not shrink with the
+widths. So the profile also times whole passes in the same rounds, of the unpruned model and of
+``fit_states`` models cut at seeded random gate states (``FIT_SPARSITIES``), and fits
+``whole = offset + scale x parts`` to them by least squares: every prediction is read through that
+line (``fit_states=0``: the unpruned pass alone, ``scale = whole / parts``, no offset).
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from __future__ import annotations
 import time
 import warnings
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -32,8 +35,10 @@ from .models.components import (ConvLayerBlock, ConvolutionalPositionalEmbedding
                                 PhantomLayerNorm, RelativePositionBias, SelfAttention, WavLMSelfAttention,
                                 normalize_waveforms)
 from .models.config import SAMPLE_RATE, EncoderConfig
+from .compile import compile_encoder
 from .models.model import build_encoder
-from .structures import conv_frames
+from .seeded import set_random_gates
+from .structures import GatedEncoder, conv_frames
 
 
 def widths(full: int, points: int, low: int = 4) -> List[int]:
@@ -64,19 +69,40 @@ def _sync(device: torch.device) -> Callable[[], None]:
     return torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
 
+FIT_SPARSITIES = (0.5, 0.75, 0.9, 0.6, 0.8, 0.95)  # the cut models of the fit, the first fit_states of them
+
+
+def fit_line(parts: Sequence[float], measured: Sequence[float]) -> Tuple[float, float]:
+    """(scale, offset) of the least-squares line ``measured = offset + scale x parts``; with one
+    point, or a line that would not rise (noise at a degenerate spread), the ratio through the
+    first point (the unpruned model) and no offset."""
+    n = len(parts)
+    if n > 1:
+        mp, mm = sum(parts) / n, sum(measured) / n
+        var = sum((p - mp) ** 2 for p in parts)
+        if var > 0:
+            scale = sum((p - mp) * (m - mm) for p, m in zip(parts, measured)) / var
+            if scale > 0:
+                return scale, mm - scale * mp
+    return measured[0] / parts[0], 0.0
+
+
 def profile(config: EncoderConfig, seconds: float = 1.0, batch: int = 1, threads: int = 1, device: str = "cpu",
             repeats: int = 10, conv_points: int = 4, ffn_points: int = 8, head_points: Optional[int] = None,
-            progress: Optional[Callable[[str], None]] = None, clock: str = "wall") -> Dict[str, Any]:
+            progress: Optional[Callable[[str], None]] = None, clock: str = "wall", fit_states: int = 3) -> Dict[str, Any]:
     """The latency table (a dict, ``prune.latency``'s JSON) of ``config``'s model on this machine.
 
     conv_points / ffn_points: even grid widths per conv axis / for the FFN units (``widths``: plus 0
     and a few halvings below the first);
     head_points: None for every head count 0..H, else that many plus 0. The caller sets torch's
-    threads (``threads`` is recorded). clock: ``CLOCKS`` (``thread``: one CPU thread only)."""
+    threads (``threads`` is recorded). clock: ``CLOCKS`` (``thread``: one CPU thread only).
+    fit_states: cut models timed whole for the table's line (module docstring)."""
     check_clock(clock, threads, device)
+    if not 0 <= fit_states <= len(FIT_SPARSITIES):
+        raise ValueError(f"--fit-states must be in [0, {len(FIT_SPARSITIES)}], got {fit_states}")
     with torch.no_grad(), warnings.catch_warnings():  # a block at 0 channels has zero-size weights
         warnings.filterwarnings("ignore", "Initializing zero-element tensors is a no-op")
-        timed = plan(config, seconds, batch, threads, device, conv_points, ffn_points, head_points)
+        timed = plan(config, seconds, batch, threads, device, conv_points, ffn_points, head_points, fit_states)
         if progress is not None:
             progress(f"timing {len(timed.fns)} modules x {repeats} repeats, interleaved ({timed.frames} frames, "
                      f"batch {batch}, {torch.get_num_threads()} thread(s), {device}) ...")
@@ -99,7 +125,7 @@ class Plan:
 
 
 def plan(config: EncoderConfig, seconds: float = 1.0, batch: int = 1, threads: int = 1, device: str = "cpu",
-         conv_points: int = 4, ffn_points: int = 8, head_points: Optional[int] = None) -> Plan:
+         conv_points: int = 4, ffn_points: int = 8, head_points: Optional[int] = None, fit_states: int = 0) -> Plan:
     """Build every grid point's module and input (see ``profile``); call under ``torch.no_grad()``."""
     dev = torch.device(device)
     sync = _sync(dev)
@@ -159,6 +185,13 @@ def plan(config: EncoderConfig, seconds: float = 1.0, batch: int = 1, threads: i
     wave = torch.randn(batch, samples, device=dev)
     add("fixed", _Fixed(config), lambda m: m(wave, x))
     add("whole", build_encoder(config), lambda m: m(wave))  # the unpruned model's whole pass: the scale
+    cuts = {0.0: config}  # sparsity -> the config timed whole under "whole" / "whole:SPARSITY"
+    for k, sparsity in enumerate(FIT_SPARSITIES[:fit_states]):
+        gated = GatedEncoder(build_encoder(config))
+        set_random_gates(gated, sparsity, seed=k)
+        cut = compile_encoder(gated.eval())
+        cuts[sparsity] = cut.config
+        add(f"whole:{sparsity:g}", cut, lambda m: m(wave))
 
     def make(times: Dict[str, float]) -> Dict[str, Any]:
         table = {"format": FORMAT, "version": VERSION, "machine": machine(device), "threads": threads,
@@ -168,8 +201,12 @@ def plan(config: EncoderConfig, seconds: float = 1.0, batch: int = 1, threads: i
                  "projection": {"channels": channels, "seconds": [times[f"projection:{c}"] for c in channels]},
                  "attention": {"heads": heads, "seconds": [times[f"attention:{h}"] for h in heads]},
                  "ffn": {"units": units, "seconds": [times[f"ffn:{u}"] for u in units]}, "scale": 1.0}
-        parts = LatencyTable(table).latency(config)
-        return {**table, "scale": times["whole"] / parts, "whole": {"measured": times["whole"], "parts": parts}}
+        read = LatencyTable(table)
+        points = [{"sparsity": sp, "parts": read.latency(c), "measured": times["whole" if sp == 0 else f"whole:{sp:g}"]}
+                  for sp, c in cuts.items()]
+        scale, offset = fit_line([q["parts"] for q in points], [q["measured"] for q in points])
+        return {**table, "scale": scale, "offset": offset,
+                "whole": {"measured": points[0]["measured"], "parts": points[0]["parts"], "fit": points}}
 
     return Plan(fns, T, make)
 

@@ -30,7 +30,7 @@ from prune.compile import compile_encoder
 from prune.latency import LatencyTable, load_table, save_table
 from prune.latency_profile import CLOCKS, check_clock, plan
 from prune.measured import fastest, interleaved
-from prune.models import SAMPLE_RATE, build_preset, preset_config
+from prune.models import SAMPLE_RATE, build_encoder, preset_config
 from prune.seeded import set_random_gates
 from prune.structures import GatedEncoder
 
@@ -38,6 +38,10 @@ from prune.structures import GatedEncoder
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", default="hubert_base")
+    ap.add_argument("--model", default=None, help="time this checkpoint's architecture instead of --preset "
+                                                  "(e.g. data/demo_teacher; random weights, the same shapes)")
+    ap.add_argument("--fit-states", type=int, default=3, help="cut models the profile times whole for its line "
+                                                              "(prune profile --fit-states; 0: the scale alone)")
     ap.add_argument("--seconds", type=float, default=1.0)
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--threads", type=int, default=1)
@@ -53,7 +57,12 @@ def main() -> None:
     args = ap.parse_args()
     check_clock(args.clock, args.threads, "cpu")
     torch.set_num_threads(args.threads)
-    config = preset_config(args.preset)
+    if args.model is not None:
+        from prune.checkpoints import load_pretrained
+
+        config = load_pretrained(args.model).config
+    else:
+        config = preset_config(args.preset)
     table = load_table(args.table) if args.table else None
     x = torch.randn(args.batch, int(round(args.seconds * SAMPLE_RATE)))
     levels = [0.2, 0.4, 0.6, 0.75, 0.85, 0.9]
@@ -62,10 +71,10 @@ def main() -> None:
     # the states in chunks of one per sparsity level plus the unpruned model (six HuBERT Base copies
     # at a time in memory, not all of them), each chunk timed interleaved, fastest of N
     for start in range(0, args.states, len(levels)):
-        models, sparsities = {"unpruned": build_preset(args.preset).eval()}, {"unpruned": 0.0}
+        models, sparsities = {"unpruned": build_encoder(config).eval()}, {"unpruned": 0.0}
         for i in range(start, min(start + len(levels), args.states)):
             torch.manual_seed(i)
-            gated = GatedEncoder(build_preset(args.preset))
+            gated = GatedEncoder(build_encoder(config))
             sparsities[i] = set_random_gates(gated, levels[i % len(levels)], seed=i)
             gated.eval()
             models[i] = compile_encoder(gated).eval()
@@ -75,7 +84,7 @@ def main() -> None:
             grid = None
             if table is None:
                 grid = plan(config, args.seconds, args.batch, args.threads, conv_points=args.conv_points,
-                            ffn_points=args.ffn_points)
+                            ffn_points=args.ffn_points, fit_states=args.fit_states)
                 fns.update(grid.fns)
             times = interleaved(fns, args.repeats, warmup=2, clock=CLOCKS[args.clock])
         chunk_table = table if grid is None else LatencyTable(grid.table(times, args.repeats, args.clock))
@@ -92,7 +101,7 @@ def main() -> None:
     elapsed = time.perf_counter() - t0
     errs = [abs(r["relative_error"]) for r in rows if r["state"] != "unpruned"]
     full = [r["measured_ms"] for r in rows if r["state"] == "unpruned"]
-    summary = {"preset": args.preset, "seconds": args.seconds, "batch": args.batch, "threads": args.threads,
+    summary = {"preset": args.model or args.preset, "fit_states": args.fit_states, "seconds": args.seconds, "batch": args.batch, "threads": args.threads,
                "states": args.states, "repeats": args.repeats, "elapsed_seconds": elapsed,
                "joint": table is None, "clock": args.clock, "unpruned_measured_ms_per_chunk": full,
                "mean_abs_relative_error": statistics.mean(errs), "worst_abs_relative_error": max(errs),

@@ -18,7 +18,7 @@ from prune.compile import compile_encoder
 from prune.lagrangian import Lagrangian
 from prune.latency import (FORMAT, VERSION, LatencyTable, LatencyTableError, fingerprint, interp1, interp2,
                            load_table, save_table)
-from prune.latency_profile import widths
+from prune.latency_profile import fit_line, plan, widths
 from prune.measures import MEASURES
 from prune.models import build_preset, preset_config
 from prune.seeded import set_random_gates
@@ -110,7 +110,8 @@ def test_a_table_round_trips_and_is_written_whole(tmp_path):
     (lambda d: {**d, "conv": d["conv"][:3]}, r"'conv': one entry per conv layer of the model"),
     (lambda d: {**d, "attention": {"heads": [0, 2, 1], "seconds": [1, 2, 3]}}, r"attention: an ascending 'heads'"),
     (lambda d: {**d, "threads": 0}, r"'threads' must be a whole number >= 1"),
-    (lambda d: {**d, "scale": float("nan")}, r"'scale' must be numbers"),
+    (lambda d: {**d, "scale": float("nan")}, r"'scale' and 'offset' must be numbers"),
+    (lambda d: {**d, "offset": "1 ms"}, r"'scale' and 'offset' must be numbers"),
 ])
 def test_a_malformed_or_foreign_version_table_is_refused_in_one_line(tmp_path, edit, message):
     path = tmp_path / "t.json"
@@ -159,6 +160,36 @@ def test_the_latency_of_a_config_is_its_parts_read_from_the_table(table, seed):
     assert table.latency(cut) < table.latency(config)
     doubled = LatencyTable(synthetic_table(scale=2.0))
     assert doubled.latency(cut) == pytest.approx(closed_form(cut, scale=2.0), rel=1e-9)
+    shifted = LatencyTable({**synthetic_table(scale=2.0), "offset": 0.004})  # the fitted line's offset
+    assert shifted.latency(cut) == pytest.approx(closed_form(cut, scale=2.0) + 0.004, rel=1e-9)
+
+
+def test_the_line_is_the_least_squares_fit_of_the_whole_passes():
+    parts, a, b = [10.0, 6.0, 3.0, 1.5], 0.7, 1.3
+    assert fit_line(parts, [a + b * p for p in parts]) == pytest.approx((b, a), rel=1e-12)
+    noisy = [a + b * p + e for p, e in zip(parts, [0.1, -0.2, 0.15, -0.05])]
+    scale, offset = fit_line(parts, noisy)
+    residual = lambda s, o: sum((o + s * p - m) ** 2 for p, m in zip(parts, noisy))  # noqa: E731
+    assert all(residual(scale, offset) <= residual(scale + ds, offset + do) for ds in (-1e-3, 0, 1e-3)
+               for do in (-1e-3, 0, 1e-3))
+    # one point, or a line that would fall: the ratio through the unpruned pass, no offset
+    assert fit_line([10.0], [12.0]) == (1.2, 0.0)
+    assert fit_line([10.0, 5.0], [8.0, 9.0]) == (0.8, 0.0)
+
+
+def test_the_profile_fits_its_line_to_the_whole_passes_it_timed():
+    """The plan times the unpruned and 2 cut models whole; with whole passes on an exact line of
+    their parts, the table's scale and offset are that line's."""
+    with torch.no_grad():
+        made = plan(preset_config("hubert_base_tiny"), conv_points=1, ffn_points=1, head_points=1, fit_states=2)
+    assert {"whole", "whole:0.5", "whole:0.75"} <= set(made.fns) and "whole:0.9" not in made.fns
+    times = {k: 1e-4 * (1 + i % 7) for i, k in enumerate(made.fns)}
+    parts = [q["parts"] for q in made.make(times)["whole"]["fit"]]
+    for name, p in zip(["whole", "whole:0.5", "whole:0.75"], parts):
+        times[name] = 0.002 + 1.5 * p
+    table = made.make(times)
+    assert (table["scale"], table["offset"]) == pytest.approx((1.5, 0.002), rel=1e-9)
+    assert LatencyTable(table).latency(preset_config("hubert_base_tiny")) == pytest.approx(times["whole"], rel=1e-9)
 
 
 def test_a_removed_block_costs_nothing_and_an_empty_one_its_zero_entry(table):
@@ -268,9 +299,14 @@ def test_prune_profile_makes_a_table_and_a_latency_run_reports_predicted_and_mea
     made.check_model(config)
     assert (made.threads, made.batch, made.seconds, made.data["machine"]["device"]) == (2, 1, 1.0, "cpu")
     assert made.data["attention"]["heads"] == [0, 1, 2, 3, 4] and made.data["ffn"]["units"][0] == 0
-    # the whole unpruned pass is what the table predicts for the unpruned model (its scale)
-    assert made.latency(config) == pytest.approx(made.data["whole"]["measured"], rel=1e-9)
-    assert 0.2 < made.data["scale"] < 5
+    # the table reads its parts through the line fitted to the whole passes (unpruned + 3 cut models)
+    points = made.data["whole"]["fit"]
+    assert [q["sparsity"] for q in points] == [0.0, 0.5, 0.75, 0.9]
+    assert points[0]["parts"] > points[-1]["parts"] > 0
+    scale, offset = fit_line([q["parts"] for q in points], [q["measured"] for q in points])
+    assert (made.data["scale"], made.data["offset"]) == pytest.approx((scale, offset), rel=1e-12)
+    assert made.latency(config) == pytest.approx(offset + scale * points[0]["parts"], rel=1e-9)
+    assert made.data["scale"] > 0
 
     # the run reads a synthetic table: a measured tiny one moves in steps of whole blocks and is not
     # monotone to the microsecond, so where the cut lands on it would depend on this machine's noise
@@ -297,7 +333,8 @@ def test_prune_profile_refuses_bad_arguments_before_any_compute(tmp_path):
              (["--preset", "nope"], "unknown --preset 'nope'"),
              (["x.pt", "--preset", "hubert_base_tiny"], "give either --preset P or MODEL"),
              (["--preset", "hubert_base_tiny", "--clock", "thread", "--threads", "2"],
-              "--clock thread counts one CPU thread's time: use it with --threads 1 --device cpu")]
+              "--clock thread counts one CPU thread's time: use it with --threads 1 --device cpu"),
+             (["--preset", "hubert_base_tiny", "--fit-states", "7"], "--fit-states must be in [0, 6], got 7")]
     if not torch.cuda.is_available():
         cases.append((["--preset", "hubert_base_tiny", "--device", "cuda"], "--device cuda: torch sees no CUDA device"))
     for args, message in cases:
