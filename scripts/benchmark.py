@@ -225,6 +225,8 @@ from prune.seeded import set_random_gates
 from prune.structures import GatedEncoder
 from prune.train.distill import DistillHeads, distill_loss, frame_mask
 mode, sparsity, repeats, seconds, threads = sys.argv[1], float(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4]), int(sys.argv[5])
+extra = [k for k in sys.argv[6].split(",") if k]  # gate kinds besides the default ones (--step-gates)
+from prune.structures import GateConfig
 torch.set_num_threads(threads)
 torch.manual_seed(0)
 kw = dict(encoder_layer_drop=0.0)
@@ -232,7 +234,8 @@ teacher = build_preset("hubert_base", **kw).eval().requires_grad_(False)
 if mode == "plain":
     student = build_preset("hubert_base", **kw)
 else:
-    student = GatedEncoder(build_preset("hubert_base", **kw), skip_closed=(mode == "skip"))
+    student = GatedEncoder(build_preset("hubert_base", **kw), GateConfig(**{k: True for k in extra}),
+                           skip_closed=(mode == "skip"))
     if sparsity > 0:
         set_random_gates(student, sparsity, seed=1)
 (student if mode == "plain" else student.model).load_state_dict(teacher.state_dict())
@@ -265,7 +268,7 @@ def training_step(args) -> Dict:
     for rep in range(args.step_rounds):  # rounds interleave the configurations
         for mode, s in configs:
             out = subprocess.run([sys.executable, "-c", STEP_CODE, mode, str(s), str(args.step_repeats),
-                                  str(args.step_seconds), str(torch.get_num_threads())],
+                                  str(args.step_seconds), str(torch.get_num_threads()), args.step_gates],
                                  capture_output=True, text=True, check=True)
             r = json.loads(out.stdout.strip().splitlines()[-1])
             entry = results.setdefault((mode, s), {"times": [], "maxrss_mb": 0.0})
@@ -281,11 +284,12 @@ def training_step(args) -> Dict:
                     "vs_skipping_off": t / full_t, "peak_rss_mb": r["maxrss_mb"]})
         rows.append([label, f"{s:.2f}", f"{t:.2f} s", spread(r["times"]), f"{t / plain:.2f}x",
                      f"{t / full_t:.2f}x", f"{r['maxrss_mb']:.0f} MB"])
-    print(f"\n3. Training step, {PRESET}, batch 2 x {args.step_seconds:g} s, teacher included, "
+    gates = f", gates + {args.step_gates}" if args.step_gates else ""
+    print(f"\n3. Training step, {PRESET}{gates}, batch 2 x {args.step_seconds:g} s, teacher included, "
           f"{torch.get_num_threads()} threads, best of {args.step_rounds * args.step_repeats}")
     print(format_table([["student", "gate sparsity", "step", "median/max", "vs no gates", "vs skipping off",
                          "peak RSS"]] + rows))
-    return {"training_step": out}
+    return {"training_step": out, "training_step_gates": args.step_gates}
 
 
 def plot(results: Dict, path: Path) -> None:
@@ -396,6 +400,8 @@ def main() -> None:
                         help="which parts to run (4 comes with 1; 5 on request; 6 needs the onnx extra)")
     parser.add_argument("--clock", choices=("wall", "thread"), default="wall",
                         help="section 8's clock: thread = this thread's CPU time (use with --threads 1 on a loaded machine)")
+    parser.add_argument("--step-gates", default="", metavar="KINDS",
+                        help="section 3: gate kinds on top of the default ones, comma-separated (e.g. hidden_dim)")
     parser.add_argument("--preset", default=PRESET,
                         help=f"model of sections 1, 4 and 6 (default {PRESET}; hubert_base_tiny: a smoke test)")
     args = parser.parse_args()
