@@ -34,7 +34,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Dict
+from typing import Dict, Optional
 
 import torch
 
@@ -53,19 +53,26 @@ SPARSITIES = (0.5, 0.75, 0.9)
 
 
 # ----------------------------------------------------------------------------------- 1 and 4
+def seeded_cut(full, preset: str, sparsity: float, gates: Optional[GateConfig] = None, round_to: int = 1):
+    """(the gated model in eval, its cut): ``full``'s weights under ``gates``, every gate drawn by the
+    seeded procedure (seed 1: random per-group levels shifted together to the params target, kept
+    counts rounded to multiples of ``round_to``)."""
+    gated = GatedEncoder(build_preset(preset), gates or GateConfig())
+    gated.model.load_state_dict(full.state_dict())
+    size = Shaper(round_to=round_to).sized(GatedEncoder.expected_params) if round_to > 1 else None
+    set_random_gates(gated, sparsity, seed=1, size=size)
+    gated.eval()
+    return gated, prune.compile_encoder(gated)
+
+
 def pruned_models(preset: str):
     """{"unpruned": model, "50%": ..., ...}: random weights (seed 0), then each sparsity of SPARSITIES
-    reached with seeded random gates (seed 1) and cut; also yields each gated model for checks."""
+    reached with seeded random gates (``seeded_cut``) and cut; also yields each gated model for checks."""
     torch.manual_seed(0)
     full = build_preset(preset).eval()
     models, gated_models = {"unpruned": full}, {}
     for s in SPARSITIES:
-        gated = GatedEncoder(build_preset(preset))
-        gated.model.load_state_dict(full.state_dict())
-        set_random_gates(gated, s, seed=1)
-        gated.eval()
-        models[f"{int(s * 100)}%"] = prune.compile_encoder(gated)
-        gated_models[s] = gated
+        gated_models[s], models[f"{int(s * 100)}%"] = seeded_cut(full, preset, s)
     return models, gated_models
 
 
@@ -127,12 +134,7 @@ def structure_variants(preset: str):
         runs += [(label, GateConfig(**{k: True for k in kinds}), 1) for label, kinds in NEW_GATES.items()]
         runs += [("default, round_to=8", GateConfig(), 8)] if sparsity == 0.75 else []
         for label, gates, round_to in runs:
-            gated = GatedEncoder(build_preset(preset), gates)
-            gated.model.load_state_dict(full.state_dict())
-            shaper = Shaper(round_to=round_to)
-            set_random_gates(gated, sparsity, seed=1, size=shaper.sized(GatedEncoder.expected_params))
-            gated.eval()
-            variants[f"{int(sparsity * 100)}% {label}"] = prune.compile_encoder(gated)
+            variants[f"{int(sparsity * 100)}% {label}"] = seeded_cut(full, preset, sparsity, gates, round_to)[1]
     return variants
 
 
