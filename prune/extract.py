@@ -401,7 +401,7 @@ def _record(out: Path, settings: Dict[str, Any], summary: ExtractSummary, comple
 def _progress(total: int, enabled: bool):
     """``advance(n)``: a tqdm bar on a terminal (log lines drawn above it), else a log line at each
     tenth of the way."""
-    from .train.recipe import progress_bar
+    from .progress import progress_bar
 
     bar = progress_bar(total, 0, enabled, desc="extract", unit="file")
     done, last_tenth, start = 0, 0, time.perf_counter()

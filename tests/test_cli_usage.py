@@ -14,7 +14,8 @@ from prune.cli import build_parser, main
 from prune.train.config import ConfigError, TrainConfig
 from prune.train.multirun import JobResult, Sweep, check_sweep, dirname_override, job_row, summary_table
 from prune.pretrain.recipe import PretrainConfig
-from prune.train.recipe import progress_bar, progress_line
+from prune.progress import progress_bar
+from prune.train.recipe import progress_line
 from prune.train.schema import schema_keys
 from prune.train.usage import recipes
 

@@ -19,7 +19,6 @@ import contextlib
 import logging
 import random
 import shutil
-import sys
 import time
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Tuple
@@ -28,7 +27,6 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
-from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from ..calibrate import calibrate
@@ -36,6 +34,7 @@ from ..checkpoints.convert import write_model
 from ..compile import compile_encoder
 from ..gates import HardConcrete
 from ..models.config import EncoderConfig
+from ..progress import progress_bar
 from ..structures import GatedEncoder
 from .checkpoint import checkpoint_files, load_latest, save_checkpoint
 from .config import absolute_paths, distills, measure_settings, validate
@@ -802,15 +801,6 @@ def run_pruning(cfg: DictConfig, run_dir: Path) -> Path:
             raise Interrupted() from None
         saved = checkpoint_files(made[0].ckpt_dir)
         raise Interrupted(made[0].step, saved[0][1] if saved else None) from None
-
-
-def progress_bar(total: int, initial: int, enabled: bool, stream=None, desc: str = "prune", unit: str = "step"):
-    """A tqdm bar, on a terminal only: written to a file or pipe its redraws flood the log (the
-    loop logs a ``progress_line`` every trainer.log_every steps either way)."""
-    stream = sys.stderr if stream is None else stream
-    if not (enabled and stream.isatty()):
-        return None
-    return tqdm(total=total, initial=initial, desc=desc, unit=unit, dynamic_ncols=True, file=stream)
 
 
 def progress_line(step: int, total: int, stage: str, parts: Dict[str, Tensor], target: Optional[float],
