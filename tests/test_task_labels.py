@@ -50,6 +50,16 @@ def test_bad_label_files(tmp_path, rows, column, message):
         read_labels(write_labels(tmp_path / "l.tsv", rows), column)
 
 
+def test_a_label_file_that_cannot_be_read(tmp_path):
+    for path, message in [(tmp_path / "nope.tsv", "label file not found"), (tmp_path, "a folder, not a label file")]:
+        with pytest.raises(LabelError, match=f"^{path}: {message}$"):
+            read_labels(path, "phones")
+    latin = tmp_path / "latin.tsv"
+    latin.write_bytes("id\tphones\nu1\t\xe9\n".encode("latin-1"))
+    with pytest.raises(LabelError, match="latin.tsv: not UTF-8 text"):
+        read_labels(latin, "phones")
+
+
 def test_missing_and_unknown_labels(tmp_path):
     path = write_labels(tmp_path / "l.tsv", ["u1\tx\thi\ta b", "u2\ty\tho\ta z", "u3\tq\tho\ta"])
     phones, voices = read_labels(path, "phones"), read_labels(path, "voice")

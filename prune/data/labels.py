@@ -22,6 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, Iterable, List, NamedTuple, Sequence, Tuple, Union
 
+from .textfile import read_text
+
 KINDS = ("ctc", "classify")
 TOKENS = ("spaces", "chars")
 BLANK = "<blank>"  # the CTC blank, class 0
@@ -40,12 +42,7 @@ def read_labels(path: Union[str, Path], column: str) -> Dict[str, Label]:
     """``path``'s ``column`` by utterance id. Raises ``LabelError`` for a missing file or column,
     a duplicate id, an empty value or a short row."""
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise LabelError(f"{path}: label file not found") from None
-    except UnicodeDecodeError as e:
-        raise LabelError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    text = read_text(path, "label file", LabelError)
     rows = list(csv.reader(text.splitlines(), delimiter="\t", quoting=csv.QUOTE_NONE))
     if not rows or not rows[0]:
         raise LabelError(f"{path}:1: expected a header line with an 'id' column and label columns, got an empty line")

@@ -25,6 +25,7 @@ import soundfile as sf
 
 from ..atomic import atomic_write
 from .audio import SAMPLE_RATE, resampled_length
+from .textfile import read_text
 
 PathLike = Union[str, Path]
 # file extensions of soundfile's formats whose names are not the extension itself; RAW has no
@@ -112,14 +113,7 @@ def read_manifest(path: PathLike) -> Manifest:
     path = Path(path)
     if path.is_dir():
         raise ManifestError(folder_not_manifest(path))
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ManifestError(f"{path}: manifest not found") from None
-    except UnicodeDecodeError as e:
-        raise ManifestError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
-    except OSError as e:
-        raise ManifestError(f"{path}: cannot read manifest: {e}") from None
+    text = read_text(path, "manifest", ManifestError)
     # split on "\n" only: str.splitlines() would also split on \x1c, \u2028 ... inside paths
     lines = [line[:-1] if line.endswith("\r") else line for line in text.split("\n")]
     root_line = lines[0] if lines else ""
