@@ -58,6 +58,12 @@ def test_the_cut_record_tells_training_from_cut():
     assert target_line({**meta, "cut": near}).startswith("target: params sparsity 0.7500, reached 0.7496 by training (")
     assert "reached 0.7496 only by the cut, NOT by training" in target_line({**meta, "cut": far})
     assert " by training (" not in target_line({**meta, "cut": far})
+    # trained to params, cut onto a latency (pruning.cut_target_kind): the cut decides by design
+    onto = {**_cut(gates=14.0, cut=10.02, target=10.0), "kind": "latency", "unit": "ms"}
+    line = target_line({**meta, "cut": onto})
+    assert line == ("target: params sparsity 0.7500 (the training's); cut onto latency 10.00 ms as "
+                    "pruning.cut_target_kind asks (from 14.00 ms where the gates ended): 10.02 ms, on it")
+    assert "NOT" not in line
     assert "NOT reached" in target_line({**meta, "reached_sparsity": 0.675, "cut": missed})
 
 

@@ -132,6 +132,11 @@ def target_line(meta: Dict[str, Any]) -> str:
     if not cut:
         return f"{head}, reached {reached}"
     gates = f"the gates ended at sparsity {cut['gates_sparsity']:.4f} ({cut['gates_size']:,.0f} {cut['unit']})"
+    if cut.get("kind", meta.get("target_kind")) != meta.get("target_kind"):  # pruning.cut_target_kind: by design
+        landed = "on it" if cut["target_reached_by"] is not None else "OFF it (see the log)"
+        return (f"{head} (the training's); cut onto {cut['kind']} {cut['target_size']:,.2f} {cut['unit']} as "
+                f"pruning.cut_target_kind asks (from {cut['gates_size']:,.2f} {cut['unit']} where the gates ended): "
+                f"{cut['cut_size']:,.2f} {cut['unit']}, {landed}")
     if cut["target_reached_by"] == "training":
         return f"{head}, reached {reached} by training ({gates}; the cut moved it {cut['shift']:.1%} of the target)"
     if cut["target_reached_by"] == "cut":
