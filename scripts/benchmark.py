@@ -132,7 +132,8 @@ def structure_variants(preset: str):
     for sparsity in (0.75, 0.9):
         runs = [("default", GateConfig(), 1)]
         runs += [(label, GateConfig(**{k: True for k in kinds}), 1) for label, kinds in NEW_GATES.items()]
-        runs += [("default, round_to=8", GateConfig(), 8)] if sparsity == 0.75 else []
+        runs += [("default, round_to=8", GateConfig(), 8), ("default, round_to=16", GateConfig(), 16)] \
+            if sparsity == 0.75 else []
         for label, gates, round_to in runs:
             variants[f"{int(sparsity * 100)}% {label}"] = seeded_cut(full, preset, sparsity, gates, round_to)[1]
     return variants
