@@ -6,9 +6,12 @@ and the probe run by the report. One run at a time; a table of params, MACs, pre
 measured latency and probe PER from each run's report.json, as JSON and markdown.
 
     flock /work/timing.lock python scripts/latency_demo.py --out outputs/latency_demo
+    python scripts/latency_demo.py --out outputs/latency_match --match --latency 0.5   # equal budgets
     python scripts/latency_demo.py --out outputs/latency_demo trainer.prune_steps=600 ...  # shorter runs
 
-Extra key=value arguments go to every `prune train demo`.
+Extra key=value arguments go to every `prune train demo`. With --match the latency run trains to
+--latency itself, first, and the params and MACs runs then train to the sparsity its cut model has
+in their own measure (the same budget in each measure), before each cut is calibrated onto --latency.
 """
 
 from __future__ import annotations
@@ -47,7 +50,7 @@ def markdown(rows, args) -> str:
     for r in rows:
         per = f"{r['per_mean']:.3f}" + (f" +- {r['per_std']:.3f}" if r["per_std"] is not None else "")
         ref = "-" if r["refine_measured_ms"] is None else f"{r['refine_measured_ms']:.2f}"
-        lines.append(f"| {r['target']} {args.sparsity:g} | {r['params']:,} | {r['macs_per_second'] / 1e6:.1f} | "
+        lines.append(f"| {r['target']} {r.get('trained_to', args.sparsity):g} | {r['params']:,} | {r['macs_per_second'] / 1e6:.1f} | "
                      f"{r['predicted_ms']:.2f} | {ref} | {r['measured_ms']:.2f} | {per} |")
     return "\n".join(lines)
 
@@ -60,6 +63,8 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=4.0, help="the table's utterance length (the report's)")
     ap.add_argument("--refine", type=int, default=2, help="pruning.latency_refine: timing rounds at the cut")
     ap.add_argument("--kinds", default=",".join(KINDS))
+    ap.add_argument("--match", action="store_true", help="the latency run trains to --latency, the others to the "
+                                                         "sparsity its cut reached in their measure")
     ap.add_argument("overrides", nargs="*", help="key=value for every prune train demo")
     args = ap.parse_args()
     out = Path(args.out)
@@ -68,16 +73,24 @@ def main() -> None:
     if not table.exists():
         prune("profile", "data/demo_teacher", "--threads", "1", "--clock", "thread", "--seconds", str(args.seconds),
               "--out", str(table))
-    rows = []
-    for kind in args.kinds.split(","):
+    rows, kinds = [], args.kinds.split(",")
+    targets = {kind: args.sparsity for kind in kinds}
+    if args.match:  # the latency run first, at the asked latency; the others at its cut's sparsity
+        kinds = ["latency"] + [k for k in kinds if k != "latency"]
+        targets["latency"] = args.latency
+    for kind in kinds:
         run = out / kind
+        if args.match and kind != "latency":
+            done = json.loads((out / "latency" / "report.json").read_text())
+            key = "params" if kind == "params" else "macs_per_second"
+            targets[kind] = round(1.0 - done["after"][key] / done["before"][key], 4)
         if not (run / "report.json").exists():
             prune("train", "demo", f"hydra.run.dir={run}", f"pruning.target_kind={kind}",
-                  f"pruning.target={args.sparsity}", f"pruning.latency_table={table.resolve()}",
+                  f"pruning.target={targets[kind]}", f"pruning.latency_table={table.resolve()}",
                   "pruning.cut_target_kind=latency", f"pruning.cut_target={args.latency}", "trainer.threads=1",
                   f"pruning.latency_refine={args.refine}",
                   f"trainer.latency_seconds={args.seconds}", *args.overrides)
-        rows.append(row(kind, json.loads((run / "report.json").read_text())))
+        rows.append({**row(kind, json.loads((run / "report.json").read_text())), "trained_to": targets[kind]})
         (out / "latency_demo.json").write_text(json.dumps({"args": vars(args), "rows": rows}, indent=1))
     md = markdown(rows, args)
     (out / "latency_demo.md").write_text(md + "\n")
