@@ -43,6 +43,24 @@ def monte_carlo_cost(gated, kind: str, keep, generator, draws: int = 400) -> flo
     return total / draws
 
 
+NO_DROPOUT = dict(encoder_dropout=0.0, encoder_attention_dropout=0.0, encoder_projection_dropout=0.0,
+                  encoder_ff_interm_dropout=0.0, encoder_layer_drop=0.0)
+
+
+def gated_step(gated: GatedEncoder, skip: bool, x, lengths, targets, seed: int = 7):
+    """One training step's loss, hidden states and gradients (a parameter autograd left at None
+    counts as zeros, as the trainer fills them), with ``skip_closed`` on or off and the same gate
+    samples (``seed``) either way: what the sparsity-aware equivalence tests compare."""
+    gated.skip_closed = skip
+    gated.zero_grad(set_to_none=True)
+    torch.manual_seed(seed)
+    hiddens, _ = gated(x, lengths)
+    loss = sum(((h - t) ** 2).mean() for h, t in zip(hiddens, targets)) + gated.expected_params() * 1e-6
+    loss.backward()
+    grads = {n: torch.zeros_like(p) if p.grad is None else p.grad.clone() for n, p in gated.named_parameters()}
+    return loss.detach(), [h.detach() for h in hiddens], grads
+
+
 def run_no_grad(model, x, lengths):
     """``model(x, lengths)`` without autograd (hidden states, lengths)."""
     with torch.no_grad():

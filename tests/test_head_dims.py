@@ -5,7 +5,7 @@ model is exact and its costs are the expected ones."""
 import pytest
 import torch
 from conftest import TINY
-from helpers import CLOSED, max_rel_error, monte_carlo_cost, randomize_gates
+from helpers import CLOSED, NO_DROPOUT, gated_step, max_rel_error, monte_carlo_cost, randomize_gates
 from helpers import run_no_grad as _run
 
 from prune.compile import compile_encoder
@@ -131,21 +131,6 @@ def test_config_rejects_dims_wider_than_a_head():
         EncoderConfig(encoder_head_qk_dims=[65] * 12)
 
 
-NO_DROPOUT = dict(encoder_dropout=0.0, encoder_attention_dropout=0.0, encoder_projection_dropout=0.0,
-                  encoder_ff_interm_dropout=0.0, encoder_layer_drop=0.0)
-
-
-def _step(gated, skip, x, lengths, targets):
-    gated.skip_closed = skip
-    gated.zero_grad(set_to_none=True)
-    torch.manual_seed(7)  # the same gate samples in both runs
-    hiddens, _ = gated(x, lengths)
-    loss = sum(((h - t) ** 2).mean() for h, t in zip(hiddens, targets)) + gated.expected_params() * 1e-6
-    loss.backward()
-    grads = {n: torch.zeros_like(p) if p.grad is None else p.grad.clone() for n, p in gated.named_parameters()}
-    return loss.detach(), grads
-
-
 @pytest.mark.parametrize("name", TINY)
 def test_skipping_closed_dims_gives_the_same_loss_and_gradients(name):
     gated = GatedEncoder(build_preset(name, **NO_DROPOUT), DIMS, skip_min_closed=0.0)
@@ -163,8 +148,8 @@ def test_skipping_closed_dims_gives_the_same_loss_and_gradients(name):
     layers = gated.sample_gates().layers
     assert all(l.qk_dims_active is not None and l.v_dims_active is not None for l in layers)
     assert layers[0].qk_dims_active.numel() <= gated.attention[0].qk_dim - 3
-    loss_on, grads_on = _step(gated, True, x, lengths, targets)
-    loss_off, grads_off = _step(gated, False, x, lengths, targets)
+    loss_on, _, grads_on = gated_step(gated, True, x, lengths, targets)
+    loss_off, _, grads_off = gated_step(gated, False, x, lengths, targets)
     assert abs(loss_on - loss_off) <= 1e-6 * abs(loss_off)
     assert grads_on.keys() == grads_off.keys()
     for n in grads_off:  # float32 sums in another order: relative to each tensor's scale

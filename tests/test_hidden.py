@@ -4,7 +4,7 @@ stream's channels; the compiled model is exact and its costs are the expected on
 import pytest
 import torch
 from conftest import TINY
-from helpers import CLOSED, max_rel_error, monte_carlo_cost, randomize_gates
+from helpers import CLOSED, NO_DROPOUT, gated_step, max_rel_error, monte_carlo_cost, randomize_gates
 from helpers import run_no_grad as _run
 
 from prune.compile import compile_encoder
@@ -188,21 +188,6 @@ HIDDEN_ONLY = GateConfig(conv_channels=False, attention_heads=False, attention_l
                          ffn_layers=False, hidden_dim=True)
 
 
-NO_DROPOUT = dict(encoder_dropout=0.0, encoder_attention_dropout=0.0, encoder_projection_dropout=0.0,
-                  encoder_ff_interm_dropout=0.0, encoder_layer_drop=0.0)
-
-
-def _sparse_step(gated, skip, x, lengths, targets):
-    gated.skip_closed = skip
-    gated.zero_grad(set_to_none=True)
-    torch.manual_seed(7)  # the same gate samples in both runs
-    hiddens, _ = gated(x, lengths)
-    loss = sum(((h - t) ** 2).mean() for h, t in zip(hiddens, targets)) + gated.expected_params() * 1e-6
-    loss.backward()
-    grads = {n: torch.zeros_like(p) if p.grad is None else p.grad.clone() for n, p in gated.named_parameters()}
-    return loss.detach(), [h.detach() for h in hiddens], grads
-
-
 @pytest.mark.parametrize("name", TINY)
 @pytest.mark.parametrize("dims", [False, True])
 def test_the_narrow_stream_gives_the_same_loss_and_gradients(name, dims):
@@ -227,8 +212,8 @@ def test_the_narrow_stream_gives_the_same_loss_and_gradients(name, dims):
     D = gated.config.encoder_embed_dim
     assert drawn.hidden_active is not None and drawn.hidden_active.numel() <= D - D // 3
     assert all(l.hidden.numel() == drawn.hidden_active.numel() for l in drawn.layers)
-    loss_on, hiddens_on, grads_on = _sparse_step(gated, True, x, lengths, targets)
-    loss_off, hiddens_off, grads_off = _sparse_step(gated, False, x, lengths, targets)
+    loss_on, hiddens_on, grads_on = gated_step(gated, True, x, lengths, targets)
+    loss_off, hiddens_off, grads_off = gated_step(gated, False, x, lengths, targets)
     assert all(a.shape == b.shape for a, b in zip(hiddens_on, hiddens_off))
     assert max_rel_error(hiddens_on, hiddens_off) < TOL
     assert abs(loss_on - loss_off) <= 1e-6 * abs(loss_off)
