@@ -565,9 +565,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--clock", choices=["wall", "thread"], default="wall",
                    help="wall: elapsed time (default); thread: this thread's CPU time, which other processes' "
                         "load does not inflate (a shared machine; --threads 1 only)")
-    p.add_argument("--fit-states", type=int, default=3,
+    p.add_argument("--fit-states", type=int, default=0,
                    help="cut models (seeded random gates at 50, 75, 90%%, ...) timed whole besides the unpruned one, "
-                        "to fit whole pass = offset + scale x sum of parts (default: 3; 0: the scale alone)")
+                        "to fit whole pass = offset + scale x sum of parts (default: 0, the unpruned pass's scale "
+                        "alone; docs/performance.md section 7)")
     p.add_argument("--out", required=True, help="the latency table to write (JSON)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     p.set_defaults(func=profile)

@@ -16,7 +16,8 @@ models ran 40-50% slower than their parts said, a cost per pass that does not sh
 widths. So the profile also times whole passes in the same rounds, of the unpruned model and of
 ``fit_states`` models cut at seeded random gate states (``FIT_SPARSITIES``), and fits
 ``whole = offset + scale x parts`` to them by least squares: every prediction is read through that
-line (``fit_states=0``: the unpruned pass alone, ``scale = whole / parts``, no offset).
+line (``fit_states=0``, the default: the unpruned pass alone, ``scale = whole / parts``, no offset;
+the line is not yet shown to predict better: docs/performance.md, section 7).
 """
 
 from __future__ import annotations
@@ -89,7 +90,7 @@ def fit_line(parts: Sequence[float], measured: Sequence[float]) -> Tuple[float, 
 
 def profile(config: EncoderConfig, seconds: float = 1.0, batch: int = 1, threads: int = 1, device: str = "cpu",
             repeats: int = 10, conv_points: int = 4, ffn_points: int = 8, head_points: Optional[int] = None,
-            progress: Optional[Callable[[str], None]] = None, clock: str = "wall", fit_states: int = 3) -> Dict[str, Any]:
+            progress: Optional[Callable[[str], None]] = None, clock: str = "wall", fit_states: int = 0) -> Dict[str, Any]:
     """The latency table (a dict, ``prune.latency``'s JSON) of ``config``'s model on this machine.
 
     conv_points / ffn_points: even grid widths per conv axis / for the FFN units (``widths``: plus 0

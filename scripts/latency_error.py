@@ -40,7 +40,7 @@ def main() -> None:
     ap.add_argument("--preset", default="hubert_base")
     ap.add_argument("--model", default=None, help="time this checkpoint's architecture instead of --preset "
                                                   "(e.g. data/demo_teacher; random weights, the same shapes)")
-    ap.add_argument("--fit-states", type=int, default=3, help="cut models the profile times whole for its line "
+    ap.add_argument("--fit-states", type=int, default=0, help="cut models the profile times whole for its line "
                                                               "(prune profile --fit-states; 0: the scale alone)")
     ap.add_argument("--seconds", type=float, default=1.0)
     ap.add_argument("--batch", type=int, default=1)

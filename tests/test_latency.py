@@ -291,7 +291,7 @@ def test_the_config_check_loads_the_table_and_refuses_what_cannot_serve(tmp_path
 def test_prune_profile_makes_a_table_and_a_latency_run_reports_predicted_and_measured(tmp_path):
     out = tmp_path / "tiny.json"
     result = prune_cli(["profile", "--preset", "hubert_base_tiny", "--threads", "2", "--repeats", "2",
-                        "--conv-points", "2", "--ffn-points", "2", "--out", str(out)])
+                        "--conv-points", "2", "--ffn-points", "2", "--fit-states", "3", "--out", str(out)])
     assert result.returncode == 0, result.stderr
     assert "latency table:" in result.stdout and "pruning.target_kind=latency" in result.stdout
     made = load_table(out)
