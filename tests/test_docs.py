@@ -41,7 +41,7 @@ def test_every_link_in_the_readme_and_docs_resolves():
 
 
 def test_the_readme_is_a_short_guide_that_links_every_document():
-    assert len(README.read_text().splitlines()) <= 220  # the rest lives in docs/
+    assert len(README.read_text().splitlines()) <= 250  # the measured tables and the commands; the rest lives in docs/
     linked = {path.resolve() for path, _ in _local_links(README)}
     assert {d.resolve() for d in DOCS} <= linked, "a document in docs/ the README does not link"
     for name in ("checkpoints", "design", "reliability", "performance", "configs"):
