@@ -383,7 +383,7 @@ def profile(args: argparse.Namespace) -> int:
     """``prune profile``: time each block kind of a model over a grid of kept widths on this machine and
     write the latency table (``prune.latency_profile``) for pruning.target_kind=latency."""
     from .latency import LatencyTableError, save_table
-    from .latency_profile import check_clock, grid_sizes, profile as run_profile
+    from .latency_profile import check_clock, check_fit_states, grid_sizes, profile as run_profile
     from .models import PRESETS, preset_config
 
     if (args.model is None) == (args.preset is None):
@@ -395,10 +395,7 @@ def profile(args: argparse.Namespace) -> int:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.head_points is not None and args.head_points < 1:
         raise ValueError(f"--head-points must be >= 1, got {args.head_points}")
-    from .latency_profile import FIT_SPARSITIES
-
-    if not 0 <= args.fit_states <= len(FIT_SPARSITIES):
-        raise ValueError(f"--fit-states must be in [0, {len(FIT_SPARSITIES)}], got {args.fit_states}")
+    check_fit_states(args.fit_states)
     if not args.seconds >= 0.025:
         raise ValueError(f"--seconds must be at least one frame (0.025 s), got {args.seconds}")
     check_clock(args.clock, args.threads, args.device)

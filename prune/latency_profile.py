@@ -73,6 +73,12 @@ def _sync(device: torch.device) -> Callable[[], None]:
 FIT_SPARSITIES = (0.5, 0.75, 0.9, 0.6, 0.8, 0.95)  # the cut models of the fit, the first fit_states of them
 
 
+def check_fit_states(fit_states: int) -> None:
+    """ValueError (one line) for a number of fitted cut models the profile cannot time."""
+    if not 0 <= fit_states <= len(FIT_SPARSITIES):
+        raise ValueError(f"--fit-states must be in [0, {len(FIT_SPARSITIES)}], got {fit_states}")
+
+
 def fit_line(parts: Sequence[float], measured: Sequence[float]) -> Tuple[float, float]:
     """(scale, offset) of the least-squares line ``measured = offset + scale x parts``; with one
     point, or a line that would not rise (noise at a degenerate spread), the ratio through the
@@ -99,8 +105,7 @@ def profile(config: EncoderConfig, seconds: float = 1.0, batch: int = 1, threads
     threads (``threads`` is recorded). clock: ``CLOCKS`` (``thread``: one CPU thread only).
     fit_states: cut models timed whole for the table's line (module docstring)."""
     check_clock(clock, threads, device)
-    if not 0 <= fit_states <= len(FIT_SPARSITIES):
-        raise ValueError(f"--fit-states must be in [0, {len(FIT_SPARSITIES)}], got {fit_states}")
+    check_fit_states(fit_states)
     with torch.no_grad(), warnings.catch_warnings():  # a block at 0 channels has zero-size weights
         warnings.filterwarnings("ignore", "Initializing zero-element tensors is a no-op")
         timed = plan(config, seconds, batch, threads, device, conv_points, ffn_points, head_points, fit_states)

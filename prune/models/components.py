@@ -428,7 +428,7 @@ class WavLMSelfAttention(SelfAttention):
     def _scores_bias(self, x: Tensor, position_bias: Optional[Tensor], active: Optional[Tensor],
                      hidden_active: Optional[Tensor] = None) -> Optional[Tensor]:
         assert position_bias is not None, "WavLM attention needs the transformer's position bias"
-        x = _widen(x, hidden_active, self.embed_dim)  # the chunks are of the full stream's channels
+        x = widen(x, hidden_active, self.embed_dim)  # the chunks are of the full stream's channels
         batch, frames, _ = x.shape
         head_index = _rows(self.head_index, active)
         if self.spread is not None:  # (batch, frames, embed_dim) -> the original channels, zeros for the removed
@@ -526,8 +526,10 @@ def _norm(norm: "PhantomLayerNorm", x: Tensor, active: Optional[Tensor]) -> Tens
                               norm.total_features, norm.eps)
 
 
-def _widen(x: Tensor, active: Optional[Tensor], width: int) -> Tensor:
-    """The narrow stream (..., active.numel()) as the full one (..., width): zeros at the closed channels."""
+def widen(x: Tensor, active: Optional[Tensor], width: int) -> Tensor:
+    """Channels ``active`` of a ``width``-channel tensor (x: (..., active.numel())) back in their places
+    (..., width), zeros elsewhere (None: x as it is): the narrow stream as the full one, or a cut
+    model's hidden states as the gated model had them."""
     if active is None:
         return x
     return x.new_zeros(*x.shape[:-1], width).index_copy(-1, active, x)
@@ -632,7 +634,7 @@ class Transformer(nn.Module):
             if hidden is not None:  # after a GELU: the 0/1 pattern (a soft value could not fold into the conv)
                 pos = pos * (hidden != 0).to(pos.dtype)
         else:  # the grouped conv on the full stream (closed inputs are zeros), read at the open channels
-            pos = self.pos_conv_embed(_widen(x, a, hidden.numel())).index_select(-1, a)
+            pos = self.pos_conv_embed(widen(x, a, hidden.numel())).index_select(-1, a)
             hidden = hidden.index_select(0, a)  # every one nonzero
         x = x + pos
         if not self.layer_norm_first:
@@ -647,7 +649,7 @@ class Transformer(nn.Module):
         if self.layer_norm_first and len(layers) == len(self.layers):
             hiddens[-1] = _gated(_norm(self.layer_norm, hiddens[-1], a), hidden)
         if a is not None:  # the hidden states as the full stream has them
-            hiddens = [_widen(h, a, gates.hidden.numel()) for h in hiddens]
+            hiddens = [widen(h, a, gates.hidden.numel()) for h in hiddens]
         return hiddens
 
 

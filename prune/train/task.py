@@ -23,6 +23,7 @@ from torch import Tensor, nn
 
 from ..data.labels import Vocabulary
 from ..evaluate.probe import edit_distance, greedy_decode
+from ..models.components import widen
 from .distill import frame_mask
 
 HEAD_FILE = "task_head.safetensors"
@@ -51,9 +52,7 @@ class LayerMix(nn.Module):
 
     def _widen(self, h: Tensor) -> Tensor:
         """(batch, frames, kept) -> (batch, frames, width), zeros at the removed channels."""
-        if self.inputs is None:
-            return h
-        return h.new_zeros(*h.shape[:-1], self.width).index_copy_(-1, self.inputs.to(h.device), h)
+        return widen(h, self.inputs, self.width)
 
     def forward(self, hiddens: Sequence[Tensor]) -> Tensor:
         """hiddens: each (batch, frames, dim) -> (batch, frames, dim) (dim: the unpruned width)"""
