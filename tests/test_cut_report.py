@@ -12,7 +12,7 @@ from helpers_train import noise_corpus, prune_cli, short_run_args
 from prune.measured import fastest, interleaved, spread
 from prune.train.config import compose, validate
 from prune.train.distill import distill_loss, frame_mask
-from prune.train.recipe import PruneRecipe, cut_record, cut_warning
+from prune.train.recipe import PruneRecipe, cut_record, cut_warning, lag_warning
 from prune.evaluate.report import target_line
 
 
@@ -117,6 +117,8 @@ def test_a_cut_far_from_the_gates_is_loud_in_the_log_and_the_report(tmp_path):
     warnings = [line for line in log.splitlines() if "[WARNING]" in line]
     assert any("the training did not reach the size target: the gates ended at " in w
                and "the cut shifted every threshold" in w for w in warnings), log[-3000:]
+    assert any("step 3: the size target reached its final sparsity" in w and "the Lagrangian lags" in w
+               for w in warnings), log[-3000:]  # said at the end of the warm-up (prune_steps // 2), before the cut
     report = json.loads((run / "report.json").read_text())
     cut = report["cut"]
     assert report["target_reached_by"] == "cut" and cut["unit"] == "params"
@@ -156,3 +158,14 @@ def test_resume_after_the_cut_keeps_the_cut_record(tmp_path):
     recipe.cleanup()
     resumed.cleanup()
 
+
+
+def test_a_lagging_lagrangian_is_named_at_the_end_of_the_warm_up():
+    # the short 90% run of #16 with lambda_lr 0.02: 0.482 when the target reached 0.9
+    line = lag_warning(500, 0.9, 0.482, 0.02, 1000)
+    assert line.startswith("step 500: the size target reached its final sparsity 0.900, but the gates' expected "
+                           "sparsity is 0.482 (418% above the target size)")
+    assert "optim.lambda_lr (now 0.02;" in line and "1000 pruning steps" in line
+    assert lag_warning(750, 0.9, 0.88, 0.5, 1500) is None  # 20% above the target size: it catches up
+    assert lag_warning(750, 0.9, 0.86, 0.5, 1500) is not None  # 40% above
+    assert lag_warning(800, 0.75, 0.76, 0.02, 1500) is None  # ahead of the target
