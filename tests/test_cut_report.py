@@ -159,7 +159,6 @@ def test_resume_after_the_cut_keeps_the_cut_record(tmp_path):
     resumed.cleanup()
 
 
-
 def test_a_lagging_lagrangian_is_named_at_the_end_of_the_warm_up():
     # the short 90% run of #16 with lambda_lr 0.02: 0.482 when the target reached 0.9
     line = lag_warning(500, 0.9, 0.482, 0.02, 1000)

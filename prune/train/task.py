@@ -48,7 +48,9 @@ class LayerMix(nn.Module):
         exact zeros, and the LayerNorm here counted them (a removed channel's normalised value is
         not zero), so they are put back as zeros before anything reads them: the head computes
         what it computed on the gated student, with its weights unchanged."""
-        self.inputs, self.width = torch.as_tensor(list(index), dtype=torch.long), int(width)
+        # on the head's device: a cut mid-run (on CUDA) comes after the head was moved there
+        self.inputs = torch.as_tensor(list(index), dtype=torch.long, device=self.layer_logits.device)
+        self.width = int(width)
 
     def _widen(self, h: Tensor) -> Tensor:
         """(batch, frames, kept) -> (batch, frames, width), zeros at the removed channels."""
