@@ -425,7 +425,7 @@ def profile(args: argparse.Namespace) -> int:
     print(f"latency table: {out} ({conv} conv, {projection} projection, {heads} attention, {units} FFN grid points; "
           f"{args.seconds:g} s, batch {args.batch}, {args.threads} thread(s), {args.device}, {args.clock} clock; "
           f"whole pass = {table['scale']:.3f} x parts {1e3 * table['offset']:+.2f} ms, fitted to "
-          f"{len(table['whole']['fit'])} whole passes); use it with "
+          f"{len(table['whole']['fit'])} whole passes; allocator: {table['allocator']}); use it with "
           f"pruning.target_kind=latency pruning.latency_table={out} trainer.threads={args.threads}")
     return 0
 

@@ -24,7 +24,8 @@ The JSON (``FORMAT``, ``VERSION``)::
      "projection": {"channels": [..], "seconds": [..]}, "attention": {"heads": [..], "seconds": [..]},
      "ffn": {"units": [..], "seconds": [..]}, "scale": the line's slope, "offset": s (optional, 0),
      "whole": {"measured": s, "parts": s, "fit": [{"sparsity", "parts", "measured"} per whole pass]},
-     "clock": "wall" | "thread"}
+     "clock": "wall" | "thread", "allocator": how the timings' allocator was set (``prune.allocator``;
+     absent in tables made before it)}
 
 All times are the fastest of ``repeats`` interleaved passes, batch ``batch``, ``seconds`` of audio.
 """

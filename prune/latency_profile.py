@@ -30,6 +30,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor, nn
 
+from . import allocator
 from .latency import FORMAT, VERSION, LatencyTable, fingerprint, load_table, machine
 from .measured import fastest, interleaved
 from .models.components import (ConvLayerBlock, ConvolutionalPositionalEmbedding, FeatureProjection, FeedForward,
@@ -211,7 +212,7 @@ def plan(config: EncoderConfig, seconds: float = 1.0, batch: int = 1, threads: i
         points = [{"sparsity": sp, "parts": read.latency(c), "measured": times["whole" if sp == 0 else f"whole:{sp:g}"]}
                   for sp, c in cuts.items()]
         scale, offset = fit_line([q["parts"] for q in points], [q["measured"] for q in points])
-        return {**table, "scale": scale, "offset": offset,
+        return {**table, "scale": scale, "offset": offset, "allocator": allocator.state(),
                 "whole": {"measured": points[0]["measured"], "parts": points[0]["parts"], "fit": points}}
 
     return Plan(fns, T, make)
@@ -293,6 +294,6 @@ def table_latencies(table_path: str, models: Dict[str, nn.Module], repeats: int 
     finally:
         torch.set_num_threads(threads)
     return {"table": table_path, "seconds": table.seconds, "batch": table.batch, "threads": table.threads,
-            "clock": clock, "device": table.data["machine"].get("device", "cpu"),
+            "clock": clock, "allocator": allocator.state(), "device": table.data["machine"].get("device", "cpu"),
             "predicted_ms": {name: 1e3 * table.latency(m.config) for name, m in models.items()},
             "measured_ms": {name: 1e3 * fastest(t) for name, t in times.items()}}

@@ -2,7 +2,9 @@
 percent (what a block costs inside a pass at that width and not alone on the grid), so after the
 table calibration the cut model is timed on this machine under the table's conditions, the table
 target is moved by the miss (``next_target``: by asked/measured, then along the secant of the last
-two timings), the gates are calibrated onto it again and the new cut timed, for ``rounds`` rounds; the candidate whose measured latency is nearest the asked one is kept.
+two timings, then inside the bracket once the timings straddle the asked latency), the gates are
+calibrated onto it again and the new cut timed, for up to ``rounds`` rounds (fewer once one lands
+within ``CLOSE_ENOUGH``); the candidate whose measured latency is nearest the asked one is kept.
 
 A cut model's measured latency is read on the table's scale: t(cut) / t(unpruned) x the table's
 latency of the unpruned model, the two timed interleaved (``prune.latency_profile.table_latencies``)
@@ -20,10 +22,14 @@ from typing import Any, Callable, Dict, List, Optional
 import torch
 from torch import Tensor, nn
 
+from . import allocator
 from .calibrate import calibrate
 from .compile import compile_encoder
 from .latency import LatencyTable, machine
 from .structures import GatedEncoder
+
+
+CLOSE_ENOUGH = 0.02  # a candidate measured this near the asked latency ends the rounds (timing noise: ~1-2%)
 
 
 def skip_reason(table: LatencyTable, distributed: bool = False) -> Optional[str]:
@@ -37,6 +43,9 @@ def skip_reason(table: LatencyTable, distributed: bool = False) -> Optional[str]
         return f"the table was profiled on another CPU ({made.get('cpu')!r}, this is {here['cpu']!r})"
     if torch.get_num_threads() != table.threads:
         return f"the table was profiled with {table.threads} thread(s), this process runs {torch.get_num_threads()}"
+    made_with, here_with = table.data.get("allocator"), allocator.steady()
+    if made_with is not None and made_with != here_with:  # tables before prune.allocator have none
+        return f"the table was profiled with another allocator setting ({made_with!r}, this is {here_with!r})"
     if distributed:
         return "a distributed run (the ranks would time different machines' loads)"
     return None
@@ -51,11 +60,19 @@ def time_models(table_path: str, models: Dict[str, nn.Module]) -> Dict[str, floa
 
 
 def next_target(table_targets: List[float], measured: List[float], asked: float) -> float:
-    """The table target of the next candidate: after one timing, the last one times asked /
-    measured (the table's bias there, taken as a ratio); after two or more, the secant through the
-    last two (table target, measured) points, which also takes out a bias with a constant part
-    (a small model's fixed costs: a ratio alone then closes only part of the gap each round); the
-    ratio step where the secant is flat, falls or leaves (0, 2 x the last target)."""
+    """The table target of the next candidate. Once the timings straddle the asked latency, the
+    interpolation between the nearest below and the nearest above (a bracket only narrows: the
+    calibrated cut moves in steps, whole heads and layers, so table target -> measured is not a
+    line). Before that: after one timing, the last target times asked / measured (the table's bias
+    there, taken as a ratio); after two or more, the secant through the last two (table target,
+    measured) points, which also takes out a bias with a constant part (a small model's fixed
+    costs: a ratio alone then closes only part of the gap each round); the ratio step where the
+    secant is flat, falls or leaves (0, 2 x the last target)."""
+    below = [(m, t) for t, m in zip(table_targets, measured) if m < asked]
+    above = [(m, t) for t, m in zip(table_targets, measured) if m > asked]
+    if below and above:
+        (m0, t0), (m1, t1) = max(below), min(above)
+        return t0 + (asked - m0) / (m1 - m0) * (t1 - t0)
     ratio = table_targets[-1] * asked / measured[-1]
     if len(measured) < 2 or measured[-1] == measured[-2]:
         return ratio
@@ -92,6 +109,8 @@ def refine(gated: GatedEncoder, unpruned: nn.Module, size: Callable[[GatedEncode
     record: Dict[str, Any] = {"asked": asked, "table_targets": [], "predicted": [], "measured": []}
     states = []
     for i in range(rounds + 1):
+        if i > 0 and abs(record["measured"][-1] - asked) <= CLOSE_ENOUGH * asked:
+            break  # within the timings' own noise: another round would chase it
         if i > 0:
             table_target = next_target(record["table_targets"], record["measured"], asked)
             calibrate(gated, size, table_target, tolerance)

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
+from .allocator import steady
 from .models.config import SAMPLE_RATE
 
 
@@ -46,7 +47,9 @@ def interleaved(fns: Dict[str, Callable[[], object]], repeats: int, warmup: int 
     """Seconds of each call, ``repeats`` times round-robin after ``warmup`` calls each, so drift
     and other load on the machine hit every function alike. ``clock``: wall time by default;
     ``time.thread_time`` counts only this thread's CPU time (one torch thread: the work itself,
-    without the time other processes held the core)."""
+    without the time other processes held the core). The allocator is made steady first
+    (``prune.allocator.steady``: otherwise a pass's page faults depend on the process's history)."""
+    steady()
     for fn in fns.values():
         for _ in range(warmup):
             fn()

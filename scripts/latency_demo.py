@@ -61,7 +61,7 @@ def main() -> None:
     ap.add_argument("--sparsity", type=float, default=0.75, help="each run's training target in its own measure")
     ap.add_argument("--latency", type=float, default=0.6, help="the latency sparsity every cut is calibrated to")
     ap.add_argument("--seconds", type=float, default=4.0, help="the table's utterance length (the report's)")
-    ap.add_argument("--refine", type=int, default=2, help="pruning.latency_refine: timing rounds at the cut")
+    ap.add_argument("--refine", type=int, default=4, help="pruning.latency_refine: timing rounds at the cut")
     ap.add_argument("--kinds", default=",".join(KINDS))
     ap.add_argument("--match", action="store_true", help="the latency run trains to --latency, the others to the "
                                                          "sparsity its cut reached in their measure")

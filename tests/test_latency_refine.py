@@ -47,7 +47,8 @@ def test_refining_lands_the_measured_latency_where_the_table_alone_is_10_percent
     calibrate(gated, lag.expected_size, lag.target_size, 0.005)
     record = latency_refine.refine(gated, unpruned, lag.expected_size, table, lag.target_size, lag.full, 0.005, 2)
     asked = lag.target_size
-    assert len(calls) == 3 and calls[0] == table.path  # the calibrated cut, then two re-calibrated ones
+    # the calibrated cut, then one re-calibrated cut, which lands within CLOSE_ENOUGH and ends the rounds
+    assert len(calls) == 2 and calls[0] == table.path
     # round 0 is the table's calibration: on target by the table, 10% off measured
     assert record["predicted"][0] == pytest.approx(asked, rel=0.005)
     assert record["measured"][0] == pytest.approx(BIAS * asked, rel=0.006)
@@ -75,6 +76,45 @@ def test_the_next_target_is_the_ratio_then_the_secant_which_takes_out_a_constant
     assert latency_refine.next_target([10.0, 8.0], [11.0, 12.0], 10.0) == pytest.approx(8.0 * 10 / 12)
 
 
+def test_once_the_timings_straddle_the_asked_latency_the_next_target_is_inside_the_bracket():
+    # the demo's latency run (session 2026-12-03): 10.0 -> 15.1 ms, then 6.6 -> 12.2, then 4.0 -> 7.4;
+    # the secant of the last two would extrapolate, the bracket (4.0, 6.6) interpolates
+    targets, measured = [10.0, 6.6, 4.0], [15.1, 12.2, 7.4]
+    t = latency_refine.next_target(targets, measured, 10.0)
+    assert t == pytest.approx(4.0 + (10.0 - 7.4) / (12.2 - 7.4) * (6.6 - 4.0), rel=1e-12)
+    assert 4.0 < t < 6.6
+    # the nearest point on each side makes the bracket, not the last two timings
+    t = latency_refine.next_target([10.0, 6.0, 8.0, 4.0], [13.0, 9.0, 11.0, 5.0], 10.0)
+    assert t == pytest.approx(7.0, rel=1e-12)  # between (6.0, 9.0) and (8.0, 11.0)
+
+
+def test_a_refinement_that_lands_stops_and_one_that_cannot_keeps_the_nearest(table, monkeypatch):
+    """A timer whose bias jumps (the cut model 50% slower than the table above 0.4 of the unpruned
+    latency, 10% below: whole blocks dropping at once) cannot be hit exactly: every round is used and
+    the nearest candidate kept; a timer with a plain 10% bias is hit in one round, and the rounds stop."""
+    full = 1e3 * closed_form(preset_config("hubert_base_tiny"))
+
+    def jumpy(table_path, models):
+        ms = biased_timer(table_path, models)
+        cut = ms["cut"] / BIAS
+        return {**ms, "cut": cut * (1.5 if cut > 0.4 * full else 1.1)}
+
+    torch.manual_seed(0)
+    unpruned = build_preset("hubert_base_tiny").eval()
+    for timer, rounds, calls in ((jumpy, 4, 5), (biased_timer, 4, 2)):
+        gated = GatedEncoder(build_preset("hubert_base_tiny"))
+        gated.model.load_state_dict(unpruned.state_dict())
+        lag = Lagrangian(gated, "latency", 0.3, 0, settings={"table": table})
+        calibrate(gated, lag.expected_size, lag.target_size, 0.005)
+        monkeypatch.setattr(latency_refine, "time_models", timer)
+        record = latency_refine.refine(gated, unpruned, lag.expected_size, table, lag.target_size, lag.full, 0.005,
+                                       rounds)
+        assert len(record["measured"]) == calls
+        errors = [abs(m - lag.target_size) for m in record["measured"]]
+        assert record["chosen"] == errors.index(min(errors))
+    assert min(errors) <= latency_refine.CLOSE_ENOUGH * lag.target_size
+
+
 def test_the_refinement_is_skipped_in_one_reason_where_the_table_cannot_be_honoured(table):
     here = latency_refine.machine("cpu")
     made = dict(synthetic_table(threads=torch.get_num_threads()))
@@ -87,6 +127,11 @@ def test_the_refinement_is_skipped_in_one_reason_where_the_table_cannot_be_honou
     other = LatencyTable({**made, "threads": torch.get_num_threads() + 1})
     assert "thread(s), this process runs" in latency_refine.skip_reason(other)
     assert "distributed" in latency_refine.skip_reason(LatencyTable(made), distributed=True)
+    # a table timed under another allocator setting (prune.allocator); tables without the field pass
+    steady = LatencyTable({**made, "allocator": latency_refine.allocator.steady()})
+    assert latency_refine.skip_reason(steady) is None
+    dynamic = LatencyTable({**made, "allocator": "glibc 2.0: mallopt refused"})
+    assert "another allocator setting" in latency_refine.skip_reason(dynamic)
 
 
 def tiny_run(tmp_path, name, extra):

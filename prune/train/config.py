@@ -109,9 +109,10 @@ class PruningConfig:
     # cut_target reads as pruning.target does for that measure (null: pruning.target); a latency kind needs the table
     cut_target_kind: Optional[str] = None
     cut_target: Optional[float] = None
-    # a latency cut (target or cut_target kind latency/latency_ms): rounds of timing the cut model against the unpruned
-    # one under the table's conditions and re-calibrating the table target by predicted/measured (0: the table's word)
-    latency_refine: int = 1
+    # a latency cut (target or cut_target kind latency/latency_ms): at most this many rounds of timing the cut model
+    # against the unpruned one under the table's conditions and re-calibrating the table target (ratio, secant, then
+    # bracket; stops once within 2%); 0: the table's word
+    latency_refine: int = 3
     skip_closed: bool = True  # compute only the units whose gate sample is nonzero (same result, less work)
     skip_min_closed: float = 0.3  # ... in groups with at least this fraction closed (gathering costs too)
     gates: GateConfig = field(default_factory=GateConfig)  # which structures are gated, initial drop rates
