@@ -22,9 +22,16 @@ the line is not yet shown to predict better: docs/performance.md, section 7).
 
 from __future__ import annotations
 
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
 import time
 import warnings
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -276,24 +283,60 @@ def cpu_copy(model: nn.Module) -> nn.Module:
     return copy.eval()
 
 
-def table_latencies(table_path: str, models: Dict[str, nn.Module], repeats: int = 10
+def table_latencies(table_path: str, models: Dict[str, nn.Module], repeats: int = 10, processes: int = 0
                     ) -> Dict[str, Any]:
     """A latency target's check (#18): each model's latency as the table predicts it and as measured
-    here under the table's conditions (its utterance length, batch, threads and clock; CPU copies,
-    interleaved, the fastest of ``repeats``), in milliseconds."""
+    under the table's conditions (its utterance length, batch, threads and clock; CPU copies,
+    interleaved, the fastest of ``repeats``), in milliseconds.
+
+    processes=0: timed here, in this process. processes=N: timed in N fresh processes one after
+    another (``prune.latency_worker``; the models exported to a temporary folder), and each model's
+    figure is the median over them of its time as a fraction of the first model's, times the
+    median of the first model's time: the ratios to the first model are the medians of ratios
+    (what a process's own state does to both cancels first). ``per_process_ms``: every process's
+    figures."""
     table = load_table(table_path)
     clock = table.data.get("clock", "wall")
-    x = torch.randn(table.batch, int(round(table.seconds * SAMPLE_RATE)))
-    copies = {name: cpu_copy(m) for name, m in models.items()}
-    threads = torch.get_num_threads()
-    torch.set_num_threads(table.threads)
-    try:
-        with torch.no_grad():
-            times = interleaved({name: (lambda m=m: m(x)) for name, m in copies.items()}, repeats,
-                                clock=CLOCKS.get(clock, CLOCKS["wall"]))
-    finally:
-        torch.set_num_threads(threads)
+    if processes > 0:
+        per_process = _fresh_process_times(table_path, models, repeats, processes)
+        first = next(iter(models))
+        base = statistics.median(p[first] for p in per_process)
+        measured = {name: base * statistics.median(p[name] / p[first] for p in per_process) for name in models}
+    else:
+        x = torch.randn(table.batch, int(round(table.seconds * SAMPLE_RATE)))
+        copies = {name: cpu_copy(m) for name, m in models.items()}
+        threads = torch.get_num_threads()
+        torch.set_num_threads(table.threads)
+        try:
+            with torch.no_grad():
+                times = interleaved({name: (lambda m=m: m(x)) for name, m in copies.items()}, repeats,
+                                    clock=CLOCKS.get(clock, CLOCKS["wall"]))
+        finally:
+            torch.set_num_threads(threads)
+        measured, per_process = {name: fastest(t) for name, t in times.items()}, []
     return {"table": table_path, "seconds": table.seconds, "batch": table.batch, "threads": table.threads,
-            "clock": clock, "allocator": allocator.state(), "device": table.data["machine"].get("device", "cpu"),
+            "clock": clock, "allocator": allocator.steady(), "device": table.data["machine"].get("device", "cpu"),
+            "processes": processes,
             "predicted_ms": {name: 1e3 * table.latency(m.config) for name, m in models.items()},
-            "measured_ms": {name: 1e3 * fastest(t) for name, t in times.items()}}
+            "measured_ms": {name: 1e3 * s for name, s in measured.items()},
+            "per_process_ms": [{name: 1e3 * s for name, s in p.items()} for p in per_process]}
+
+
+def _fresh_process_times(table_path: str, models: Dict[str, nn.Module], repeats: int, processes: int
+                         ) -> List[Dict[str, float]]:
+    """Seconds of each model (fastest of ``repeats``) in each of ``processes`` fresh processes."""
+    from .checkpoints.export import export_pruned
+
+    with tempfile.TemporaryDirectory(prefix="prune-timing-") as folder:
+        for name, m in models.items():
+            export_pruned(cpu_copy(m), Path(folder) / name)
+        cmd = [sys.executable, "-m", "prune.latency_worker", str(table_path), folder, str(repeats), *models]
+        env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+        out = []
+        for _ in range(processes):
+            done = subprocess.run(cmd, capture_output=True, text=True, env=env)
+            if done.returncode != 0:
+                tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
+                raise RuntimeError(f"timing in a fresh process failed ({' '.join(cmd[:3])}): {tail}")
+            out.append(json.loads(done.stdout.strip().splitlines()[-1]))
+    return out

@@ -30,6 +30,9 @@ from .structures import GatedEncoder
 
 
 CLOSE_ENOUGH = 0.02  # a candidate measured this near the asked latency ends the rounds (timing noise: ~1-2%)
+# a candidate's calibration tolerance, as a fraction of the cut's: the bracket's steps are finer than
+# the cut's 0.5%, and a calibration that stops within 0.5% of a target 0.3% away does not move
+FINER = 0.2
 
 
 def skip_reason(table: LatencyTable, distributed: bool = False) -> Optional[str]:
@@ -51,12 +54,12 @@ def skip_reason(table: LatencyTable, distributed: bool = False) -> Optional[str]
     return None
 
 
-def time_models(table_path: str, models: Dict[str, nn.Module]) -> Dict[str, float]:
-    """Measured milliseconds of each model under the table's conditions, interleaved (the hook
-    tests replace with a known-biased timer)."""
+def time_models(table_path: str, models: Dict[str, nn.Module], processes: int = 0) -> Dict[str, float]:
+    """Measured milliseconds of each model under the table's conditions, interleaved, in this process
+    or the median of ``processes`` fresh ones (the hook tests replace with a known-biased timer)."""
     from .latency_profile import table_latencies
 
-    return table_latencies(table_path, models)["measured_ms"]
+    return table_latencies(table_path, models, processes=processes)["measured_ms"]
 
 
 def next_target(table_targets: List[float], measured: List[float], asked: float) -> float:
@@ -97,7 +100,7 @@ def _load_gate_state(gated: GatedEncoder, state: List[Tensor]) -> None:
 @torch.no_grad()
 def refine(gated: GatedEncoder, unpruned: nn.Module, size: Callable[[GatedEncoder], Tensor], table: LatencyTable,
            asked: float, full: float, tolerance: float, rounds: int,
-           apply: Callable[[GatedEncoder], None] = lambda g: None) -> Dict[str, Any]:
+           apply: Callable[[GatedEncoder], None] = lambda g: None, processes: int = 0) -> Dict[str, Any]:
     """Time ``gated``'s cut against ``unpruned`` and re-calibrate ``rounds`` times (see the module
     docstring). ``size``: the measure's eval-mode size of the gates (milliseconds from the table,
     the shaper's forced counts applied); ``asked``: the target in the same unit; ``full``: the
@@ -111,13 +114,14 @@ def refine(gated: GatedEncoder, unpruned: nn.Module, size: Callable[[GatedEncode
     for i in range(rounds + 1):
         if i > 0 and abs(record["measured"][-1] - asked) <= CLOSE_ENOUGH * asked:
             break  # within the timings' own noise: another round would chase it
-        if i > 0:
+        if i > 0:  # every candidate: the gates as given, calibrated onto its table target
             table_target = next_target(record["table_targets"], record["measured"], asked)
-            calibrate(gated, size, table_target, tolerance)
+            _load_gate_state(gated, states[0])
+            calibrate(gated, size, table_target, tolerance * FINER)
             apply(gated)
         gated.eval()
         predicted = size(gated).item()
-        ms = time_models(table.path, {"cut": compile_encoder(gated).eval(), "unpruned": unpruned})
+        ms = time_models(table.path, {"unpruned": unpruned, "cut": compile_encoder(gated).eval()}, processes)
         record["table_targets"].append(table_target)
         record["predicted"].append(predicted)
         record["measured"].append(ms["cut"] / ms["unpruned"] * full)

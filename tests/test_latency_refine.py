@@ -25,7 +25,7 @@ from test_latency import closed_form, synthetic_table
 BIAS = 1.1  # the cut model measures 10% above the table's prediction
 
 
-def biased_timer(table_path, models):
+def biased_timer(table_path, models, processes=0):
     """Milliseconds as the table predicts them, the cut model's times BIAS."""
     table = load_table(table_path)
     return {name: 1e3 * table.latency(m.config) * (BIAS if name == "cut" else 1.0) for name, m in models.items()}
@@ -38,7 +38,7 @@ def table(tmp_path):
 
 def test_refining_lands_the_measured_latency_where_the_table_alone_is_10_percent_off(table, monkeypatch):
     calls = []
-    monkeypatch.setattr(latency_refine, "time_models", lambda p, m: calls.append(p) or biased_timer(p, m))
+    monkeypatch.setattr(latency_refine, "time_models", lambda p, m, n=0: calls.append(p) or biased_timer(p, m))
     torch.manual_seed(0)
     unpruned = build_preset("hubert_base_tiny").eval()
     gated = GatedEncoder(build_preset("hubert_base_tiny"))
@@ -94,7 +94,7 @@ def test_a_refinement_that_lands_stops_and_one_that_cannot_keeps_the_nearest(tab
     the nearest candidate kept; a timer with a plain 10% bias is hit in one round, and the rounds stop."""
     full = 1e3 * closed_form(preset_config("hubert_base_tiny"))
 
-    def jumpy(table_path, models):
+    def jumpy(table_path, models, processes=0):
         ms = biased_timer(table_path, models)
         cut = ms["cut"] / BIAS
         return {**ms, "cut": cut * (1.5 if cut > 0.4 * full else 1.1)}
@@ -198,3 +198,36 @@ def test_the_cut_target_is_checked_before_compute(tmp_path):
     for overrides, message in cases:
         with pytest.raises(ConfigError, match=message):
             validate(compose("tiny_demo", overrides))
+
+
+def test_timing_in_fresh_processes_gives_the_median_ratio_to_the_first_model(tmp_path):
+    """processes=N: every model exported, timed in N fresh `python -m prune.latency_worker` processes;
+    the first model's figure is the median of its times, every other one's the median of its ratios
+    to the first times that."""
+    import statistics
+
+    from prune.latency_profile import profile, table_latencies
+
+    config = preset_config("hubert_base_tiny")
+    table = save_table(profile(config, seconds=0.1, repeats=1, conv_points=1, ffn_points=1, head_points=1,
+                               threads=torch.get_num_threads()), tmp_path / "tiny.json")
+    torch.manual_seed(0)
+    unpruned = build_preset("hubert_base_tiny").eval()
+    gated = GatedEncoder(build_preset("hubert_base_tiny"))
+    from prune.seeded import set_random_gates
+
+    set_random_gates(gated, 0.6, seed=0)
+    cut = compile_encoder(gated.eval()).eval()
+    check = table_latencies(str(table), {"unpruned": unpruned, "cut": cut}, repeats=2, processes=2)
+    runs = check["per_process_ms"]
+    assert check["processes"] == 2 and len(runs) == 2 and all(set(r) == {"unpruned", "cut"} for r in runs)
+    base = statistics.median(r["unpruned"] for r in runs)
+    assert check["measured_ms"]["unpruned"] == pytest.approx(base, rel=1e-9)
+    assert check["measured_ms"]["cut"] == pytest.approx(base * statistics.median(r["cut"] / r["unpruned"] for r in runs),
+                                                        rel=1e-9)
+    assert all(0 < r["cut"] < 10 * r["unpruned"] for r in runs)  # real timings of the two models
+
+
+def test_latency_processes_must_be_a_whole_number():
+    with pytest.raises(ConfigError, match="pruning.latency_processes: must be a whole number >= 0"):
+        validate(compose("tiny_demo", ["pruning.latency_processes=-1"]))

@@ -42,13 +42,20 @@ def needs_of(kind: str) -> List[str]:
 
 
 def latency_line(check: Dict[str, Any]) -> str:
-    """The report's line on a latency target: predicted next to measured, per model."""
-    pairs = ", ".join(f"{name} {check['predicted_ms'][name]:.1f} ms predicted / {check['measured_ms'][name]:.1f} ms "
-                      f"measured ({check['predicted_ms'][name] / check['measured_ms'][name] - 1:+.1%})"
-                      for name in check["measured_ms"])
+    """The report's line on a latency target: predicted next to measured, per model, and the pruned
+    model's measured latency on the table's scale (as the refinement reads it: measured pruned /
+    measured teacher x the teacher's table latency)."""
+    predicted, measured = check["predicted_ms"], check["measured_ms"]
+    pairs = ", ".join(f"{name} {predicted[name]:.1f} ms predicted / {measured[name]:.1f} ms "
+                      f"measured ({predicted[name] / measured[name] - 1:+.1%})" for name in measured)
+    where = "here" if not check.get("processes") else f"in {check['processes']} fresh processes (median)"
+    scale = ""
+    if "teacher" in measured and "pruned" in measured:
+        ratio = measured["pruned"] / measured["teacher"]
+        scale = f"; pruned / teacher measured {ratio:.3f}, on the table's scale {ratio * predicted['teacher']:.2f} ms"
     return (f"latency target, table {check['table']} ({check['seconds']:g} s, batch {check['batch']}, "
-            f"{check['threads']} thread(s), {check['clock']} clock, profiled on {check['device']}; measured here on "
-            f"the CPU, fastest of {LATENCY_REPEATS}): {pairs}")
+            f"{check['threads']} thread(s), {check['clock']} clock, profiled on {check['device']}; measured {where} on "
+            f"the CPU, fastest of {LATENCY_REPEATS}): {pairs}{scale}")
 
 
 def layer_chart(before: Dict[str, Any], after: Dict[str, Any], path: Path, title: str = "") -> Path:
@@ -199,7 +206,8 @@ def write_report(run_dir: Path, teacher: Wav2Vec2Model, pruned: Wav2Vec2Model, c
     check = None
     if cfg is not None and "table" in needs_of(cfg.pruning.get("cut_target_kind") or cfg.pruning.target_kind):
         # a latency target, or a cut onto one
-        check = table_latencies(cfg.pruning.latency_table, {"teacher": teacher, "pruned": pruned}, LATENCY_REPEATS)
+        check = table_latencies(cfg.pruning.latency_table, {"teacher": teacher, "pruned": pruned}, LATENCY_REPEATS,
+                                processes=cfg.pruning.get("latency_processes", 0))
         lines.append(latency_line(check))
     if meta.get("similarity"):
         lines.append(similarity_table(meta["similarity"]))

@@ -113,6 +113,9 @@ class PruningConfig:
     # against the unpruned one under the table's conditions and re-calibrating the table target (ratio, secant, then
     # bracket; stops once within 2%); 0: the table's word
     latency_refine: int = 3
+    # the refinement's and the report's timings against the table: the median over this many fresh processes (a small
+    # model's pass time depends on a process's own state; prune/latency_worker.py); 0: timed in the training process
+    latency_processes: int = 3
     skip_closed: bool = True  # compute only the units whose gate sample is nonzero (same result, less work)
     skip_min_closed: float = 0.3  # ... in groups with at least this fraction closed (gathering costs too)
     gates: GateConfig = field(default_factory=GateConfig)  # which structures are gated, initial drop rates
@@ -391,10 +394,11 @@ def check_target(p: DictConfig, teacher: Optional[EncoderConfig], threads: Optio
     elif p.get("cut_target") is not None:
         raise ConfigError(f"pruning.cut_target: {p.cut_target} given without pruning.cut_target_kind; set "
                           f"pruning.cut_target_kind too (e.g. latency) or drop cut_target")
-    refine = p.get("latency_refine", 1)
-    if not isinstance(refine, int) or isinstance(refine, bool) or refine < 0:
-        raise ConfigError(f"pruning.latency_refine: must be a whole number >= 0 (timing rounds at the cut), "
-                          f"got {refine!r}")
+    for key, what in (("latency_refine", "timing rounds at the cut"),
+                      ("latency_processes", "fresh processes per latency timing; 0: this one")):
+        value = p.get(key, 0)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise ConfigError(f"pruning.{key}: must be a whole number >= 0 ({what}), got {value!r}")
 
 
 def check_shape_config(p: DictConfig, teacher: Optional[EncoderConfig]) -> None:

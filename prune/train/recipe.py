@@ -516,7 +516,7 @@ class PruneRecipe(Runner):
                 log.info("pruning.latency_refine: not timing the cut (%s); the table's calibration stands", why)
             return None
         record = latency_refine.refine(gated, self.teacher, size, table, lag.target_size, lag.full, p.tolerance,
-                                       p.latency_refine, apply=self.shaper.apply)
+                                       p.latency_refine, apply=self.shaper.apply, processes=p.latency_processes)
         if self.env.is_main:
             log.info("pruning.latency_refine: asked %.2f %s; table targets %s, predicted %s, measured %s; chose round %d",
                      record["asked"], lag.measure.unit, _fmt(record["table_targets"]), _fmt(record["predicted"]),
