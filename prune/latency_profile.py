@@ -12,8 +12,8 @@ every grid point alike.
 The parts timed one by one do not add up to a whole pass: at HuBERT Base (1 s, one thread) they
 come to about 8% less, alike at every sparsity (what runs between the blocks, the allocator and
 cache state a block finds inside a pass and not alone); on a model as small as the demo's, cut
-models ran 40-50% slower than their parts said, a cost per pass that does not shrink with the
-widths. So the profile also times whole passes in the same rounds, of the unpruned model and of
+models ran 4-27% slower than their parts said (40-50% before the timings' allocator was made
+steady: ``prune.allocator``), a cost per pass that does not shrink with the widths. So the profile also times whole passes in the same rounds, of the unpruned model and of
 ``fit_states`` models cut at seeded random gate states (``FIT_SPARSITIES``), and fits
 ``whole = offset + scale x parts`` to them by least squares: every prediction is read through that
 line (``fit_states=0``, the default: the unpruned pass alone, ``scale = whole / parts``, no offset;
