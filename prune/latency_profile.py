@@ -294,11 +294,19 @@ def table_latencies(table_path: str, models: Dict[str, nn.Module], repeats: int 
     figure is the median over them of its time as a fraction of the first model's, times the
     median of the first model's time: the ratios to the first model are the medians of ratios
     (what a process's own state does to both cancels first). ``per_process_ms``: every process's
-    figures."""
+    figures. A worker that fails (one that cannot start, a broken environment) leaves a warning, the
+    timing done here instead, ``processes`` 0 and ``fallback`` its error in the record."""
     table = load_table(table_path)
     clock = table.data.get("clock", "wall")
+    fallback = None
     if processes > 0:
-        per_process = _fresh_process_times(table_path, models, repeats, processes)
+        try:
+            per_process = _fresh_process_times(table_path, models, repeats, processes)
+        except (RuntimeError, OSError, ValueError) as e:  # a worker that cannot start: time here, and say so
+            fallback = str(e)
+            warnings.warn(f"{e}; timing in this process instead", RuntimeWarning)
+            processes = 0
+    if processes > 0:
         first = next(iter(models))
         base = statistics.median(p[first] for p in per_process)
         measured = {name: base * statistics.median(p[name] / p[first] for p in per_process) for name in models}
@@ -316,7 +324,7 @@ def table_latencies(table_path: str, models: Dict[str, nn.Module], repeats: int 
         measured, per_process = {name: fastest(t) for name, t in times.items()}, []
     return {"table": table_path, "seconds": table.seconds, "batch": table.batch, "threads": table.threads,
             "clock": clock, "allocator": allocator.steady(), "device": table.data["machine"].get("device", "cpu"),
-            "processes": processes,
+            "processes": processes, **({"fallback": fallback} if fallback else {}),
             "predicted_ms": {name: 1e3 * table.latency(m.config) for name, m in models.items()},
             "measured_ms": {name: 1e3 * s for name, s in measured.items()},
             "per_process_ms": [{name: 1e3 * s for name, s in p.items()} for p in per_process]}

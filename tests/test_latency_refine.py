@@ -231,3 +231,20 @@ def test_timing_in_fresh_processes_gives_the_median_ratio_to_the_first_model(tmp
 def test_latency_processes_must_be_a_whole_number():
     with pytest.raises(ConfigError, match="pruning.latency_processes: must be a whole number >= 0"):
         validate(compose("tiny_demo", ["pruning.latency_processes=-1"]))
+
+
+def test_a_fresh_process_that_fails_leaves_a_warning_and_the_timing_done_here(tmp_path, monkeypatch):
+    import prune.latency_profile as latency_profile
+
+    config = preset_config("hubert_base_tiny")
+    table = save_table(latency_profile.profile(config, seconds=0.1, repeats=1, conv_points=1, ffn_points=1,
+                                               head_points=1, threads=torch.get_num_threads()), tmp_path / "t.json")
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("timing in a fresh process failed (python -m prune.latency_worker): ImportError: x")
+
+    monkeypatch.setattr(latency_profile, "_fresh_process_times", broken)
+    model = build_preset("hubert_base_tiny").eval()
+    with pytest.warns(RuntimeWarning, match="ImportError: x; timing in this process instead"):
+        check = latency_profile.table_latencies(str(table), {"a": model}, repeats=1, processes=3)
+    assert check["processes"] == 0 and "ImportError" in check["fallback"] and check["measured_ms"]["a"] > 0
