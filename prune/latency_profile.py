@@ -311,23 +311,28 @@ def table_latencies(table_path: str, models: Dict[str, nn.Module], repeats: int 
         base = statistics.median(p[first] for p in per_process)
         measured = {name: base * statistics.median(p[name] / p[first] for p in per_process) for name in models}
     else:
-        x = torch.randn(table.batch, int(round(table.seconds * SAMPLE_RATE)))
-        copies = {name: cpu_copy(m) for name, m in models.items()}
-        threads = torch.get_num_threads()
-        torch.set_num_threads(table.threads)
-        try:
-            with torch.no_grad():
-                times = interleaved({name: (lambda m=m: m(x)) for name, m in copies.items()}, repeats,
-                                    clock=CLOCKS.get(clock, CLOCKS["wall"]))
-        finally:
-            torch.set_num_threads(threads)
-        measured, per_process = {name: fastest(t) for name, t in times.items()}, []
+        measured, per_process = time_here(table, {name: cpu_copy(m) for name, m in models.items()}, repeats), []
     return {"table": table_path, "seconds": table.seconds, "batch": table.batch, "threads": table.threads,
             "clock": clock, "allocator": allocator.steady(), "device": table.data["machine"].get("device", "cpu"),
             "processes": processes, **({"fallback": fallback} if fallback else {}),
             "predicted_ms": {name: 1e3 * table.latency(m.config) for name, m in models.items()},
             "measured_ms": {name: 1e3 * s for name, s in measured.items()},
             "per_process_ms": [{name: 1e3 * s for name, s in p.items()} for p in per_process]}
+
+
+def time_here(table: LatencyTable, models: Dict[str, nn.Module], repeats: int) -> Dict[str, float]:
+    """Seconds of each model's pass (fastest of ``repeats``, interleaved) in this process under the
+    table's conditions: its utterance length, batch, clock and threads (restored after)."""
+    x = torch.randn(table.batch, int(round(table.seconds * SAMPLE_RATE)))
+    clock = CLOCKS.get(table.data.get("clock", "wall"), CLOCKS["wall"])
+    threads = torch.get_num_threads()
+    torch.set_num_threads(table.threads)
+    try:
+        with torch.no_grad():
+            times = interleaved({name: (lambda m=m: m(x)) for name, m in models.items()}, repeats, clock=clock)
+    finally:
+        torch.set_num_threads(threads)
+    return {name: fastest(t) for name, t in times.items()}
 
 
 def _fresh_process_times(table_path: str, models: Dict[str, nn.Module], repeats: int, processes: int

@@ -112,9 +112,9 @@ def refine(gated: GatedEncoder, unpruned: nn.Module, size: Callable[[GatedEncode
     record: Dict[str, Any] = {"asked": asked, "table_targets": [], "predicted": [], "measured": []}
     states = []
     for i in range(rounds + 1):
-        if i > 0 and abs(record["measured"][-1] - asked) <= CLOSE_ENOUGH * asked:
-            break  # within the timings' own noise: another round would chase it
         if i > 0:  # every candidate: the gates as given, calibrated onto its table target
+            if abs(record["measured"][-1] - asked) <= CLOSE_ENOUGH * asked:
+                break  # within the timings' own noise: another round would chase it
             table_target = next_target(record["table_targets"], record["measured"], asked)
             _load_gate_state(gated, states[0])
             calibrate(gated, size, table_target, tolerance * FINER)

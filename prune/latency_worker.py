@@ -19,22 +19,12 @@ from typing import List
 
 def main(argv: List[str]) -> int:
     table_path, folder, repeats, names = argv[0], argv[1], int(argv[2]), argv[3:]
-    import torch
-
     from .checkpoints.export import load_pruned
     from .latency import load_table
-    from .latency_profile import CLOCKS
-    from .measured import fastest, interleaved
-    from .models.config import SAMPLE_RATE
+    from .latency_profile import time_here
 
-    table = load_table(table_path)
-    torch.set_num_threads(table.threads)
-    models = {name: load_pruned(f"{folder}/{name}").eval() for name in names}
-    x = torch.randn(table.batch, int(round(table.seconds * SAMPLE_RATE)), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        times = interleaved({name: (lambda m=m: m(x)) for name, m in models.items()}, repeats,
-                            clock=CLOCKS.get(table.data.get("clock", "wall"), CLOCKS["wall"]))
-    print(json.dumps({name: fastest(t) for name, t in times.items()}))
+    models = {name: load_pruned(f"{folder}/{name}") for name in names}
+    print(json.dumps(time_here(load_table(table_path), models, repeats)))
     return 0
 
 
